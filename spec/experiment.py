@@ -1,0 +1,258 @@
+"""The Experiment custom resource: what users write, what the operator watches, what runs are made of."""
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import re
+from datetime import datetime
+from typing import Any, Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from .base import Strict
+from .model import ModelSpec
+from .sections import (
+    Arm,
+    BatchSpec,
+    CheckpointSpec,
+    DataSpec,
+    DeepSpeedSpec,
+    EvalSpec,
+    MetricsSpec,
+    ObjectiveSpec,
+    OptimizerSpec,
+    ResourcesSpec,
+    ScheduleSpec,
+    SchedulingSpec,
+)
+
+GROUP = "dlmctl.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "Experiment"
+PLURAL = "experiments"
+
+DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# The training-operator names a Service after each replica (`<run>-worker-<i>`); it must stay a DNS label.
+REPLICA_SUFFIX = "-worker-"
+MAX_LABEL = 63
+UNSWEEPABLE = ("arms", "sweep")
+
+
+class Metadata(Strict):
+    name: str = Field(min_length=1, max_length=MAX_LABEL)
+    namespace: Optional[str] = Field(default=None, max_length=MAX_LABEL)
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name", "namespace")
+    @classmethod
+    def _dns_label(cls, v):
+        if v is not None and not DNS_1123_LABEL.match(v):
+            raise ValueError(
+                f"{v!r} is not a valid Kubernetes name (lowercase letters, digits and '-', starting and ending alphanumeric)"
+            )
+        return v
+
+
+class ExperimentSpec(Strict):
+    arms: list[Arm] = Field(default_factory=lambda: [Arm.diffusion, Arm.autoregressive], min_length=1)
+    seed: int = Field(default=1234, ge=0, lt=2**63)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    batch: BatchSpec = Field(default_factory=BatchSpec)
+    precision: Literal["bf16", "fp32"] = "fp32"
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+    sweep: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="grid over spec fields by dotted path, e.g. data.unique_tokens: [1e6, 1e7]; expands into runs",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+    @field_validator("arms")
+    @classmethod
+    def _distinct_arms(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError("each arm may be listed once")
+        return v
+
+    @model_validator(mode="after")
+    def _batch_fits_world(self):
+        seqs = self.batch.sequences(self.data.seq_len)
+        per_step = self.batch.micro_batch_sequences * self.resources.world_size
+        if seqs % per_step:
+            raise ValueError(
+                f"batch: global batch of {seqs} sequences is not divisible by micro_batch_sequences "
+                f"({self.batch.micro_batch_sequences}) x world size ({self.resources.world_size})"
+            )
+        return self
+
+    @property
+    def global_batch_sequences(self) -> int:
+        return self.batch.sequences(self.data.seq_len)
+
+    @property
+    def grad_accumulation(self) -> int:
+        return self.global_batch_sequences // (self.batch.micro_batch_sequences * self.resources.world_size)
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps to see `epochs` passes over the unique sequences."""
+        return max(1, math.ceil(self.data.epochs * self.data.unique_sequences / self.global_batch_sequences))
+
+
+class RunStatus(Strict):
+    name: str
+    arm: Arm
+    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Cancelled"] = "Pending"
+    step: int = 0
+    total_steps: int = 0
+    epoch: float = 0.0
+    tokens: int = 0
+    train_loss: Optional[float] = None
+    val_loss: Optional[float] = None
+    restarts: int = 0
+    message: Optional[str] = None
+
+
+class Condition(Strict):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: Optional[str] = None
+    message: Optional[str] = None
+    lastTransitionTime: Optional[datetime] = None
+
+
+class ExperimentStatus(Strict):
+    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Cancelled"] = "Pending"
+    runs: list[RunStatus] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list)
+    startTime: Optional[datetime] = None
+    completionTime: Optional[datetime] = None
+
+
+class Run(Strict):
+    """One concrete training run: an arm at one sweep point, with the sweep applied to its spec."""
+
+    name: str
+    experiment: str
+    namespace: Optional[str] = None
+    arm: Arm
+    point: dict[str, Any] = Field(default_factory=dict)
+    spec: ExperimentSpec
+
+
+class Experiment(Strict):
+    apiVersion: Literal["dlmctl.io/v1alpha1"] = API_VERSION
+    kind: Literal["Experiment"] = KIND
+    metadata: Metadata
+    spec: ExperimentSpec = Field(default_factory=ExperimentSpec)
+    status: Optional[ExperimentStatus] = None
+
+    @model_validator(mode="after")
+    def _runs_expand(self):
+        self.runs()  # every sweep point must be a valid spec with a valid, unique run name
+        return self
+
+    def runs(self) -> list[Run]:
+        points = _grid(self.spec.sweep)
+        runs, seen = [], set()
+        for point in points:
+            spec = _apply(self.spec, point)
+            for arm in self.spec.arms:
+                name = run_name(self.metadata.name, arm, point)
+                if name in seen:
+                    raise ValueError(f"spec.sweep: two runs would both be named {name!r}")
+                _check_run_name(name, spec.resources.world_size)
+                seen.add(name)
+                runs.append(
+                    Run(name=name, experiment=self.metadata.name, namespace=self.metadata.namespace,
+                        arm=arm, point=point, spec=spec)
+                )
+        return runs
+
+
+def _grid(sweep: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    for path, values in sweep.items():
+        if not values:
+            raise ValueError(f"spec.sweep.{path}: needs at least one value")
+        if path.split(".")[0] in UNSWEEPABLE:
+            raise ValueError(f"spec.sweep.{path}: {path.split('.')[0]} cannot be swept")
+        if len({repr(v) for v in values}) != len(values):
+            raise ValueError(f"spec.sweep.{path}: values must be distinct")
+    keys = list(sweep)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(sweep[k] for k in keys))]
+
+
+def _apply(spec: ExperimentSpec, point: dict[str, Any]) -> ExperimentSpec:
+    if not point:
+        return spec.model_copy(update={"sweep": {}})
+    tree = spec.model_dump(mode="json", exclude={"sweep"}, exclude_none=True)
+    for path, value in point.items():
+        node = tree
+        *sections, leaf = path.split(".")
+        for part in sections:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"spec.sweep.{path}: {part!r} is not a section of the spec")
+            node = node[part]
+        node[leaf] = copy.deepcopy(value)
+    try:
+        return ExperimentSpec.model_validate(tree)
+    except Exception as err:  # re-raised with the sweep point named, see errors.py
+        raise SweepPointError(point, err) from None
+
+
+class SweepPointError(ValueError):
+    def __init__(self, point: dict[str, Any], cause: Exception):
+        self.point, self.cause = point, cause
+        super().__init__(f"sweep point {point}: {cause}")
+
+
+def _check_run_name(name: str, world_size: int) -> None:
+    longest = len(name) + len(REPLICA_SUFFIX) + len(str(max(world_size - 1, 0)))
+    if not DNS_1123_LABEL.match(name) or longest > MAX_LABEL:
+        raise ValueError(
+            f"metadata.name: run name {name!r} is too long: with the replica suffix it has {longest} characters "
+            f"(Kubernetes allows {MAX_LABEL}); shorten metadata.name"
+        )
+
+
+def run_name(experiment: str, arm: Arm, point: dict[str, Any]) -> str:
+    """`<experiment>-<dlm|ar>[-<key><value>...]`, e.g. `scarce-dlm-ut100m-e40`."""
+    abbrevs = _abbreviations(list(point))
+    parts = [experiment, arm.short] + [f"{abbrevs[k]}{_slug(v)}" for k, v in point.items()]
+    return "-".join(parts)
+
+
+def _abbreviations(paths: list[str]) -> dict[str, str]:
+    def initials(path: str) -> str:
+        return "".join(w[0] for w in path.split(".")[-1].split("_") if w)
+
+    short = {p: initials(p) for p in paths}
+    if len(set(short.values())) != len(short):
+        short = {p: re.sub(r"[^a-z0-9]", "", p.split(".")[-1].lower()) for p in paths}
+    if len(set(short.values())) != len(short):
+        short = {p: re.sub(r"[^a-z0-9]", "", p.lower()) for p in paths}
+    return short
+
+
+def _slug(value: Any) -> str:
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, (int, float)) and float(value).is_integer() and abs(value) >= 1000:
+        n = int(value)
+        for unit, size in (("t", 10**12), ("g", 10**9), ("m", 10**6), ("k", 10**3)):
+            if n % size == 0:
+                return f"{n // size}{unit}".replace("-", "n")
+        return str(n).replace("-", "n")
+    text = str(value).lower().replace(".", "p").replace("-", "n").replace("+", "")
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-") or "x"
