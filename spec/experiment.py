@@ -122,6 +122,8 @@ class RunStatus(Strict):
     val_loss: Optional[float] = None
     restarts: int = 0
     message: Optional[str] = None
+    startTime: Optional[datetime] = None
+    completionTime: Optional[datetime] = None
 
 
 class Condition(Strict):
@@ -136,6 +138,7 @@ class ExperimentStatus(Strict):
     phase: Literal["Pending", "Running", "Succeeded", "Failed", "Cancelled"] = "Pending"
     runs: list[RunStatus] = Field(default_factory=list)
     conditions: list[Condition] = Field(default_factory=list)
+    progress: Optional[str] = Field(default=None, description="succeeded/total runs, e.g. 3/4 (a kubectl get column)")
     startTime: Optional[datetime] = None
     completionTime: Optional[datetime] = None
 

@@ -140,12 +140,16 @@ def _describe_one(e: dict) -> str:
         msg = str(cause) if cause is not None else e["msg"].removeprefix("Value error, ")
     elif e["type"] in _MESSAGES:
         try:
-            msg = _MESSAGES[e["type"]].format(**(e.get("ctx") or {}))
+            msg = _MESSAGES[e["type"]].format(**{k: _plain(v) for k, v in (e.get("ctx") or {}).items()})
         except KeyError:
             msg = e["msg"]
     else:
         msg = e["msg"]
     return _join(path, msg)
+
+
+def _plain(value):
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _join(path: str, msg: str) -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from .base import Strict
 
@@ -79,6 +79,10 @@ class ModelSpec(Strict):
             missing = [f for f in ("n_layer", "d_model", "n_head", "d_ff") if getattr(self, f) is None]
             if missing:
                 raise ValueError(f"without a preset, {', '.join(missing)} must be set")
+        try:  # head/width divisibility of the resolved shape, checked now rather than when training starts
+            self.resolve(vocab_size=256, max_seq_len=8)
+        except ValidationError as err:
+            raise ValueError(err.errors()[0]["msg"].removeprefix("Value error, ")) from None
         return self
 
     def resolve(self, vocab_size: int, max_seq_len: int) -> ModelShape:

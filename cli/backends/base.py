@@ -1,0 +1,60 @@
+"""The one interface every place an experiment can run behind: local processes, a cluster, the service."""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Iterator, Optional
+
+if TYPE_CHECKING:  # the spec (pydantic) is imported by the commands that need it, not by --help
+    from dlmctl.spec import Experiment
+
+TERMINAL_PHASES = ("Succeeded", "Failed", "Cancelled")
+
+
+@dataclass(frozen=True)
+class ExperimentSummary:
+    name: str
+    phase: str
+    runs: int
+    succeeded: int
+    created: Optional[datetime] = None
+    namespace: Optional[str] = None
+
+
+class Backend(abc.ABC):
+    """submit / list / get / logs / cancel. Errors the user can fix raise `dlmctl.cli.errors.UserError`."""
+
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    def submit(self, experiment: "Experiment", replace: bool = False) -> list[str]:
+        """Start every run of a validated experiment; return the run names. Nothing is created on error.
+
+        `replace` replaces an existing experiment of the same name (cancelling it if it still runs).
+        """
+
+    @abc.abstractmethod
+    def list(self) -> list[ExperimentSummary]:
+        """Every experiment this backend knows, oldest first."""
+
+    @abc.abstractmethod
+    def get(self, name: str) -> "Experiment":
+        """The experiment as submitted, with `status` filled in. Unknown names raise NotFound."""
+
+    @abc.abstractmethod
+    def logs(self, name: str, run: Optional[str] = None, follow: bool = False) -> Iterator[str]:
+        """Log lines (without newlines) of one run, or of every run prefixed with its name.
+
+        With `follow`, keep yielding until the runs have finished.
+        """
+
+    @abc.abstractmethod
+    def cancel(self, name: str) -> None:
+        """Stop every run that has not finished; they end Cancelled."""
+
+    def artifacts(self, run: str) -> str:
+        """Where a run's outputs (checkpoints, metrics) are: a local path or a URI. For sample/export."""
+        from dlmctl.cli.errors import UserError
+
+        raise UserError(f"the {self.name} backend cannot locate run outputs; pass the run's output directory instead")

@@ -1,0 +1,125 @@
+"""The Kubernetes objects an Experiment becomes: one kubeflow.org/v1 PyTorchJob per run.
+
+`dlmctl render` prints them and the Kubernetes backend creates them, so what a user reviews
+is exactly what a cluster receives. Heavy imports (kubeflow-training pulls the kubernetes
+client) happen here, never at CLI start-up.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from kubeflow.training import models as k
+from kubeflow.training.api_client import ApiClient
+
+from dlmctl.spec import Experiment, Run
+
+JOB_API_VERSION = "kubeflow.org/v1"
+JOB_KIND = "PyTorchJob"
+CONTAINER = "pytorch"  # the training-operator's default container name for PyTorchJob
+RENDEZVOUS_PORT = 23456  # the training-operator reads MASTER_PORT from this named port
+OUTPUT_DIR = "/workspace/output"
+LABEL_EXPERIMENT = "dlmctl.io/experiment"
+LABEL_RUN = "dlmctl.io/run"
+LABEL_ARM = "dlmctl.io/arm"
+RUN_SPEC_ENV = "DLMCTL_RUN_SPEC"
+
+# The training-operator injects PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, MASTER_ADDR and
+# MASTER_PORT into every replica; the kubelet expands $(VAR) in the command from the container env.
+TORCHRUN = [
+    "torchrun",
+    "--nnodes=$(PET_NNODES)",
+    "--nproc-per-node=$(PET_NPROC_PER_NODE)",
+    "--node-rank=$(PET_NODE_RANK)",
+    "--master-addr=$(MASTER_ADDR)",
+    "--master-port=$(MASTER_PORT)",
+]
+
+
+def pytorch_jobs(experiment: Experiment) -> list[k.KubeflowOrgV1PyTorchJob]:
+    return [pytorch_job(run, experiment.metadata.labels) for run in experiment.runs()]
+
+
+def pytorch_job(run: Run, extra_labels: dict[str, str] | None = None) -> k.KubeflowOrgV1PyTorchJob:
+    spec, res = run.spec, run.spec.resources
+    labels = {**(extra_labels or {}), LABEL_EXPERIMENT: run.experiment, LABEL_RUN: run.name, LABEL_ARM: run.arm.value}
+    template = _pod_template(run, labels)
+    replicas = {"Master": k.KubeflowOrgV1ReplicaSpec(replicas=1, restart_policy="OnFailure", template=template)}
+    if res.nodes > 1:
+        replicas["Worker"] = k.KubeflowOrgV1ReplicaSpec(
+            replicas=res.nodes - 1, restart_policy="OnFailure", template=template
+        )
+    scheduling = None
+    if spec.scheduling.queue or spec.scheduling.priority_class:
+        scheduling = k.KubeflowOrgV1SchedulingPolicy(
+            queue=spec.scheduling.queue, priority_class=spec.scheduling.priority_class
+        )
+    return k.KubeflowOrgV1PyTorchJob(
+        api_version=JOB_API_VERSION,
+        kind=JOB_KIND,
+        metadata=k.V1ObjectMeta(name=run.name, namespace=run.namespace, labels=labels),
+        spec=k.KubeflowOrgV1PyTorchJobSpec(
+            nproc_per_node=str(res.procs_per_node),
+            pytorch_replica_specs=replicas,
+            run_policy=k.KubeflowOrgV1RunPolicy(
+                backoff_limit=spec.scheduling.max_restarts,
+                clean_pod_policy="None",
+                scheduling_policy=scheduling,
+            ),
+        ),
+    )
+
+
+def _pod_template(run: Run, labels: dict[str, str]) -> k.V1PodTemplateSpec:
+    spec, res = run.spec, run.spec.resources
+    annotations = None
+    ports = [k.V1ContainerPort(name="pytorchjob-port", container_port=RENDEZVOUS_PORT)]
+    if spec.metrics.port:
+        annotations = {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(spec.metrics.port),
+            "prometheus.io/path": "/metrics",
+        }
+        ports.append(k.V1ContainerPort(name="metrics", container_port=spec.metrics.port))
+    quantities = {"cpu": res.cpu, "memory": res.memory}
+    if res.gpus_per_node:
+        quantities["nvidia.com/gpu"] = str(res.gpus_per_node)
+    env_from = None
+    if spec.checkpoint.credentials_secret:  # credentials are referenced, never copied into the job
+        env_from = [k.V1EnvFromSource(secret_ref=k.V1SecretEnvSource(name=spec.checkpoint.credentials_secret))]
+    volumes = [k.V1Volume(name="output", empty_dir=k.V1EmptyDirVolumeSource())]
+    mounts = [k.V1VolumeMount(name="output", mount_path=OUTPUT_DIR)]
+    if res.gpus_per_node:  # NCCL and data-loader workers need more than the default 64 MiB /dev/shm
+        volumes.append(k.V1Volume(name="dshm", empty_dir=k.V1EmptyDirVolumeSource(medium="Memory")))
+        mounts.append(k.V1VolumeMount(name="dshm", mount_path="/dev/shm"))
+    container = k.V1Container(
+        name=CONTAINER,
+        image=res.image,
+        command=[*TORCHRUN, "-m", "dlmctl.trainer", "--output", OUTPUT_DIR],
+        env=[k.V1EnvVar(name=RUN_SPEC_ENV, value=run.model_dump_json())],
+        env_from=env_from,
+        ports=ports,
+        resources=k.V1ResourceRequirements(requests=dict(quantities), limits=dict(quantities)),
+        volume_mounts=mounts,
+    )
+    return k.V1PodTemplateSpec(
+        metadata=k.V1ObjectMeta(labels=dict(labels), annotations=annotations),
+        spec=k.V1PodSpec(
+            containers=[container],
+            volumes=volumes,
+            priority_class_name=spec.scheduling.priority_class,
+        ),
+    )
+
+
+def to_dicts(objects: list[Any]) -> list[dict]:
+    client = ApiClient()
+    return [client.sanitize_for_serialization(obj) for obj in objects]
+
+
+def to_yaml(documents: list[dict]) -> str:
+    return yaml.safe_dump_all(documents, sort_keys=False, default_flow_style=False, width=120)
+
+
+def render_yaml(experiment: Experiment) -> str:
+    return to_yaml(to_dicts(pytorch_jobs(experiment)))

@@ -1,0 +1,209 @@
+"""The `dlmctl` command: light to start, one clear line and exit code 2 for every user error, never a traceback."""
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from dlmctl.cli.app import app, main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "examples" / "quickstart.yaml"
+COMMANDS = ["validate", "render", "schema", "crd", "docs", "submit", "list", "get", "logs", "cancel", "compare", "sample", "export"]
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    """A $DLMCTL_HOME that does not exist yet: any write under it shows."""
+    path = tmp_path / "dlmctl-home"
+    monkeypatch.setenv("DLMCTL_HOME", str(path))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("DLMCTL_BACKEND", raising=False)
+    return path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code, err, *fragments):
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, f"one line on stderr, got: {err!r}"
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err
+
+
+# ---- start-up ------------------------------------------------------------------------------------
+
+def test_importing_the_app_loads_neither_torch_nor_kubernetes_nor_the_spec():
+    probe = (
+        "import json, sys; import dlmctl.cli.app; "
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'kubernetes', 'kubeflow', 'pydantic'})))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert json.loads(loaded) == []
+
+
+def test_help_lists_every_command():
+    done = subprocess.run([sys.executable, "-m", "dlmctl.cli.app", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0
+    for command in COMMANDS:
+        assert command in done.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(capsys, command):
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0 and "Usage: dlmctl " + command in " ".join(out.split())
+
+
+def test_version(capsys):
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.startswith("dlmctl ")
+
+
+def test_no_arguments_shows_the_help(capsys):
+    code, out, _ = run(capsys)
+    assert code == 0 and "validate" in out
+
+
+# ---- user errors ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["frobnicate"], ["No such command 'frobnicate'", "dlmctl --help"]),
+        (["get"], ["Missing argument 'NAME'", "dlmctl get --help"]),
+        (["validate", QUICKSTART, "--bogus"], ["No such option: --bogus"]),
+        (["get", "quickstart", "-o", "xml"], ["'xml' is not one of 'table', 'yaml', 'json'"]),
+        (["render", QUICKSTART, "-o", "table"], ["'table' is not one of 'yaml', 'json'"]),
+        (["validate", "missing.yaml"], ["missing.yaml: no such file"]),
+        (["get", "nope"], ["no experiment named 'nope'"]),
+        (["logs", "nope"], ["no experiment named 'nope'"]),
+        (["cancel", "nope"], ["no experiment named 'nope'"]),
+        (["compare", "nope"], ["no experiment named 'nope'"]),
+        (["--backend", "cloud", "list"], ["unknown backend 'cloud'; choose one of local, kubernetes, service"]),
+        (["--backend", "kubernetes", "list"], ["the kubernetes backend is not available"]),
+        (["sample", "nope", "--max-new-tokens", "0", "-p", "x"], ["--max-new-tokens"]),
+        (["export", "nope", "-o", "out", "--format", "onnx"], ["--format: must be safetensors or hf"]),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(capsys, home, argv, fragments):
+    code, _, err = run(capsys, *argv)
+    assert_user_error(code, err, *fragments)
+    assert not home.exists()
+
+
+def bad_specs(tmp_path) -> dict[str, Path]:
+    text = QUICKSTART.read_text()
+    specs = {
+        "invalid-yaml": "metadata: {name: x}\nspec: {a: 1]\n",
+        "yaml-bomb": "a: &a [x, x, x, x]\nb: &b [*a, *a, *a, *a]\nc: [*b, *b, *b, *b]\n",
+        "unknown-field": text.replace("  seed: 1234", "  seed: 1234\n  seeds: 3"),
+        "wrong-type": text.replace("epochs: 4", "epochs: four"),
+        "negative": text.replace("epochs: 4", "epochs: -4"),
+        "absurd": text.replace("unique_tokens: 131072", "unique_tokens: 100000000000000000"),
+        "duplicate-runs": text + "  sweep:\n    data.epochs: [1.5, '1.5']\n",
+        "bad-name": text.replace("name: quickstart", "name: Quick_Start"),
+        "duplicate-key": text.replace("  seed: 1234", "  seed: 1234\n  seed: 5"),
+        "multi-node-locally": text.replace("  metrics: {port: 0}", "  metrics: {port: 0}\n  resources: {nodes: 2}"),
+    }
+    paths = {}
+    for name, content in specs.items():
+        paths[name] = tmp_path / f"{name}.yaml"
+        paths[name].write_text(content)
+    paths["100-mb"] = tmp_path / "huge.yaml"
+    with open(paths["100-mb"], "wb") as f:
+        f.truncate(100 * 1024 * 1024)
+    return paths
+
+
+EXPECTED = {
+    "invalid-yaml": "invalid YAML: line 2",
+    "yaml-bomb": "YAML aliases (*a) are not allowed",
+    "unknown-field": "spec.seeds: unknown field",
+    "wrong-type": "spec.data.epochs: must be a number",
+    "negative": "spec.data.epochs: must be > 0",
+    "absurd": "spec.data.unique_tokens: must be <= 10000000000000",
+    "duplicate-runs": "two runs would both be named 'quickstart-dlm-e1p5'",
+    "bad-name": "metadata.name: 'Quick_Start' is not a valid Kubernetes name",
+    "duplicate-key": "duplicate key 'seed'",
+    "multi-node-locally": "spec.resources.nodes: the local backend runs on this machine only",
+    "100-mb": "larger than 1024 KiB",
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED))
+def test_bad_input_to_submit_is_one_line_exit_2_and_writes_nothing(capsys, home, tmp_path, case):
+    code, _, err = run(capsys, "submit", bad_specs(tmp_path)[case], "--wait")
+    assert_user_error(code, err, EXPECTED[case])
+    assert not home.exists(), "nothing is written under $DLMCTL_HOME"
+
+
+@pytest.mark.parametrize("command", ["validate", "render"])
+def test_bad_input_to_validate_and_render_is_the_same_error(capsys, tmp_path, command):
+    code, _, err = run(capsys, command, bad_specs(tmp_path)["negative"])
+    assert_user_error(code, err, "spec.data.epochs: must be > 0")
+
+
+def test_the_installed_command_prints_no_traceback(tmp_path, home):
+    spec = bad_specs(tmp_path)["negative"]
+    done = subprocess.run([Path(sys.executable).with_name("dlmctl"), "submit", spec], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr == f"error: {spec}: spec.data.epochs: must be > 0\n"
+    assert not home.exists()
+
+
+def test_an_internal_error_is_one_line_too(capsys, monkeypatch):
+    import dlmctl.cli.render as render
+
+    monkeypatch.setattr(render, "pytorch_jobs", lambda experiment: 1 / 0)
+    code, _, err = run(capsys, "render", QUICKSTART)
+    assert code == 1
+    assert err == "error: internal error: ZeroDivisionError: division by zero (DLMCTL_DEBUG=1 shows the traceback)\n"
+
+
+# ---- commands ------------------------------------------------------------------------------------
+
+def test_validate_lists_the_runs(capsys):
+    code, out, _ = run(capsys, "validate", QUICKSTART)
+    assert code == 0
+    assert "quickstart-dlm" in out and "quickstart-ar" in out and "valid, 2 runs" in out
+
+
+def test_list_without_experiments(capsys, home):
+    code, out, _ = run(capsys, "list")
+    assert code == 0 and "no experiments yet" in out
+    assert run(capsys, "list", "-o", "json")[1].strip() == "[]"
+    assert not home.exists()
+
+
+def test_sample_and_export_explain_a_missing_trainer_entry_point(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "dlmctl.trainer.sample", types.ModuleType("dlmctl.trainer.sample"))
+    monkeypatch.setitem(sys.modules, "dlmctl.trainer.export", None)  # None: import fails with ModuleNotFoundError
+    code, _, err = run(capsys, "sample", tmp_path, "-p", "def f(")
+    assert_user_error(code, err, "has no dlmctl.trainer.sample.sample_run")
+    code, _, err = run(capsys, "export", tmp_path, "-o", tmp_path / "out")
+    assert_user_error(code, err, "no dlmctl.trainer.export")
+
+
+def test_sample_calls_the_trainer_with_the_run_folder(capsys, monkeypatch, tmp_path):
+    calls = []
+    module = types.ModuleType("dlmctl.trainer.sample")
+    module.sample_run = lambda run_dir, prompt, **options: calls.append((run_dir, prompt, options)) or prompt + "return 1"
+    monkeypatch.setitem(sys.modules, "dlmctl.trainer.sample", module)
+    code, out, _ = run(capsys, "sample", tmp_path, "--prompt", "def f(): ", "--max-new-tokens", "8")
+    assert (code, out) == (0, "def f(): return 1\n")
+    assert calls == [(tmp_path, "def f(): ", {"max_new_tokens": 8, "steps": None, "temperature": 0.0, "seed": 0})]
+
+
+def test_the_typer_app_is_one_root_with_the_verb_groups_merged():
+    from typer.main import get_command
+
+    assert sorted(get_command(app).commands) == sorted(COMMANDS)
