@@ -1,0 +1,25 @@
+"""Shared fixtures. Component harnesses live in their own modules (tests/ is on pythonpath)."""
+import os
+
+import pytest
+
+pytest_plugins = ["testenv.fixtures", "s3_fixtures"]
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path_factory, monkeypatch):
+    """Every test gets its own $DLMCTL_HOME; the token cache is shared by the session (it is content-keyed)."""
+    home = tmp_path_factory.mktemp("dlmctl-home")
+    monkeypatch.setenv("DLMCTL_HOME", str(home))
+    monkeypatch.setenv("DLMCTL_CACHE", os.environ.get("DLMCTL_TEST_CACHE", str(_session_cache(tmp_path_factory))))
+    return home
+
+
+_cache = None
+
+
+def _session_cache(factory):
+    global _cache
+    if _cache is None:
+        _cache = factory.mktemp("token-cache")
+    return _cache
