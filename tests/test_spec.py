@@ -233,3 +233,10 @@ def test_an_experiment_survives_its_own_dump():
     exp = load_experiment(EXAMPLES / "scarcity-sweep.yaml")
     again = Experiment.model_validate(exp.model_dump(mode="json"))
     assert [r.model_dump() for r in again.runs()] == [r.model_dump() for r in exp.runs()]
+
+
+def test_token_budgets_may_be_written_in_scientific_notation():
+    document = parse_yaml("metadata: {name: sci}\nspec:\n  data: {unique_tokens: 2e6}\n  sweep: {data.epochs: [1e1, 4]}\n")
+    exp = experiment_from_dict(document)
+    assert exp.spec.data.unique_tokens == 2_000_000
+    assert [r.spec.data.epochs for r in exp.runs()] == [10, 10, 4, 4]
