@@ -1,0 +1,801 @@
+"""The checkpoint store: staged locally, streamed to S3 (or a local path) in the background, verified on resume.
+
+Layout under the run's checkpoint URI:
+
+    step-00001200/<whatever the trainer staged>   DeepSpeed dir, sampler state, RNG states ...
+    step-00001200/manifest.json                   written LAST: every file with size and sha256
+    latest                                        "step-00001200", rewritten only after that manifest
+    export/                                       final weights (write_export)
+
+A checkpoint exists only once its manifest exists and every listed file matches it. Resume scans the
+step folders newest first and takes the first that verifies; `latest` is a pointer for people and
+tools, never trusted on its own, so a pointer that runs ahead of the files cannot mislead a resume.
+
+Saving: `staging_dir(step)` hands out a local folder (waiting first if the staging disk is full),
+the trainer writes into it, `commit(step, epoch)` queues it and returns. One uploader thread takes
+checkpoints in order; the files of a checkpoint are hashed and uploaded `max_concurrency` at a time,
+each retried with exponential backoff and jitter on transient errors. Then: sizes checked against a
+listing, manifest written, `latest` updated, retention applied, staging copy deleted. A checkpoint
+that cannot be uploaded is counted and logged, never raised into the training loop; the next one
+starts afresh. Only one writer (one store, on the main rank) per run URI.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import logging
+import math
+import os
+import queue
+import random
+import re
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Optional, TypeVar
+
+from .storage import Location, open_location
+
+log = logging.getLogger("dlmctl.checkpoints")
+
+FORMAT = "dlmctl-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LATEST = "latest"
+EXPORT = "export"
+STEP_DIR = re.compile(r"^step-(\d{8,})$")
+_HASH_CHUNK = 8 << 20
+
+T = TypeVar("T")
+
+
+def step_dir_name(step: int) -> str:
+    if step < 0:
+        raise ValueError(f"step {step} < 0")
+    return f"step-{step:08d}"
+
+
+class CheckpointError(Exception):
+    """Base of the errors this module raises."""
+
+
+class CheckpointInvalid(CheckpointError):
+    """A step folder that is not a usable checkpoint (no manifest, missing, truncated or altered file)."""
+
+
+class CheckpointUploadError(CheckpointError):
+    """An upload that failed for good: a permanent error, or transient ones past the retry budget."""
+
+
+class StoreUnavailable(CheckpointError):
+    """The store could not be read within the retry budget: resume must not silently start from scratch."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # posix, relative to the step folder
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    step: int
+    epoch: float
+    name: str  # step-00001200
+    uri: str  # the step folder's URI
+    created: float  # unix time the manifest was written
+    files: tuple[FileEntry, ...]
+    metadata: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter: the n-th retry waits between d/2 and d, d = min(max_delay,
+    first_delay * 2**n). One operation gives up after `give_up_after` seconds of failing (None: never)."""
+
+    first_delay: float = 0.5
+    max_delay: float = 30.0
+    give_up_after: Optional[float] = 3600.0
+
+    def delay(self, retry: int) -> float:
+        d = min(self.max_delay, self.first_delay * (2 ** min(retry, 30)))
+        return d / 2 + random.random() * d / 2
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Connection refused/reset, timeouts, 5xx and throttling are worth retrying; bad credentials, a
+    missing bucket or a bug are not."""
+    permanent = (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError,
+                 ValueError, TypeError, AttributeError, KeyError, NotImplementedError)
+    if isinstance(exc, permanent):
+        return False
+    try:
+        from botocore.exceptions import BotoCoreError, NoCredentialsError, ParamValidationError, PartialCredentialsError
+        if isinstance(exc, (NoCredentialsError, PartialCredentialsError, ParamValidationError)):
+            return False
+        if isinstance(exc, BotoCoreError):
+            return True
+    except ImportError:  # no S3 support installed: only local errors can happen
+        pass
+    try:
+        import aiohttp
+        if isinstance(exc, aiohttp.ClientError):
+            return True
+    except ImportError:
+        pass
+    return isinstance(exc, (OSError, TimeoutError, ConnectionError))
+
+
+def describe(exc: BaseException) -> str:
+    """One line about an error, for logs: type and (truncated) message. Messages from botocore and s3fs
+    carry URLs and S3 error codes, never keys."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+def retry_call(fn: Callable[[], T], *, what: str, policy: RetryPolicy, on_retry: Callable[[], None] = lambda: None,
+               abort: Optional[threading.Event] = None) -> T:
+    """Call `fn` until it succeeds, a permanent error, or the policy gives up (CheckpointUploadError)."""
+    first_failure = None
+    retry = 0
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            now = time.monotonic()
+            first_failure = first_failure or now
+            failing_for = now - first_failure
+            if (policy.give_up_after is not None and failing_for >= policy.give_up_after) or (abort and abort.is_set()):
+                raise CheckpointUploadError(f"{what}: gave up after {retry + 1} attempts over {failing_for:.0f}s: "
+                                            f"{describe(exc)}") from exc
+            delay = policy.delay(retry)
+            retry += 1
+            on_retry()
+            level = logging.WARNING if retry & (retry - 1) == 0 else logging.DEBUG  # 1st, 2nd, 4th, 8th ... retry
+            log.log(level, "%s failed (%s); retry %d in %.1fs", what, describe(exc), retry, delay)
+            if abort is not None:
+                abort.wait(delay)
+            else:
+                time.sleep(delay)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256_remote(location: Location, path: str) -> str:
+    digest = hashlib.sha256()
+    with location.open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _local_files(folder: Path) -> list[tuple[str, Path, int]]:
+    """(relative posix path, absolute path, size) of every file below `folder`, sorted."""
+    out = []
+    for dirpath, _, filenames in os.walk(folder, followlinks=True):
+        for name in filenames:
+            full = Path(dirpath) / name
+            out.append((full.relative_to(folder).as_posix(), full, full.stat().st_size))
+    return sorted(out)
+
+
+def _run_parallel(tasks: list[Callable[[], T]], workers: int) -> list[T]:
+    """Run `tasks` on up to `workers` daemon threads (an upload never holds up interpreter exit: what it
+    leaves has no manifest); results in order. After a failure no new task starts; the error is raised."""
+    results: list = [None] * len(tasks)
+    errors: list[BaseException] = []
+    pending = iter(enumerate(tasks))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                if errors:
+                    return
+                index, task = next(pending, (None, None))
+            if task is None:
+                return
+            try:
+                results[index] = task()
+            except BaseException as exc:
+                with lock:
+                    errors.append(exc)
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, len(tasks)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _in_background(fn: Callable[..., T], *args) -> "concurrent.futures.Future[T]":
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future
+
+
+def _parse_manifest(raw: bytes, expected_step: Optional[int]) -> dict:
+    try:
+        manifest = json.loads(raw)
+        if manifest.get("format") != FORMAT:
+            raise CheckpointInvalid(f"not a {FORMAT} manifest")
+        if manifest.get("version") != FORMAT_VERSION:
+            raise CheckpointInvalid(f"manifest version {manifest.get('version')!r} is not {FORMAT_VERSION}")
+        if expected_step is not None and manifest["step"] != expected_step:
+            raise CheckpointInvalid(f"manifest says step {manifest['step']}, folder says {expected_step}")
+        for entry in manifest["files"]:
+            rel = entry["path"]
+            if not isinstance(rel, str) or not rel or rel.startswith("/") or ".." in rel.split("/") or rel == MANIFEST:
+                raise CheckpointInvalid(f"bad file path {rel!r} in manifest")
+            if not isinstance(entry["size"], int) or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
+                raise CheckpointInvalid(f"bad size or sha256 for {rel!r} in manifest")
+        float(manifest["epoch"])
+        return manifest
+    except CheckpointInvalid:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointInvalid(f"unreadable manifest ({describe(exc)})") from exc
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+_METRICS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_METRICS_LOCK = threading.Lock()
+_DEFAULT_REGISTRY = object()
+
+
+class _Metrics:
+    """The checkpoint metrics of one registry (created once per registry; labelled per store)."""
+
+    def __init__(self, registry):
+        from prometheus_client import Counter, Gauge, Histogram
+
+        labels = ("experiment", "run")
+        self.save_duration = Histogram(
+            "dlm_checkpoint_save_duration_seconds", "Seconds from commit() to the manifest being written",
+            labels, registry=registry, buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600))
+        self.stall = Histogram(
+            "dlm_checkpoint_stall_seconds", "Seconds the training loop was blocked per checkpoint",
+            labels, registry=registry,
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300))
+        self.upload_bytes = Counter("dlm_checkpoint_upload_bytes_total", "Checkpoint bytes uploaded", labels,
+                                    registry=registry)
+        self.last_success = Gauge("dlm_checkpoint_last_success_timestamp_seconds",
+                                  "Unix time of the last checkpoint whose manifest was written", labels,
+                                  registry=registry)
+        self.retries = Counter("dlm_checkpoint_upload_retries_total", "Checkpoint store operations retried",
+                               labels, registry=registry)
+        self.failures = Counter("dlm_checkpoint_upload_failures_total", "Checkpoints that could not be saved",
+                                labels, registry=registry)
+        self.staged_bytes = Gauge("dlm_checkpoint_staged_bytes", "Bytes staged locally and not yet uploaded",
+                                  labels, registry=registry)
+
+    @classmethod
+    def of(cls, registry) -> "_Metrics":
+        with _METRICS_LOCK:
+            if registry not in _METRICS:
+                _METRICS[registry] = cls(registry)
+            return _METRICS[registry]
+
+
+@dataclass
+class _Job:
+    step: int
+    epoch: float
+    staging: Path
+    owned: bool  # inside the staging root: deleted once uploaded
+    size: int
+    metadata: dict
+    committed_at: float
+    future: concurrent.futures.Future
+
+
+class CheckpointStore:
+    """Checkpoints of one run at `uri`. See the module docstring for the layout and the save path."""
+
+    def __init__(
+        self,
+        uri: str | os.PathLike,
+        *,
+        keep_last: int = 3,
+        keep_every_epochs: Optional[float] = None,
+        endpoint_url: Optional[str] = None,
+        staging_root: str | Path | None = None,
+        max_staging_bytes: Optional[int] = None,
+        max_concurrency: int = 4,
+        retry: RetryPolicy = RetryPolicy(),
+        orphan_grace_seconds: float = 3600.0,
+        registry=_DEFAULT_REGISTRY,
+        experiment: str = "",
+        run: str = "",
+        location: Optional[Location] = None,
+    ):
+        if keep_last < 1:
+            raise ValueError("keep_last must be >= 1")
+        if keep_every_epochs is not None and keep_every_epochs <= 0:
+            raise ValueError("keep_every_epochs must be > 0")
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1")
+        self.location = location or open_location(uri, endpoint_url=endpoint_url)
+        self.uri = self.location.uri
+        self.keep_last = keep_last
+        self.keep_every_epochs = keep_every_epochs
+        self.max_staging_bytes = max_staging_bytes
+        self.max_concurrency = max_concurrency
+        self.retry = retry
+        self.orphan_grace_seconds = orphan_grace_seconds
+        if staging_root is None:
+            digest = hashlib.sha1(self.uri.encode()).hexdigest()[:16]
+            staging_root = Path(tempfile.gettempdir()) / "dlmctl-staging" / digest
+        self.staging_root = Path(staging_root)
+        self.staging_root.mkdir(parents=True, exist_ok=True)
+        for leftover in self.staging_root.glob("step-*"):  # a killed process's half-written or unuploaded saves
+            shutil.rmtree(leftover, ignore_errors=True)
+
+        if registry is _DEFAULT_REGISTRY:
+            from prometheus_client import REGISTRY as registry
+        elif registry is None:
+            from prometheus_client import CollectorRegistry
+            registry = CollectorRegistry()  # counted, not exported
+        metrics = _Metrics.of(registry)
+        lv = {"experiment": experiment, "run": run}
+        self._save_duration = metrics.save_duration.labels(**lv)
+        self._stall = metrics.stall.labels(**lv)
+        self._upload_bytes = metrics.upload_bytes.labels(**lv)
+        self._last_success = metrics.last_success.labels(**lv)
+        self._retries = metrics.retries.labels(**lv)
+        self._failures = metrics.failures.labels(**lv)
+        self._staged_bytes = metrics.staged_bytes.labels(**lv)
+
+        self._cond = threading.Condition()
+        self._pending_bytes = 0
+        self._unfinished = 0
+        self._expected_bytes = 0  # size of the last checkpoint: the room staging_dir() waits for
+        self._wait_before_write = 0.0
+        self._staging_seq = 0
+        self._staged: dict[int, Path] = {}  # step -> folder handed out by staging_dir()
+        self._newest_uploaded = -1
+        self._manifests: dict[str, dict] = {}  # step folder name -> parsed manifest (ours and ones read)
+        self._stats = {"committed": 0, "saved": 0, "failed": 0, "retries": 0, "uploaded_bytes": 0,
+                       "last_stall_seconds": 0.0, "max_stall_seconds": 0.0, "total_stall_seconds": 0.0,
+                       "last_save_seconds": None, "last_saved_step": None, "last_error": None}
+        self._abort = threading.Event()
+        self._closed = False
+        self._queue: "queue.Queue[Optional[_Job]]" = queue.Queue()
+        self._thread = threading.Thread(target=self._uploader, name="ckpt-uploader", daemon=True)
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"CheckpointStore({self.uri!r}, keep_last={self.keep_last}, keep_every_epochs={self.keep_every_epochs})"
+
+    def __enter__(self) -> "CheckpointStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- saving ---------------------------------------------------------------------------------
+
+    def staging_dir(self, step: int) -> Path:
+        """An empty local folder for the trainer to write checkpoint `step` into. Blocks while the
+        staged-but-not-uploaded bytes plus the size of the last checkpoint would exceed
+        `max_staging_bytes` (the wait is part of the stall of this checkpoint)."""
+        began = time.monotonic()
+        with self._cond:
+            while (self.max_staging_bytes is not None and self._pending_bytes > 0 and not self._closed
+                   and self._pending_bytes + self._expected_bytes > self.max_staging_bytes):
+                self._cond.wait()
+        self._wait_before_write += time.monotonic() - began
+        self._staging_seq += 1  # never the folder of an upload still running, even for the same step
+        folder = self.staging_root / f"{step_dir_name(step)}.{self._staging_seq}"
+        folder.mkdir(parents=True)
+        self._staged[step] = folder
+        return folder
+
+    def commit(self, step: int, epoch: float, staging_dir: str | Path | None = None,
+               metadata: Optional[Mapping] = None) -> concurrent.futures.Future:
+        """Queue the staged checkpoint for upload and return at once with a Future of its
+        CheckpointInfo. Never raises for storage trouble: failures are logged, counted and set on the
+        Future. Blocks only if this checkpoint pushed the staging disk past `max_staging_bytes`, until
+        older uploads make room."""
+        began = time.monotonic()
+        if self._closed:
+            raise RuntimeError("commit() on a closed CheckpointStore")
+        folder = self._staged.pop(step, None)
+        folder = Path(staging_dir) if staging_dir is not None else folder
+        if folder is None or not folder.is_dir():
+            raise FileNotFoundError(f"nothing staged for step {step}: write into staging_dir({step}) first")
+        owned = folder.resolve().parent == self.staging_root.resolve()
+        size = sum(size for _, _, size in _local_files(folder))
+        job = _Job(step=step, epoch=float(epoch), staging=folder, owned=owned, size=size,
+                   metadata=dict(metadata or {}), committed_at=time.monotonic(), future=concurrent.futures.Future())
+        with self._cond:
+            self._pending_bytes += size
+            self._unfinished += 1
+            self._expected_bytes = size
+            self._staged_bytes.set(self._pending_bytes)
+            self._stats["committed"] += 1
+            self._queue.put(job)
+            while (self.max_staging_bytes is not None and self._pending_bytes > self.max_staging_bytes
+                   and self._pending_bytes > size and not self._closed):
+                self._cond.wait()
+            stall = self._wait_before_write + time.monotonic() - began
+            self._wait_before_write = 0.0
+            self._stats["last_stall_seconds"] = stall
+            self._stats["max_stall_seconds"] = max(self._stats["max_stall_seconds"], stall)
+            self._stats["total_stall_seconds"] += stall
+        self._stall.observe(stall)
+        log.info("checkpoint step %d queued for upload to %s (%.1f MB staged, training blocked %.3fs)",
+                 step, self.uri, size / 1e6, stall)
+        return job.future
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every committed checkpoint is uploaded or has failed. False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._unfinished == 0, timeout)
+
+    def close(self, timeout: Optional[float] = None) -> bool:
+        """flush(timeout), then stop the uploader; uploads still running after the timeout are abandoned
+        (their folders have no manifest, so they never count as checkpoints)."""
+        if self._closed:
+            return True
+        done = self.flush(timeout)
+        if not done:
+            self._abort.set()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._queue.put(None)
+        self._thread.join(None if done else 5.0)
+        return done
+
+    @property
+    def stats(self) -> dict:
+        """Counts and timings of this store (a copy): committed, saved, failed, retries, uploaded_bytes,
+        pending_bytes, last/max/total_stall_seconds, last_save_seconds, last_saved_step, last_error."""
+        with self._cond:
+            return dict(self._stats, pending_bytes=self._pending_bytes)
+
+    def _uploader(self) -> None:
+        while (job := self._queue.get()) is not None:
+            info, error = None, None
+            try:
+                info = self._upload(job)
+            except Exception as exc:
+                error = exc
+                self._failures.inc()
+                with self._cond:
+                    self._stats["failed"] += 1
+                    self._stats["last_error"] = describe(exc)
+                log.error("checkpoint step %d NOT saved to %s: %s", job.step, self.uri, describe(exc))
+            if job.owned:
+                shutil.rmtree(job.staging, ignore_errors=True)
+            if error is None:
+                job.future.set_result(info)
+            else:
+                job.future.set_exception(error)
+            with self._cond:
+                self._pending_bytes -= job.size
+                self._unfinished -= 1
+                self._staged_bytes.set(self._pending_bytes)
+                self._cond.notify_all()
+
+    def _call(self, fn: Callable[[], T], what: str) -> T:
+        return retry_call(fn, what=what, policy=self.retry, on_retry=self._count_retry, abort=self._abort)
+
+    def _count_retry(self) -> None:
+        self._retries.inc()
+        with self._cond:
+            self._stats["retries"] += 1
+
+    def _upload(self, job: _Job) -> CheckpointInfo:
+        name = step_dir_name(job.step)
+        folder = self.location.path(name)
+        loc = self.location
+        # A folder of this step from an earlier life of the run stops being a checkpoint before any of
+        # its files are replaced.
+        self._call(lambda: loc.remove_file(loc.path(name, MANIFEST)), f"removing old manifest of {name}")
+        self._manifests.pop(name, None)
+
+        def upload_one(rel: str, local: Path, size: int) -> FileEntry:
+            digest = _in_background(sha256_file, local)  # hashed while it uploads
+            self._call(lambda: loc.put_file(local, loc.path(name, rel)), f"uploading {name}/{rel}")
+            self._upload_bytes.inc(size)
+            with self._cond:
+                self._stats["uploaded_bytes"] += size
+            return FileEntry(rel, size, digest.result())
+
+        files = [f for f in _local_files(job.staging) if f[0] != MANIFEST]
+        entries = _run_parallel([lambda f=f: upload_one(*f) for f in files], self.max_concurrency)
+
+        remote = self._call(lambda: loc.list_files(folder), f"listing {name}")
+        for entry in entries:
+            got = remote.get(entry.path, {}).get("size")
+            if got != entry.size:
+                raise CheckpointUploadError(f"{name}/{entry.path}: {got} bytes in the store, {entry.size} staged")
+
+        created = time.time()
+        manifest = {"format": FORMAT, "version": FORMAT_VERSION, "step": job.step, "epoch": job.epoch,
+                    "created": created, "total_bytes": job.size, "metadata": job.metadata,
+                    "files": [{"path": e.path, "size": e.size, "sha256": e.sha256} for e in entries]}
+        self._call(lambda: loc.write_bytes(loc.path(name, MANIFEST), json.dumps(manifest, indent=1).encode()),
+                   f"writing {name}/{MANIFEST}")
+        self._manifests[name] = manifest
+        if job.step >= self._newest_uploaded:
+            self._newest_uploaded = job.step
+            try:  # the checkpoint exists from here on; the pointer is only informational
+                self._call(lambda: loc.write_bytes(loc.path(LATEST), name.encode()), f"updating {LATEST}")
+            except Exception as exc:
+                log.warning("%s/%s not updated to %s: %s", self.uri, LATEST, name, describe(exc))
+        elapsed = time.monotonic() - job.committed_at
+        self._save_duration.observe(elapsed)
+        self._last_success.set(created)
+        with self._cond:
+            self._stats["saved"] += 1
+            self._stats["last_save_seconds"] = elapsed
+            self._stats["last_saved_step"] = job.step
+        log.info("checkpoint step %d saved to %s/%s (%.1f MB, %.1fs after commit)",
+                 job.step, self.uri, name, job.size / 1e6, elapsed)
+        try:
+            self.apply_retention()
+        except Exception as exc:  # the checkpoint is safe; old ones go next time
+            log.warning("retention at %s failed: %s", self.uri, describe(exc))
+        return CheckpointInfo(job.step, job.epoch, name, f"{self.uri}/{name}", created, tuple(entries),
+                              dict(job.metadata))
+
+    # --- retention ------------------------------------------------------------------------------
+
+    def apply_retention(self) -> list[int]:
+        """Delete the checkpoints the policy no longer keeps; returns their steps. Keeps the last
+        `keep_last` checkpoints and the first at or after every multiple of `keep_every_epochs`;
+        never touches the newest checkpoint this store uploaded, anything newer than it (another
+        writer's upload in progress), anything outside this run's folder, or a folder without a
+        manifest younger than `orphan_grace_seconds`. Idempotent."""
+        newest = self._newest_uploaded
+        if newest < 0:
+            return []
+        folders = self._call(self._scan, f"listing {self.uri}")
+        complete: dict[int, float] = {}  # step -> epoch, for folders with a readable manifest
+        orphans: list[int] = []
+        for step, files in sorted(folders.items()):
+            if step > newest:
+                continue
+            name = step_dir_name(step)
+            manifest = (self._manifests.get(name) or self._read_manifest_or_none(name)) if MANIFEST in files else None
+            if manifest is not None:
+                complete[step] = float(manifest["epoch"])
+            elif step < newest:
+                orphans.append(step)
+        if newest not in complete:  # our newest was replaced and that upload failed: decide nothing now
+            return []
+
+        keep = set(sorted(complete)[-self.keep_last:]) | {newest}
+        if self.keep_every_epochs:
+            seen = set()
+            for step in sorted(complete):
+                multiple = math.floor(complete[step] / self.keep_every_epochs + 1e-9)
+                if multiple >= 1 and multiple not in seen:
+                    seen.add(multiple)
+                    keep.add(step)
+        doomed = [step for step in complete if step not in keep]
+        now = time.time()
+        doomed += [step for step in orphans
+                   if all(now - _mtime(info) > self.orphan_grace_seconds for info in folders[step].values())]
+        loc = self.location
+        for step in sorted(doomed):
+            name = step_dir_name(step)
+            self._call(lambda: loc.remove_file(loc.path(name, MANIFEST)), f"deleting {name}/{MANIFEST}")
+            self._manifests.pop(name, None)
+            self._call(lambda: loc.remove_tree(loc.path(name)), f"deleting {name}")
+        if doomed:
+            log.info("retention at %s deleted %s", self.uri, ", ".join(step_dir_name(s) for s in sorted(doomed)))
+        return sorted(doomed)
+
+    def _scan(self) -> dict[int, dict[str, dict]]:
+        """{step: {path in the step folder: info}} from one recursive listing. Only folders holding
+        files count: some S3 servers (SeaweedFS) keep listing emptied prefixes for minutes."""
+        folders: dict[int, dict[str, dict]] = {}
+        for rel, info in self.location.list_files(self.location.root, name_prefix="step-").items():
+            top, _, rest = rel.partition("/")
+            if rest and (m := STEP_DIR.match(top)):
+                folders.setdefault(int(m.group(1)), {})[rest] = info
+        return folders
+
+    def _read_manifest_or_none(self, name: str) -> Optional[dict]:
+        loc = self.location
+        try:
+            raw = self._call(lambda: loc.read_bytes(loc.path(name, MANIFEST)), f"reading {name}/{MANIFEST}")
+            manifest = _parse_manifest(raw, int(STEP_DIR.match(name).group(1)))
+        except (FileNotFoundError, CheckpointInvalid):
+            return None
+        self._manifests[name] = manifest
+        return manifest
+
+    # --- resuming -------------------------------------------------------------------------------
+
+    def list_steps(self) -> list[int]:
+        """Steps with a (non-empty) folder at the URI, verified or not, oldest first."""
+        return sorted(self._read(self._scan, f"listing {self.uri}"))
+
+    def read_latest_pointer(self) -> Optional[str]:
+        """The folder name in `latest` (informational; resume never trusts it alone)."""
+        try:
+            return self._read(lambda: self.location.read_bytes(self.location.path(LATEST)), "reading latest")\
+                .decode().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def verify(self, step: int, *, full: bool = True) -> CheckpointInfo:
+        """The checkpoint at `step` if its manifest is there and every file matches it in size (and in
+        sha256 with `full`, which reads every byte); CheckpointInvalid otherwise."""
+        name = step_dir_name(step)
+        listing = self._read(lambda: self.location.list_files(self.location.path(name)), f"listing {name}")
+        return self._verify(step, listing, full)
+
+    def _verify(self, step: int, listing: dict[str, dict], full: bool) -> CheckpointInfo:
+        name = step_dir_name(step)
+        loc = self.location
+        if MANIFEST not in listing:
+            raise CheckpointInvalid(f"{name}: no {MANIFEST} (upload never finished)")
+        try:
+            raw = self._read(lambda: loc.read_bytes(loc.path(name, MANIFEST)), f"reading {name}/{MANIFEST}")
+        except FileNotFoundError:
+            raise CheckpointInvalid(f"{name}: no {MANIFEST} (upload never finished)") from None
+        try:
+            manifest = _parse_manifest(raw, step)
+        except CheckpointInvalid as exc:
+            raise CheckpointInvalid(f"{name}: {exc}") from None
+        info = _info_from_manifest(manifest, name, self.uri)
+        for entry in info.files:
+            if entry.path not in listing:
+                raise CheckpointInvalid(f"{name}: {entry.path} is missing")
+            if listing[entry.path].get("size") != entry.size:
+                raise CheckpointInvalid(f"{name}: {entry.path} has {listing[entry.path].get('size')} bytes, "
+                                        f"manifest says {entry.size} (truncated?)")
+        if full:
+            for entry in info.files:
+                digest = self._read(lambda: _sha256_remote(loc, loc.path(name, entry.path)), f"reading {name}")
+                if digest != entry.sha256:
+                    raise CheckpointInvalid(f"{name}: {entry.path} sha256 does not match the manifest")
+        return info
+
+    def latest_verified(self, *, full: bool = True) -> Optional[CheckpointInfo]:
+        """The newest checkpoint that verifies (see verify), skipping bad ones with a warning; None when
+        there is none. Raises StoreUnavailable if the store cannot be read (never a silent None)."""
+        folders = self._read(self._scan, f"listing {self.uri}")
+        for step in sorted(folders, reverse=True):
+            try:
+                return self._verify(step, folders[step], full)
+            except CheckpointInvalid as exc:
+                log.warning("skipping checkpoint at %s: %s", self.uri, exc)
+        return None
+
+    def download(self, info: CheckpointInfo, dest_dir: str | Path) -> Path:
+        """Copy checkpoint `info` to `dest_dir/<step folder>` and check every file's sha256 on the local
+        copy; returns that folder. CheckpointInvalid if a file does not match (the copy is removed)."""
+        dest = Path(dest_dir) / info.name
+        partial = Path(dest_dir) / f".{info.name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        loc = self.location
+
+        def fetch(entry: FileEntry) -> None:
+            local = partial / entry.path
+            self._read(lambda: loc.get_file(loc.path(info.name, entry.path), local), f"downloading {entry.path}")
+            if local.stat().st_size != entry.size or sha256_file(local) != entry.sha256:
+                raise CheckpointInvalid(f"{info.name}: {entry.path} does not match the manifest")
+
+        try:
+            partial.mkdir(parents=True)
+            _run_parallel([lambda e=e: fetch(e) for e in info.files], self.max_concurrency)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        shutil.rmtree(dest, ignore_errors=True)
+        partial.rename(dest)
+        return dest
+
+    def restore_latest(self, dest_dir: str | Path) -> Optional[tuple[CheckpointInfo, Path]]:
+        """Download the newest checkpoint that verifies into `dest_dir` and return it with its local
+        folder; None if there is none. Reads each byte once: sizes are checked in the store, sha256 on
+        the local copy, and a bad checkpoint falls back to the one before."""
+        folders = self._read(self._scan, f"listing {self.uri}")
+        for step in sorted(folders, reverse=True):
+            try:
+                info = self._verify(step, folders[step], full=False)
+                return info, self.download(info, dest_dir)
+            except CheckpointInvalid as exc:
+                log.warning("skipping checkpoint at %s: %s", self.uri, exc)
+        return None
+
+    def _read(self, fn: Callable[[], T], what: str) -> T:
+        try:
+            return retry_call(fn, what=what, policy=self.retry, on_retry=self._count_retry)
+        except CheckpointUploadError as exc:
+            raise StoreUnavailable(f"{self.uri}: {exc}") from exc
+
+
+def _info_from_manifest(manifest: dict, name: str, uri: str) -> CheckpointInfo:
+    files = tuple(FileEntry(f["path"], f["size"], f["sha256"]) for f in manifest["files"])
+    return CheckpointInfo(manifest["step"], float(manifest["epoch"]), name, f"{uri}/{name}",
+                          float(manifest.get("created", 0.0)), files, dict(manifest.get("metadata") or {}))
+
+
+def _mtime(info: dict) -> float:
+    value = info.get("mtime") or info.get("LastModified") or info.get("created")
+    if value is None:
+        return 0.0
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
+
+
+# --- export --------------------------------------------------------------------------------------
+
+def write_export(uri: str, files: Mapping[str, str | Path], *, endpoint_url: Optional[str] = None,
+                 retry: RetryPolicy = RetryPolicy(give_up_after=600.0)) -> str:
+    """Upload `files` ({name in the export: local path}, e.g. model.safetensors, config.json) to
+    `<uri>/export/`, then an export manifest with sizes and sha256. Returns the export URI."""
+    for name in files:
+        if not name or "/" in name or name in (".", "..", MANIFEST):
+            raise ValueError(f"{name!r}: export file names are plain names other than {MANIFEST}")
+    loc = open_location(uri, endpoint_url=endpoint_url).child(EXPORT)
+
+    def call(fn, what):
+        return retry_call(fn, what=what, policy=retry)
+
+    call(lambda: loc.remove_file(loc.path(MANIFEST)), "removing the old export manifest")
+    entries = []
+    for name, local in sorted(files.items()):
+        size = Path(local).stat().st_size
+        call(lambda: loc.put_file(local, loc.path(name)), f"uploading export/{name}")
+        entries.append({"path": name, "size": size, "sha256": sha256_file(local)})
+    manifest = {"format": FORMAT + "-export", "version": FORMAT_VERSION, "created": time.time(), "files": entries}
+    call(lambda: loc.write_bytes(loc.path(MANIFEST), json.dumps(manifest, indent=1).encode()),
+         "writing the export manifest")
+    log.info("exported %s to %s", ", ".join(sorted(files)), loc.uri)
+    return loc.uri
+
+
+def read_export(uri: str, dest_dir: str | Path, *, endpoint_url: Optional[str] = None,
+                retry: RetryPolicy = RetryPolicy(give_up_after=600.0)) -> Path:
+    """Download `<uri>/export/` into `dest_dir` and check it against its manifest; returns dest_dir."""
+    loc = open_location(uri, endpoint_url=endpoint_url).child(EXPORT)
+    try:
+        manifest = json.loads(retry_call(lambda: loc.read_bytes(loc.path(MANIFEST)), what="reading export",
+                                         policy=retry))
+    except FileNotFoundError:
+        raise CheckpointInvalid(f"{loc.uri}: no export there") from None
+    dest = Path(dest_dir)
+    for entry in manifest["files"]:
+        local = dest / entry["path"]
+        retry_call(lambda: loc.get_file(loc.path(entry["path"]), local), what=f"downloading export/{entry['path']}",
+                   policy=retry)
+        if local.stat().st_size != entry["size"] or sha256_file(local) != entry["sha256"]:
+            raise CheckpointInvalid(f"{loc.uri}/{entry['path']} does not match the export manifest")
+    return dest
