@@ -1,0 +1,61 @@
+"""Helpers to launch the real trainer on tiny runs, in 1 or N processes, and read what it wrote."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from dlmctl.spec import experiment_from_dict
+
+TINY = {
+    "model": {"preset": "nano"},
+    "data": {"train": "builtin:python-stdlib", "unique_tokens": 8192, "epochs": 2, "seq_len": 32,
+             "validation_tokens": 2048, "tokenizer": {"kind": "bpe", "vocab_size": 512}},
+    "optimizer": {"lr": 3e-3},
+    "schedule": {"kind": "cosine", "warmup_fraction": 0.1},
+    "batch": {"global_sequences": 16, "micro_batch_sequences": 4},
+    "eval": {"interval_steps": 1000, "batches": 1, "elbo_samples": 1, "mc_samples": 2,
+             "choice_task": {"examples": 4, "choices": 2, "context_tokens": 8, "continuation_tokens": 4}},
+    "checkpoint": {"interval_steps": 4, "keep_last": 2},
+    "metrics": {"port": 0, "log_interval_steps": 1},
+}
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def tiny_run(arm: str = "diffusion", name: str = "t", **overrides):
+    spec = merge(TINY, overrides)
+    spec["arms"] = [arm]
+    return experiment_from_dict({"metadata": {"name": name}, "spec": spec}).runs()[0]
+
+
+def launch(run, output: Path, *, processes: int = 1, env: dict | None = None, wait: bool = True, timeout=600):
+    """The trainer as the local backend starts it: torchrun with the run in DLMCTL_RUN_SPEC."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               "-m", "dlmctl.trainer", "--output", str(output)]
+    full_env = {**os.environ, "DLMCTL_RUN_SPEC": run.model_dump_json(), "OMP_NUM_THREADS": "1", **(env or {})}
+    output.mkdir(parents=True, exist_ok=True)
+    log = open(output.parent / f"{output.name}.log", "ab")
+    proc = subprocess.Popen(command, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    if wait:
+        code = proc.wait(timeout=timeout)
+        assert code == 0, f"trainer failed ({code}):\n{(output.parent / f'{output.name}.log').read_text()[-4000:]}"
+    return proc
+
+
+def events(output: Path, kind: str) -> list[dict]:
+    path = output / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [e for e in map(json.loads, path.read_text().splitlines()) if e["event"] == kind]
+
+
+def losses(output: Path) -> dict[int, float]:
+    return {e["step"]: e["train_loss"] for e in events(output, "train")}

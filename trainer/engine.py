@@ -1,0 +1,136 @@
+"""Distributed set-up and the DeepSpeed engine, applied from outside the model (as torchtitan does)."""
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dlmctl.spec import ExperimentSpec
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> World:
+    """Join the process group set up by torchrun, a Kubeflow PyTorchJob, or nothing (one process)."""
+    import deepspeed
+
+    _default_single_process_env()
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+        _skip_shm_op_build()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), device)
+
+
+def _default_single_process_env() -> None:
+    # A PyTorchJob without torchrun injects RANK/WORLD_SIZE/MASTER_*; torchrun also sets LOCAL_RANK.
+    if "WORLD_SIZE" in os.environ:
+        os.environ.setdefault("LOCAL_RANK", "0")
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def _skip_shm_op_build() -> None:
+    # DeepSpeed JIT-compiles a shared-memory allreduce op for CPU at init; gloo is fine and needs no compiler.
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def lr_lambda(spec: ExperimentSpec, total_steps: int):
+    """LR multiplier per optimizer step: warmup-stable-decay, cosine, or constant after warmup."""
+    s = spec.schedule
+    warmup = int(s.warmup_fraction * total_steps)
+    decay = int(s.decay_fraction * total_steps)
+    floor = s.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if s.kind == "constant":
+            return 1.0
+        if s.kind == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        decay_start = total_steps - decay
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start + 1) / max(1, decay))
+        return 1 - (1 - floor) * progress  # linear decay to min_lr_ratio
+
+    return factor
+
+
+def deepspeed_config(spec: ExperimentSpec, world: World) -> dict:
+    o = spec.optimizer
+    return {
+        "train_batch_size": spec.global_batch_sequences,
+        "train_micro_batch_size_per_gpu": spec.batch.micro_batch_sequences,
+        "gradient_accumulation_steps": spec.global_batch_sequences
+        // (spec.batch.micro_batch_sequences * world.world_size),
+        "gradient_clipping": o.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            # torch's AdamW through DeepSpeed: no fused op is compiled at run time.
+            "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
+                       "torch_adam": True, "adam_w_mode": True},
+        },
+        "zero_optimization": {"stage": spec.deepspeed.zero_stage},
+        "bf16": {"enabled": spec.precision == "bf16"},
+        "steps_per_print": 2**31,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only; norms and other vectors are not decayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+
+
+def build_engine(model: torch.nn.Module, spec: ExperimentSpec, world: World, total_steps: int):
+    import deepspeed
+    from torch.optim.lr_scheduler import LambdaLR
+
+    if spec.deepspeed.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model.to(world.device),
+        model_parameters=param_groups(model, spec.optimizer.weight_decay),
+        lr_scheduler=lambda opt: LambdaLR(opt, lr_lambda(spec, total_steps)),
+        config=deepspeed_config(spec, world),
+        dist_init_required=False,
+    )
+    return engine, scheduler

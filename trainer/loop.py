@@ -1,0 +1,181 @@
+"""The training loop: one run, one arm, from its last verified checkpoint to the end."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dlmctl.spec import Run
+
+from . import checkpointing
+from .data import prepare_data
+from .engine import World, build_engine, init_distributed
+from .evaluate import Evaluator
+from .metrics import TrainMetrics, peak_flops
+from .model import Transformer
+from .objectives import objective_loss
+
+log = logging.getLogger("dlmctl.trainer")
+FLUSH_AFTER_SIGNAL_SECONDS = float(os.environ.get("DLMCTL_FLUSH_AFTER_SIGNAL_SECONDS", 20))
+FLUSH_AT_END_SECONDS = float(os.environ.get("DLMCTL_FLUSH_AT_END_SECONDS", 1800))
+
+
+def build_model(run: Run, vocab_size: int) -> Transformer:
+    shape = run.spec.model.resolve(vocab_size=_round_up(vocab_size, 64), max_seq_len=run.spec.data.seq_len)
+    torch.manual_seed(run.spec.seed)  # identical initial weights on every rank and every world size
+    return Transformer(shape)
+
+
+def train(run: Run, output: Path) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    world = init_distributed()
+    spec = run.spec
+    if spec.global_batch_sequences % (spec.batch.micro_batch_sequences * world.world_size):
+        raise SystemExit(f"error: spec.batch: {spec.global_batch_sequences} sequences do not divide over "
+                         f"{world.world_size} processes x {spec.batch.micro_batch_sequences} per micro-batch")
+    output.mkdir(parents=True, exist_ok=True)
+    stop = _StopFlag()
+
+    data = _prepare_data_once(run, output, world)
+    model = build_model(run, data.tokenizer.vocab_size)
+    total_steps = spec.total_steps
+    engine, scheduler = build_engine(model, spec, world, total_steps)
+    batches = data.train_batches()
+    store = checkpointing.open_store(run, output, world)
+    start_step = checkpointing.resume(store, engine, batches, world)
+
+    metrics = TrainMetrics(run.experiment, run.name, run.arm.value,
+                           output / "metrics.jsonl" if world.is_main else None,
+                           port=spec.metrics.port if world.is_main else 0)
+    evaluator = Evaluator(run, data, world)
+    if world.is_main:
+        (output / "data.json").write_text(json.dumps(data.metadata, indent=2))
+        data.tokenizer.save(output / "tokenizer.json")
+        log.info("run %s: %s arm, %s parameters, %d steps of %d sequences x %d tokens, world size %d, resuming at %d",
+                 run.name, run.arm.value, f"{model.num_params():,}", total_steps, spec.global_batch_sequences,
+                 spec.data.seq_len, world.world_size, start_step)
+        metrics.write("start", step=start_step, total_steps=total_steps, world_size=world.world_size,
+                      parameters=model.num_params(), **data.metadata)
+
+    micro, world_size = spec.batch.micro_batch_sequences, world.world_size
+    accumulation = spec.global_batch_sequences // (micro * world_size)  # the actual world, not the spec's
+    tokens_per_step = spec.global_batch_sequences * spec.data.seq_len
+    peak = peak_flops(world.device)
+    flops_per_token = model.flops_per_token(spec.data.seq_len)
+    step = start_step
+    stop_now = False
+    while step < total_steps and not stop_now:
+        began = time.perf_counter()
+        losses = torch.zeros((), dtype=torch.float64)
+        for micro_step in range(accumulation):
+            tokens, sample_index = batches.batch(step, micro_step, world.rank, world_size, micro,
+                                                      spec.global_batch_sequences)
+            loss, _ = objective_loss(run.arm, engine, tokens.to(world.device), sample_index, step, spec.seed,
+                                     spec.objective, data.tokenizer.mask_id, spec.global_batch_sequences)
+            engine.backward(loss)
+            engine.step()
+            losses += loss.detach().double().cpu()
+        batches.step_done(step, spec.global_batch_sequences)
+        step += 1
+        stop_now = _any_rank(stop.requested, world)
+        train_loss = _mean_over_ranks(losses / accumulation, world)
+        elapsed = time.perf_counter() - began
+        tokens_seen = step * tokens_per_step
+        throughput = tokens_per_step / elapsed
+        if world.is_main:
+            metrics.train_step(
+                step=step, total_steps=total_steps, epoch=batches.epoch_at(),
+                tokens=tokens_seen, step_tokens=tokens_per_step, loss=train_loss, lr=scheduler.get_last_lr()[0],
+                step_seconds=elapsed, tokens_per_second=throughput,
+                mfu=flops_per_token * throughput / peak if peak else None,
+                log=step % spec.metrics.log_interval_steps == 0 or step == total_steps,
+            )
+            if step % spec.metrics.log_interval_steps == 0 or step == total_steps:
+                log.info("step %d/%d epoch %.2f loss %.4f lr %.2e %.0f tok/s", step, total_steps,
+                         batches.epoch_at(), train_loss,
+                         scheduler.get_last_lr()[0], throughput)
+        if step % spec.eval.interval_steps == 0 or step == total_steps:
+            _evaluate(evaluator, engine, metrics, step, total_steps, batches, spec, world)
+        if step % spec.checkpoint.interval_steps == 0 or step == total_steps or stop_now:
+            checkpointing.save(store, engine, batches, step, world)
+
+    if store:  # a preempted pod has a grace period; a finished run waits longer for its last upload
+        store.flush(timeout=FLUSH_AFTER_SIGNAL_SECONDS if stop_now else FLUSH_AT_END_SECONDS)
+    if step < total_steps:
+        log.warning("stopped by signal at step %d; the last checkpoint resumes it", step)
+        return 143
+    with _gathered_parameters(engine):
+        exported = checkpointing.export(run, engine.module, data, store, output) if world.is_main else None
+    if world.is_main:
+        metrics.write("done", export=exported, step=step, total_steps=total_steps, tokens=step * tokens_per_step,
+                      epoch=batches.epoch_at())
+    dist.barrier()
+    return 0
+
+
+def _evaluate(evaluator, engine, metrics, step, total_steps, batches, spec, world):
+    result = evaluator.run(engine.module)
+    if world.is_main:
+        metrics.evaluation(step=step, total_steps=total_steps,
+                           epoch=batches.epoch_at(),
+                           tokens=step * spec.global_batch_sequences * spec.data.seq_len, **result)
+        log.info("eval step %d: validation loss %.4f ± %.4f, choice accuracy %s", step, result["val_loss"],
+                 result["val_loss_stderr"], result.get("choice_accuracy"))
+
+
+def _prepare_data_once(run: Run, output: Path, world: World):
+    cache = Path(os.environ.get("DLMCTL_CACHE", Path.home() / ".cache" / "dlmctl" / "data"))  # spec.data.cache wins
+    if not world.is_main:
+        dist.barrier()  # rank 0 tokenizes and caches; the others then read the cache
+    data = prepare_data(run.spec.data, run.spec.seed, cache)
+    if world.is_main:
+        dist.barrier()
+    return data
+
+
+def _gathered_parameters(engine):
+    """ZeRO-3 partitions the parameters; the export needs them whole."""
+    if engine.zero_optimization_stage() < 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+
+
+def _any_rank(flag: bool, world: World) -> bool:
+    """A signal may reach one rank first; all ranks must stop after the same step."""
+    if world.world_size == 1:
+        return flag
+    value = torch.tensor(float(flag), device=world.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _mean_over_ranks(value: torch.Tensor, world: World) -> float:
+    if world.world_size > 1:
+        value = value.to(world.device)
+        dist.all_reduce(value)
+        value = value / world.world_size
+    return float(value)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+class _StopFlag:
+    """SIGTERM (preemption, `dlmctl cancel`) finishes the current step, checkpoints and exits."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._set)
+
+    def _set(self, *_):
+        self.requested = True
