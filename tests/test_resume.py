@@ -1,0 +1,132 @@
+"""A run killed at any instant comes back exactly where it was: same loss curve, same final weights."""
+import os
+import random
+import signal
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer_runs import events, launch, losses, tiny_run
+
+pytestmark = pytest.mark.slow
+
+
+def final_weights(out):
+    return load_file(str(out / "export" / "model.safetensors"))
+
+
+def last_losses(out):
+    """A resumed run logs the steps after its checkpoint again; the latest value of each step counts."""
+    return losses(out)
+
+
+def kill_when(proc, condition, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, "the trainer ended before the moment to kill it"
+        assert time.monotonic() < deadline, "the moment to kill never came"
+        time.sleep(0.05)
+    kill_tree(proc.pid)
+    proc.wait()
+
+
+def kill_tree(pid):
+    """kill -9 torchrun and its workers at once (torchrun starts workers in sessions of their own)."""
+    victims = [pid]
+    for parent in victims:
+        victims += [int(p) for p in _children(parent)]
+    for victim in victims:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _children(pid):
+    try:
+        return " ".join(open(f"/proc/{pid}/task/{t}/children").read() for t in os.listdir(f"/proc/{pid}/task")).split()
+    except FileNotFoundError:
+        return []
+
+
+def assert_same_run(reference, resumed):
+    ref, got = last_losses(reference), last_losses(resumed)
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert got[step] == ref[step], f"step {step}: {got[step]} != {ref[step]} (bitwise on CPU fp32)"
+    ref_w, got_w = final_weights(reference), final_weights(resumed)
+    assert ref_w.keys() == got_w.keys()
+    for name in ref_w:
+        assert torch.equal(ref_w[name], got_w[name]), name
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run every interrupted one must reproduce."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    launch(tiny_run("diffusion"), out)
+    return out
+
+
+def test_killed_at_random_moments_the_run_resumes_to_the_uninterrupted_result(tmp_path, reference):
+    run = tiny_run("diffusion")
+    out = tmp_path / "out"
+    chance = random.Random(7)
+    for kill in range(3):
+        proc = launch(run, out, wait=False)
+        seen = len(events(out, "train"))
+        target = seen + chance.randint(2, 7)  # some kills land mid-step, some mid-save, some mid-upload
+        kill_when(proc, lambda: len(events(out, "train")) >= target)
+        time.sleep(chance.random() * 0.5)
+    launch(run, out)
+
+    assert_same_run(reference, out)
+    assert len(events(out, "start")) == 4
+
+
+def test_a_tampered_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, reference):
+    run = tiny_run("diffusion")
+    out = tmp_path / "out"
+    proc = launch(run, out, wait=False)
+    checkpoints = out / "checkpoints"
+    kill_when(proc, lambda: len(list(checkpoints.glob("step-*/manifest.json"))) >= 2)
+    newest = sorted(m.parent for m in checkpoints.glob("step-*/manifest.json"))[-1]
+    victim = next(p for p in sorted(newest.rglob("*.pt")))
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    launch(run, out)
+
+    [_, resumed] = events(out, "start")
+    assert resumed["step"] < int(newest.name.split("-")[1]), "the tampered checkpoint was not used"
+    assert_same_run(reference, out)
+
+
+@pytest.mark.s3
+def test_killed_while_its_upload_waits_for_a_stopped_s3_server_the_run_resumes_from_s3(
+        tmp_path, reference, s3_outage_server, monkeypatch):
+    from s3_fixtures import use_s3_server
+
+    use_s3_server(s3_outage_server, monkeypatch)
+    uri = f"s3://{s3_outage_server.bucket}/outage"
+    run = tiny_run("diffusion", checkpoint={"uri": uri, "endpoint_url": s3_outage_server.endpoint_url})
+    out = tmp_path / "out"
+    proc = launch(run, out, wait=False)
+    queued = lambda n: (out.parent / "out.log").read_text().count("queued for upload") >= n
+    saved = lambda n: (out.parent / "out.log").read_text().count("saved to s3://") >= n
+    began = time.monotonic()
+    while not saved(1):
+        assert proc.poll() is None and time.monotonic() - began < 300
+        time.sleep(0.05)
+    s3_outage_server.stop(grace=0)
+    kill_when(proc, lambda: queued(2))  # the second checkpoint is staged, its upload retrying
+    s3_outage_server.start()
+    launch(run, out)
+
+    [_, resumed] = events(out, "start")
+    assert resumed["step"] == run.spec.checkpoint.interval_steps, "resumed from the checkpoint that reached S3"
+    assert_same_run(reference, out)
+    fs = s3_outage_server.filesystem()
+    assert fs.exists(f"{uri.removeprefix('s3://')}/{run.name}/export/model.safetensors")
