@@ -1,0 +1,209 @@
+"""Training-step throughput of the dlmctl backbone, as ratios against baselines measured in the same run.
+
+  * ours (AR objective) vs transformers' LlamaForCausalLM with the same shape, batch and dtype:
+    tokens/s of one step (forward + backward + AdamW); ratio ours / llama (>= ~1 is the target);
+  * DLM step cost / AR step cost on our model (should be ~1: only the attention mask differs);
+  * with CUDA: MFU of a ~350M model (preset `350m`) in bf16, AR and DLM.
+
+Variants are timed interleaved, round by round, and the median kept, so a busy machine slows them alike.
+Results go to stdout and benchmarks/results/bench_model-<device>.json.
+
+  python benchmarks/bench_model.py                       # small CPU defaults, well under a minute
+  python benchmarks/bench_model.py --device cuda --dtype bf16 --n-layer 24 --d-model 1024 ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dlmctl.spec import ModelShape, ModelSpec
+from dlmctl.spec.sections import AutoregressiveSpec, DiffusionSpec
+from dlmctl.trainer.model import Transformer
+from dlmctl.trainer.objectives import ar_loss, diffusion_loss
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "B200": 2250.0}
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-kv-head", type=int, default=None)
+    p.add_argument("--d-ff", type=int, default=688)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--untied", action="store_true", help="untied embeddings (default tied)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--mfu-preset", default="350m", help="preset for the CUDA MFU measurement; 'none' skips it")
+    p.add_argument("--mfu-seq-len", type=int, default=2048)
+    p.add_argument("--mfu-batch", type=int, default=8)
+    p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak, if not recognised")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    return p.parse_args()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def llama_like(shape: ModelShape, dtype, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=shape.vocab_size, hidden_size=shape.d_model, intermediate_size=shape.d_ff,
+        num_hidden_layers=shape.n_layer, num_attention_heads=shape.n_head, num_key_value_heads=shape.n_kv_head,
+        max_position_embeddings=shape.max_seq_len, rms_norm_eps=shape.norm_eps, tie_word_embeddings=shape.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": shape.rope_theta}, attention_bias=False, mlp_bias=False,
+        use_cache=False,
+    )
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype)
+
+
+def optimizer(model, device):
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+
+def step_functions(shape, batch, dtype, device, with_llama=True):
+    """name -> a function running one full training step; each builds its own model and optimizer."""
+    mask_id, L = shape.vocab_size - 1, shape.max_seq_len
+    gen = torch.Generator().manual_seed(0)
+    ar_tokens = torch.randint(0, mask_id, (batch, L + 1), generator=gen).to(device)  # L positions through the model
+    dlm_tokens = ar_tokens[:, :L].contiguous()
+    index = torch.arange(batch)
+    functions, params = {}, {}
+
+    def ours(objective):
+        model = Transformer(shape).to(device=device, dtype=dtype).train()
+        opt = optimizer(model, device)
+        params["ours"] = model.num_params()
+        counter = iter(range(10**9))
+
+        def run():
+            step = next(counter)
+            if objective == "ar":
+                loss, _ = ar_loss(model, ar_tokens, index + step * batch, step, 0, AutoregressiveSpec(), mask_id)
+            else:
+                loss, _ = diffusion_loss(model, dlm_tokens, index + step * batch, step, 0, DiffusionSpec(), mask_id, batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run, model
+
+    functions["ours_ar"], flops_model = ours("ar")
+    functions["ours_dlm"], _ = ours("dlm")
+    if with_llama:
+        llama = llama_like(shape, dtype, device).train()
+        opt = optimizer(llama, device)
+        params["llama"] = sum(p.numel() for p in llama.parameters())
+
+        def run_llama():
+            logits = llama(input_ids=ar_tokens[:, :-1]).logits
+            F.cross_entropy(logits.flatten(0, 1).float(), ar_tokens[:, 1:].flatten()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        functions["llama_ar"] = run_llama
+    return functions, params, flops_model
+
+
+def time_interleaved(functions, steps, warmup, device):
+    for fn in functions.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times = {name: [] for name in functions}
+    for _ in range(steps):
+        for name, fn in functions.items():
+            began = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - began)
+    return times
+
+
+def peak_flops(device, override):
+    if override:
+        return override * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def main():
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    shape = ModelShape(
+        n_layer=args.n_layer, d_model=args.d_model, n_head=args.n_head, n_kv_head=args.n_kv_head or args.n_head,
+        d_ff=args.d_ff, vocab_size=args.vocab, max_seq_len=args.seq_len, tie_embeddings=not args.untied,
+    )
+    tokens_per_step = args.batch * args.seq_len
+    functions, params, model = step_functions(shape, args.batch, dtype, device)
+    assert params["ours"] == params["llama"], f"shapes differ: ours {params['ours']} vs llama {params['llama']} params"
+    times = time_interleaved(functions, args.steps, args.warmup, device)
+    seconds = {name: statistics.median(t) for name, t in times.items()}
+    fastest = {name: min(t) for name, t in times.items()}  # least disturbed by other load on a shared machine
+    del functions
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "shape": shape.model_dump(),
+        "params": params["ours"], "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,
+        "step_seconds": seconds,
+        "tokens_per_second": {name: tokens_per_step / s for name, s in seconds.items()},
+        "ours_over_llama_tokens_per_second": seconds["llama_ar"] / seconds["ours_ar"],
+        "dlm_over_ar_step_cost": seconds["ours_dlm"] / seconds["ours_ar"],
+        "fastest_step_seconds": fastest,
+        "ours_over_llama_tokens_per_second_fastest": fastest["llama_ar"] / fastest["ours_ar"],
+        "dlm_over_ar_step_cost_fastest": fastest["ours_dlm"] / fastest["ours_ar"],
+    }
+    peak = peak_flops(device, args.peak_tflops)
+    if peak:
+        result["mfu_this_shape"] = {k: model.flops_per_token(args.seq_len) * tokens_per_step / seconds[k] / peak
+                                    for k in ("ours_ar", "ours_dlm")}
+    if device.type == "cuda" and args.mfu_preset != "none":
+        mfu_shape = ModelSpec(preset=args.mfu_preset).resolve(vocab_size=32768, max_seq_len=args.mfu_seq_len)
+        fns, mfu_params, mfu_model = step_functions(mfu_shape, args.mfu_batch, torch.bfloat16, device, with_llama=False)
+        mfu_seconds = {k: statistics.median(t) for k, t in time_interleaved(fns, args.steps, args.warmup, device).items()}
+        mfu_tokens = args.mfu_batch * args.mfu_seq_len
+        result["mfu"] = {
+            "preset": args.mfu_preset, "params": mfu_params["ours"], "batch": args.mfu_batch,
+            "seq_len": args.mfu_seq_len, "peak_tflops": peak / 1e12 if peak else None,
+            "flops_per_token": mfu_model.flops_per_token(args.mfu_seq_len),
+            "tokens_per_second": {k: mfu_tokens / s for k, s in mfu_seconds.items()},
+            "mfu": {k: mfu_model.flops_per_token(args.mfu_seq_len) * mfu_tokens / s / peak if peak else None
+                    for k, s in mfu_seconds.items()},
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+        }
+    text = json.dumps(result, indent=2)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"bench_model-{device.type}.json").write_text(text + "\n")
+    print(f"ours/llama tokens/s: {result['ours_over_llama_tokens_per_second']:.3f} "
+          f"(fastest steps {result['ours_over_llama_tokens_per_second_fastest']:.3f})   "
+          f"DLM/AR step cost: {result['dlm_over_ar_step_cost']:.3f} "
+          f"(fastest steps {result['dlm_over_ar_step_cost_fastest']:.3f})" +
+          (f"   MFU 350m bf16 AR {result['mfu']['mfu']['ours_ar']:.1%} DLM {result['mfu']['mfu']['ours_dlm']:.1%}"
+           if result.get("mfu", {}).get("mfu", {}).get("ours_ar") else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The backbone shared by both arms: a decoder-only transformer (RMSNorm, RoPE, SwiGLU, optional GQA
+and QK-norm, tied or untied embeddings). The diffusion and autoregressive arms run the *same* module;
+the only difference is the `causal` flag handed to scaled_dot_product_attention.
+
+Parallelism and activation checkpointing are applied from outside (the engine wraps `model.blocks`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dlmctl.spec import ModelShape
+
+INIT_STD = 0.02
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, [T, head_dim/2] in float32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(positions.float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the Llama/litgpt layout) on x [B, H, T, D]."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos.to(x1.device), sin.to(x1.device)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+@dataclass
+class KVCache:
+    """Pre-allocated keys and values for autoregressive decoding: [layer][B, n_kv_head, max_len, head_dim]."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @classmethod
+    def empty(cls, shape: ModelShape, batch: int, max_len: int, device=None, dtype=torch.float32) -> "KVCache":
+        size = (batch, shape.n_kv_head, max_len, shape.head_dim)
+        return cls(
+            [torch.zeros(size, device=device, dtype=dtype) for _ in range(shape.n_layer)],
+            [torch.zeros(size, device=device, dtype=dtype) for _ in range(shape.n_layer)],
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start_pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
+        self.keys[layer][:, :, start_pos:end] = k
+        self.values[layer][:, :, start_pos:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, shape: ModelShape, layer: int):
+        super().__init__()
+        self.layer, self.n_head, self.n_kv_head, self.head_dim = layer, shape.n_head, shape.n_kv_head, shape.head_dim
+        self.q_proj = nn.Linear(shape.d_model, shape.n_head * shape.head_dim, bias=False)
+        self.k_proj = nn.Linear(shape.d_model, shape.n_kv_head * shape.head_dim, bias=False)
+        self.v_proj = nn.Linear(shape.d_model, shape.n_kv_head * shape.head_dim, bias=False)
+        self.o_proj = nn.Linear(shape.n_head * shape.head_dim, shape.d_model, bias=False)
+        # QK-norm per head (Qwen3/OLMo-style), before RoPE.
+        self.q_norm = RMSNorm(shape.head_dim, shape.norm_eps) if shape.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(shape.head_dim, shape.norm_eps) if shape.qk_norm else nn.Identity()
+        self.attention_dropout = shape.attention_dropout
+
+    def forward(self, x, cos, sin, causal: bool, kv_cache: KVCache | None = None, start_pos: int = 0):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask, is_causal = None, causal
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v, start_pos)
+            if start_pos > 0:  # queries sit at start_pos..start_pos+T-1 and may see every key up to themselves
+                is_causal = False
+                if T > 1:
+                    mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, shape: ModelShape):
+        super().__init__()
+        self.gate_proj = nn.Linear(shape.d_model, shape.d_ff, bias=False)
+        self.up_proj = nn.Linear(shape.d_model, shape.d_ff, bias=False)
+        self.down_proj = nn.Linear(shape.d_ff, shape.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, shape: ModelShape, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(shape.d_model, shape.norm_eps)
+        self.attn = Attention(shape, layer)
+        self.mlp_norm = RMSNorm(shape.d_model, shape.norm_eps)
+        self.mlp = SwiGLU(shape)
+        self.dropout = nn.Dropout(shape.dropout)
+
+    def forward(self, x, cos, sin, causal: bool, kv_cache: KVCache | None = None, start_pos: int = 0):
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, causal, kv_cache, start_pos))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, shape: ModelShape):
+        super().__init__()
+        self.shape = shape
+        self.embed = nn.Embedding(shape.vocab_size, shape.d_model)
+        self.dropout = nn.Dropout(shape.dropout)
+        self.blocks = nn.ModuleList(Block(shape, i) for i in range(shape.n_layer))
+        self.norm = RMSNorm(shape.d_model, shape.norm_eps)
+        self.lm_head = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
+        if shape.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, 0.02) weights; residual output projections scaled by 1/sqrt(2 n_layer) (GPT-2)."""
+        residual_std = INIT_STD / math.sqrt(2 * self.shape.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                if module is self.lm_head and self.shape.tie_embeddings:
+                    continue
+                std = residual_std if name.endswith(("o_proj", "down_proj")) else INIT_STD
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(self, idx: torch.Tensor, *, causal: bool, kv_cache: KVCache | None = None, start_pos: int = 0):
+        """idx [B, T] -> logits [B, T, V]. causal=True for AR, False (bidirectional) for DLM."""
+        T = idx.shape[1]
+        if start_pos + T > self.shape.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len {self.shape.max_seq_len}")
+        if kv_cache is not None and not causal:
+            raise ValueError("a KV cache only applies to causal (autoregressive) decoding")
+        positions = torch.arange(start_pos, start_pos + T, device=idx.device)
+        cos, sin = rope_angles(positions, self.shape.head_dim, self.shape.rope_theta)
+        x = self.dropout(self.embed(idx))
+        for block in self.blocks:
+            x = block(x, cos, sin, causal) if kv_cache is None else block(x, cos, sin, causal, kv_cache, start_pos)
+        return self.lm_head(self.norm(x))
+
+    def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        p = self.embed.weight
+        return KVCache.empty(self.shape, batch, max_len or self.shape.max_seq_len, device=p.device, dtype=p.dtype)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Distinct parameters (a tied matrix counts once). exclude_embeddings drops every vocab x d_model
+        matrix (the token embedding and, when untied, the output head): Kaplan's non-embedding N."""
+        numel = lambda p: getattr(p, "ds_numel", p.numel())  # ZeRO-3 partitions parameters in place
+        n = sum(numel(p) for p in self.parameters())
+        if exclude_embeddings:
+            n -= numel(self.embed.weight)
+            if not self.shape.tie_embeddings:
+                n -= numel(self.lm_head.weight)
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token, forward + backward, PaLM appendix B convention:
+        6 N + 12 n_layer d_attn seq_len, where N counts the parameters that enter matmuls (non-embedding
+        parameters plus the output head, which is a real matmul; the input lookup is not) and the second
+        term is the attention score and value products. Causal attention is not halved (as PaLM and
+        nanoGPT), so AR and DLM report the same FLOPs per token."""
+        s = self.shape
+        matmul_params = self.num_params(exclude_embeddings=True) + s.vocab_size * s.d_model
+        return 6.0 * matmul_params + 12.0 * s.n_layer * s.n_head * s.head_dim * seq_len
