@@ -3,7 +3,7 @@ imported only when the command runs, so the CLI installs and starts without torc
 
 Contract with the trainer:
     dlmctl.trainer.sample.sample_run(run_dir, prompt, *, max_new_tokens, steps, temperature, seed) -> str
-    dlmctl.trainer.export.export_run(run_dir, output, *, format) -> path written
+    dlmctl.trainer.export.export_run(run_dir, output) -> where it was written
 where run_dir is the run's output folder (run.json, metrics.jsonl, checkpoints).
 """
 from __future__ import annotations
@@ -65,12 +65,11 @@ def sample(
 def export(
     ctx: typer.Context,
     run: RunArg,
-    output: Annotated[str, typer.Option("--output", "-o", help="folder (or s3:// URI) to write the model to")],
-    format_: Annotated[str, typer.Option("--format", help="safetensors or hf (Hugging Face folder)")] = "safetensors",
+    output: Annotated[Optional[str], typer.Option(
+        "--output", "-o", help="a folder, or an s3:// URI (written to <URI>/export/); default: <checkpoint uri>/export/"
+    )] = None,
 ) -> None:
-    """Export a trained run's weights and tokenizer."""
-    if format_ not in ("safetensors", "hf"):
-        raise UserError(f"--format: must be safetensors or hf, not {format_!r}")
+    """Export a trained run's newest verified checkpoint as safetensors + config.json + tokenizer.json."""
     fn = trainer_function("export", "export_run")
-    written = fn(run_dir(ctx, run), output, format=format_)
+    written = fn(run_dir(ctx, run), output)
     typer.echo(f"exported {run} to {written}")

@@ -53,6 +53,13 @@ def test_submit_wait_trains_both_arms_and_prints_the_comparison(home, tmp_path, 
     assert status["phase"] == "Succeeded"
     assert {r["phase"] for r in status["runs"]} == {"Succeeded"}
 
+    assert main(["export", "laptop-ar", "-o", str(tmp_path / "exported")]) == 0
+    assert {p.name for p in (tmp_path / "exported").iterdir()} == {"model.safetensors", "config.json", "tokenizer.json"}
+    for run in ("laptop-dlm", "laptop-ar"):
+        capsys.readouterr()
+        assert main(["sample", run, "--prompt", "def ", "--max-new-tokens", "8"]) == 0
+        assert capsys.readouterr().out.rstrip("\n"), f"{run} generates text (a tiny model may well generate spaces)"
+
 
 @pytest.mark.s3
 def test_submit_with_an_s3_checkpoint_uri_checkpoints_and_exports_to_the_bucket(home, tmp_path, capsys, s3_server,

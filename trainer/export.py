@@ -46,7 +46,7 @@ def load_export(folder: Path, device: str = "cpu") -> tuple[Transformer, Tokeniz
     return model.to(device).eval(), Tokenizer.load(folder / TOKENIZER), Arm(config["arm"])
 
 
-def export_run(run_dir: Path, output: Optional[str] = None, *, format: str = "safetensors") -> str:
+def export_run(run_dir: Path, output: Optional[str] = None) -> str:
     """`dlmctl export RUN`: the newest verified checkpoint of a run, as an export at `output`
     (a folder or s3:// URI; default `<checkpoint uri>/export/`)."""
     from .checkpointing import load_weights_from_latest, run_store_uri
