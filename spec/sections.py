@@ -81,8 +81,9 @@ class DataSpec(Strict):
 
 
 class DiffusionSpec(Strict):
-    mask_schedule: Literal["linear", "cosine"] = Field(
-        default="linear", description="mask probability as a function of t: linear p=t, cosine p=1-cos(pi t/2)"
+    mask_schedule: Literal["linear"] = Field(
+        default="linear",
+        description="mask probability as a function of t: linear p=t, the schedule for which dividing by p(t) is the ELBO",
     )
     eps: float = Field(default=0.0, ge=0, lt=1, description="t ~ U(eps, 1); 0 as MegaDLMs, 1e-3 as SMDM/LLaDA")
     loss_weight: Literal["realized", "sampled"] = Field(

@@ -9,7 +9,6 @@ Both losses are the mean over the micro-batch, so averaging micro-batches and ra
 from __future__ import annotations
 
 import hashlib
-import math
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +29,9 @@ def as_arm(arm: Arm | str) -> Arm:
 
 
 def mask_probability(t: torch.Tensor, schedule: str) -> torch.Tensor:
-    """p(t): linear p = t; cosine p = 1 - cos(pi t / 2)."""
+    """p(t): linear p = t. (Another schedule would also need the ELBO weight p'(t)/p(t) in the loss.)"""
     if schedule == "linear":
         return t
-    if schedule == "cosine":
-        return 1 - torch.cos(math.pi / 2 * t)
     raise ValueError(f"unknown mask schedule {schedule!r}")
 
 
