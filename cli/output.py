@@ -96,13 +96,19 @@ def status_table(experiment: "Experiment") -> Table:
 
 
 def comparison_table(experiment: "Experiment") -> Table:
-    """Per run: arm, train loss, validation loss, tokens seen, epochs, wall time."""
-    table = Table(title=f"{experiment.metadata.name}: DLM vs AR", title_justify="left")
-    for col in ("run", "arm", "phase", "train loss", "val loss", "tokens seen", "epochs", "wall time"):
+    """Per run: arm, train loss, validation loss, choice accuracy, tokens seen, epochs, wall time; and, as a
+    reference, the loss of a model that learnt only token frequencies."""
+    runs = experiment.status.runs
+    unigram = sorted({round(r.unigram_entropy, 3) for r in runs if r.unigram_entropy is not None})
+    caption = (f"unigram entropy of the training tokens: {', '.join(map(str, unigram))} nats per token "
+               "(the loss of a model that learnt only token frequencies)") if unigram else None
+    table = Table(title=f"{experiment.metadata.name}: DLM vs AR", title_justify="left", caption=caption,
+                  caption_justify="left")
+    for col in ("run", "arm", "phase", "train loss", "val loss", "choice acc", "tokens seen", "epochs", "wall time"):
         table.add_column(col, justify="left" if col in ("run", "arm", "phase") else "right")
-    for r in experiment.status.runs:
-        table.add_row(r.name, r.arm.value, r.phase, fmt(r.train_loss), fmt(r.val_loss), fmt_tokens(r.tokens),
-                      fmt(r.epoch, 2), fmt_duration(wall_time(r)))
+    for r in runs:
+        table.add_row(r.name, r.arm.value, r.phase, fmt(r.train_loss), fmt(r.val_loss), fmt(r.choice_accuracy, 2),
+                      fmt_tokens(r.tokens), fmt(r.epoch, 2), fmt_duration(wall_time(r)))
     return table
 
 

@@ -120,6 +120,11 @@ class RunStatus(Strict):
     tokens: int = 0
     train_loss: Optional[float] = None
     val_loss: Optional[float] = None
+    choice_accuracy: Optional[float] = Field(default=None, description="continuation-choice accuracy (0-1)")
+    unigram_entropy: Optional[float] = Field(
+        default=None, description="nats per token of the training tokens' unigram distribution: the loss of a "
+        "model that learnt only token frequencies",
+    )
     restarts: int = 0
     message: Optional[str] = None
     startTime: Optional[datetime] = None

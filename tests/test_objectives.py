@@ -15,13 +15,7 @@ from dlmctl.trainer.objectives import (
 V, MASK = 64, 63
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class UniformModel(torch.nn.Module):

@@ -9,12 +9,7 @@ from dlmctl.trainer.sample import ar_generate, dlm_generate, generate, num_trans
 V, MASK, EOS = 40, 39, 38
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_model(seed=0, max_seq_len=48) -> Transformer:

@@ -16,12 +16,7 @@ from dlmctl.trainer.scoring import (
 V, MASK = 40, 39
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_model(seed=0) -> Transformer:

@@ -31,6 +31,7 @@ from .local_state import (
     now,
     pid_alive,
     read_events,
+    read_lines,
     read_json,
     write_json,
 )
@@ -170,14 +171,14 @@ class LocalBackend(Backend):
         offsets = {r: 0 for r in selected}
         while True:
             for r in selected:
-                lines, offsets[r] = _read_lines(exp.train_log(r), offsets[r])
+                lines, offsets[r] = read_lines(exp.train_log(r), offsets[r])
                 for line in lines:
                     yield prefix(r) + line
             if not follow:
                 return
             if all(self._finished(exp, r) for r in selected):
                 for r in selected:  # whatever was written between the last read and the end
-                    lines, offsets[r] = _read_lines(exp.train_log(r), offsets[r], final=True)
+                    lines, offsets[r] = read_lines(exp.train_log(r), offsets[r], final=True)
                     for line in lines:
                         yield prefix(r) + line
                 return
@@ -233,21 +234,11 @@ def _progress(metrics: Path) -> dict[str, Any]:
             for key in ("step", "total_steps", "tokens", "epoch", "train_loss"):
                 if event.get(key) is not None:
                     out[key] = event[key]
-        if kind in ("eval", "done") and event.get("val_loss") is not None:
-            out["val_loss"] = event["val_loss"]
+        if kind in ("eval", "done"):
+            out.update({k: event[k] for k in ("val_loss", "choice_accuracy") if event.get(k) is not None})
+        if kind == "start" and event.get("unigram_entropy") is not None:
+            out["unigram_entropy"] = event["unigram_entropy"]
     return out
-
-
-def _read_lines(path: Path, offset: int, final: bool = False) -> tuple[list[str], int]:
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-    except FileNotFoundError:
-        return [], offset
-    end = len(data) if final else data.rfind(b"\n") + 1
-    text = data[:end].decode("utf-8", errors="replace")
-    return text.splitlines(), offset + end
 
 
 def _kill(pid: int, pgid: Optional[int], signum: int) -> None:

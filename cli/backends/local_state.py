@@ -92,24 +92,31 @@ def read_json(path: Path, default: Any = None) -> Any:
         return default
 
 
-def read_events(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
-    """Complete metrics lines from `offset`; returns the events and the offset to continue from."""
+def read_lines(path: Path, offset: int = 0, final: bool = False) -> tuple[list[str], int]:
+    """Complete lines from `offset` (a line still being written is read next time, unless `final`);
+    returns them and the offset to continue from."""
     try:
         with open(path, "rb") as f:
             f.seek(offset)
             data = f.read()
     except FileNotFoundError:
         return [], offset
-    end = data.rfind(b"\n") + 1  # a line still being written is read next time
+    end = len(data) if final else data.rfind(b"\n") + 1
+    return data[:end].decode("utf-8", errors="replace").splitlines(), offset + end
+
+
+def read_events(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """Complete metrics lines from `offset`, parsed; returns the events and the offset to continue from."""
+    lines, offset = read_lines(path, offset)
     events = []
-    for line in data[:end].splitlines():
+    for line in lines:
         try:
             event = json.loads(line)
         except ValueError:
             continue
         if isinstance(event, dict):
             events.append(event)
-    return events, offset + end
+    return events, offset
 
 
 def pid_alive(pid: Optional[int]) -> bool:
