@@ -45,15 +45,24 @@ def open_store(run: Run, output: Path, world: World) -> Optional[CheckpointStore
     if not world.is_main:
         return None
     c = run.spec.checkpoint
-    staging = Path(os.environ.get("DLMCTL_STAGING", output / ".staging"))
     return CheckpointStore(run_store_uri(run, output), keep_last=c.keep_last, keep_every_epochs=c.keep_every_epochs,
-                           endpoint_url=c.endpoint_url, staging_root=staging,
+                           endpoint_url=c.endpoint_url, staging_root=_staging_root(output),
                            max_staging_bytes=_staging_limit(), experiment=run.experiment, run=run.name)
 
 
 def _staging_limit() -> Optional[int]:
     value = os.environ.get("DLMCTL_MAX_STAGING_BYTES")
     return int(value) if value else None
+
+
+def check_staging_is_reachable(engine, world: World) -> None:
+    """The one store on rank 0 uploads one staging folder. With ZeRO >= 1 every rank writes optimizer
+    shards there, so on several nodes that folder must be a volume they share (DLMCTL_STAGING)."""
+    if _own_disk(world) and engine.zero_optimization_stage() > 0:
+        raise SystemExit(
+            "error: spec.deepspeed.zero_stage: a multi-node run with ZeRO >= 1 checkpoints optimizer shards on "
+            "every node; set DLMCTL_STAGING to a volume all nodes share, or use zero_stage 0"
+        )
 
 
 def save(store: Optional[CheckpointStore], engine, batches, step: int, world: World) -> None:
@@ -70,33 +79,56 @@ def save(store: Optional[CheckpointStore], engine, batches, step: int, world: Wo
         store.commit(step, batches.epoch_at(), folder)
 
 
-def resume(store: Optional[CheckpointStore], engine, batches, world: World) -> int:
-    """Load the newest verified checkpoint, if any; returns the step to continue from."""
-    local = None
+def resume(store: Optional[CheckpointStore], engine, batches, world: World, run: Run, output: Path) -> int:
+    """Load the newest verified checkpoint, if any; returns the step to continue from.
+
+    Rank 0 picks the checkpoint and downloads it; on other nodes (pods with their own disks) the first
+    process of each node downloads the same one, so every rank reads it from a local folder."""
+    folder = _staging_root(output) / "resume"
+    chosen = None
     if store:
-        scratch = Path(tempfile.mkdtemp(prefix="dlmctl-resume-", dir=store.staging_root))
-        found = store.restore_latest(scratch)
-        local = str(found[1]) if found else None
-    local = _broadcast(local, world)
-    if local is None:
+        shutil.rmtree(folder, ignore_errors=True)
+        found = store.restore_latest(folder)
+        chosen = found[0].name if found else None
+    chosen = _broadcast(chosen, world)
+    if chosen is None:
         return 0
-    state = json.loads((Path(local) / STATE).read_text())
+    if world.local_rank == 0 and not world.is_main and _own_disk(world):
+        c = run.spec.checkpoint
+        shutil.rmtree(folder, ignore_errors=True)
+        with CheckpointStore(run_store_uri(run, output), keep_last=c.keep_last, endpoint_url=c.endpoint_url,
+                             staging_root=_staging_root(output) / "reader", registry=None) as reader:
+            reader.download(reader.verify(int(chosen.removeprefix("step-")), full=False), folder)
+    if world.world_size > 1:
+        dist.barrier()
+    local = folder / chosen
+    state = json.loads((local / STATE).read_text())
     if state["world_size"] != world.world_size and engine.zero_optimization_stage() > 0:
         raise SystemExit(
-            f"error: checkpoint {local} was written by {state['world_size']} processes with ZeRO stage "
+            f"error: checkpoint {chosen} was written by {state['world_size']} processes with ZeRO stage "
             f"{engine.zero_optimization_stage()}; resume it on the same world size (ZeRO stage 0 resumes on any)"
         )
-    engine.load_checkpoint(local, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+    engine.load_checkpoint(str(local), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
     batches.load_state_dict(state["data"])
-    rng_file = Path(local) / "rng" / f"rank-{world.rank}.pt"
+    rng_file = local / "rng" / f"rank-{world.rank}.pt"
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     if world.world_size > 1:
         dist.barrier()
-    if store:
-        shutil.rmtree(Path(local).parent, ignore_errors=True)
-    log.info("resumed from step %d (%s)", state["step"], local)
+    if world.local_rank == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+    log.info("resumed from step %d (%s)", state["step"], chosen)
     return state["step"]
+
+
+def _staging_root(output: Path) -> Path:
+    return Path(os.environ.get("DLMCTL_STAGING", output / ".staging"))
+
+
+def _own_disk(world: World) -> bool:
+    """Several nodes without a shared staging volume: each node needs its own copy of a checkpoint."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # unset: one process per pod, no torchrun
+    return local_world < world.world_size and "DLMCTL_STAGING" not in os.environ
 
 
 def export(run: Run, model, data, store: Optional[CheckpointStore], output: Path) -> str:

@@ -48,8 +48,9 @@ def train(run: Run, output: Path) -> int:
     total_steps = spec.total_steps
     engine, scheduler = build_engine(model, spec, world, total_steps)
     batches = data.train_batches()
+    checkpointing.check_staging_is_reachable(engine, world)
     store = checkpointing.open_store(run, output, world)
-    start_step = checkpointing.resume(store, engine, batches, world)
+    start_step = checkpointing.resume(store, engine, batches, world, run, output)
 
     metrics = TrainMetrics(run.experiment, run.name, run.arm.value,
                            output / "metrics.jsonl" if world.is_main else None,
