@@ -129,3 +129,21 @@ def test_generate_until_stops_at_the_stop_sequence():
     stop = free[1:3] if len(free) >= 3 else free
     [cut] = lm.generate_until([Instance("generate_until", {}, ("abc", {"until": [stop], "max_gen_toks": 12}), 0)])
     assert stop not in cut and free.startswith(cut)
+
+
+def test_lm_eval_loads_a_dlmctl_export_by_name(task_dir, tmp_path):
+    """`--model dlmctl --model_args export=PATH` scores the folder `dlmctl export` writes."""
+    from dlmctl.spec import experiment_from_dict
+    from dlmctl.trainer.export import save_export
+    from dlmctl.trainer.tokenizer import Tokenizer
+
+    run = experiment_from_dict({"metadata": {"name": "x"}, "spec": {"arms": ["diffusion"]}}).runs()[0]
+    tokenizer = Tokenizer.byte()
+    model = tiny_model()
+    save_export(model, tokenizer, run, tmp_path / "export")
+
+    results = lm_eval.simple_evaluate(
+        model="dlmctl", model_args=f"export={tmp_path / 'export'},mc_samples=4", tasks=["dlmctl_toy_choice"],
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False), bootstrap_iters=0,
+    )
+    assert 0.0 <= results["results"]["dlmctl_toy_choice"]["acc,none"] <= 1.0

@@ -35,10 +35,20 @@ class DlmctlLM(LM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-        raise NotImplementedError(
-            "dlmctl models are not built from a string: construct DlmctlLM(model, tokenizer, arm) and pass it "
-            "as lm_eval.simple_evaluate(model=...)"
-        )
+        """`lm_eval --model dlmctl --model_args export=PATH[,mc_samples=N,...]`: a dlmctl export folder
+        (`dlmctl export RUN -o PATH`)."""
+        from pathlib import Path
+
+        from lm_eval.utils import simple_parse_args_string
+
+        from .export import load_export
+
+        args = simple_parse_args_string(arg_string)
+        if "export" not in args:
+            raise ValueError("model_args: export=PATH (a folder written by `dlmctl export`) is required")
+        model, tokenizer, arm = load_export(Path(args.pop("export")))
+        extra = {k: v for k, v in (additional_config or {}).items() if k == "batch_size" and v is not None}
+        return cls(model, tokenizer, arm, **{**args, **extra})
 
     @property
     def max_length(self) -> int:
