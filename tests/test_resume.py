@@ -169,3 +169,22 @@ def test_pods_with_their_own_disks_resume_from_the_shared_store(tmp_path, refere
     [_, resumed] = events(tmp_path / "pod0", "start")
     assert resumed["step"] >= 8
     assert_same_run(reference, tmp_path / "pod0", exact=False)
+
+
+def test_a_preempted_run_checkpoints_where_it_stopped_and_resumes_there(tmp_path, reference):
+    """SIGTERM (a preemption, `dlmctl cancel`) finishes the step, saves a checkpoint off the interval, exits."""
+    run = tiny_run("diffusion")
+    out = tmp_path / "out"
+    proc = launch(run, out, wait=False)
+    deadline = time.monotonic() + 300
+    while len(events(out, "train")) < 5:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to its workers
+    assert proc.wait(timeout=120) != 0, "a preempted run does not report success"
+    stopped_at = max(losses(out))
+    launch(run, out)
+
+    [_, resumed] = events(out, "start")
+    assert resumed["step"] == stopped_at, "nothing trained before the signal is lost"
+    assert_same_run(reference, out)
