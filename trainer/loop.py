@@ -65,8 +65,7 @@ def train(run: Run, output: Path) -> int:
         metrics.write("start", step=start_step, total_steps=total_steps, world_size=world.world_size,
                       parameters=model.num_params(), **data.metadata)
 
-    micro, world_size = spec.batch.micro_batch_sequences, world.world_size
-    accumulation = spec.global_batch_sequences // (micro * world_size)  # the actual world, not the spec's
+    accumulation = spec.global_batch_sequences // (spec.batch.micro_batch_sequences * world.world_size)
     tokens_per_step = spec.global_batch_sequences * spec.data.seq_len
     peak = peak_flops(world.device)
     flops_per_token = model.flops_per_token(spec.data.seq_len)
@@ -74,34 +73,21 @@ def train(run: Run, output: Path) -> int:
     stop_now = False
     while step < total_steps and not stop_now:
         began = time.perf_counter()
-        losses = torch.zeros((), dtype=torch.float64)
-        for micro_step in range(accumulation):
-            tokens, sample_index = batches.batch(step, micro_step, world.rank, world_size, micro,
-                                                      spec.global_batch_sequences)
-            loss, _ = objective_loss(run.arm, engine, tokens.to(world.device), sample_index, step, spec.seed,
-                                     spec.objective, data.tokenizer.mask_id, spec.global_batch_sequences)
-            engine.backward(loss)
-            engine.step()
-            losses += loss.detach().double().cpu()
-        batches.step_done(step, spec.global_batch_sequences)
+        train_loss = _train_step(run, engine, batches, data.tokenizer.mask_id, step, accumulation, world)
         step += 1
         stop_now = _any_rank(stop.requested, world)
-        train_loss = _mean_over_ranks(losses / accumulation, world)
         elapsed = time.perf_counter() - began
-        tokens_seen = step * tokens_per_step
         throughput = tokens_per_step / elapsed
+        log_now = step % spec.metrics.log_interval_steps == 0 or step == total_steps
         if world.is_main:
-            metrics.train_step(
-                step=step, total_steps=total_steps, epoch=batches.epoch_at(),
-                tokens=tokens_seen, step_tokens=tokens_per_step, loss=train_loss, lr=scheduler.get_last_lr()[0],
-                step_seconds=elapsed, tokens_per_second=throughput,
-                mfu=flops_per_token * throughput / peak if peak else None,
-                log=step % spec.metrics.log_interval_steps == 0 or step == total_steps,
-            )
-            if step % spec.metrics.log_interval_steps == 0 or step == total_steps:
+            lr = scheduler.get_last_lr()[0]
+            metrics.train_step(step=step, total_steps=total_steps, epoch=batches.epoch_at(),
+                               tokens=step * tokens_per_step, step_tokens=tokens_per_step, loss=train_loss, lr=lr,
+                               step_seconds=elapsed, tokens_per_second=throughput,
+                               mfu=flops_per_token * throughput / peak if peak else None, log=log_now)
+            if log_now:
                 log.info("step %d/%d epoch %.2f loss %.4f lr %.2e %.0f tok/s", step, total_steps,
-                         batches.epoch_at(), train_loss,
-                         scheduler.get_last_lr()[0], throughput)
+                         batches.epoch_at(), train_loss, lr, throughput)
         if step % spec.eval.interval_steps == 0 or step == total_steps:
             _evaluate(evaluator, engine, metrics, step, total_steps, batches, spec, world)
         if step % spec.checkpoint.interval_steps == 0 or step == total_steps or stop_now:
@@ -119,6 +105,22 @@ def train(run: Run, output: Path) -> int:
                       epoch=batches.epoch_at())
     dist.barrier()
     return 0
+
+
+def _train_step(run: Run, engine, batches, mask_id: int, step: int, accumulation: int, world: World) -> float:
+    """One optimizer step over this rank's micro-batches; returns the step's loss averaged over all ranks."""
+    spec = run.spec
+    total = torch.zeros((), dtype=torch.float64, device=world.device)
+    for micro_step in range(accumulation):
+        tokens, sample_index = batches.batch(step, micro_step, world.rank, world.world_size,
+                                             spec.batch.micro_batch_sequences, spec.global_batch_sequences)
+        loss, _ = objective_loss(run.arm, engine, tokens.to(world.device), sample_index, step, spec.seed,
+                                 spec.objective, mask_id, spec.global_batch_sequences)
+        engine.backward(loss)
+        engine.step()
+        total += loss.detach().double()
+    batches.step_done(step, spec.global_batch_sequences)
+    return _mean_over_ranks(total / accumulation, world)
 
 
 def _evaluate(evaluator, engine, metrics, step, total_steps, batches, spec, world):
@@ -161,7 +163,6 @@ def _any_rank(flag: bool, world: World) -> bool:
 
 def _mean_over_ranks(value: torch.Tensor, world: World) -> float:
     if world.world_size > 1:
-        value = value.to(world.device)
         dist.all_reduce(value)
         value = value / world.world_size
     return float(value)
