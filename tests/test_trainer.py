@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from trainer_runs import events, launch, losses, tiny_run
+from trainer_runs import events, launch, losses, start_pods, tiny_run, wait_for_pods
 
 pytestmark = pytest.mark.slow
 
@@ -49,27 +49,12 @@ def test_two_processes_give_the_loss_curve_of_one(tmp_path, zero_stage):
 
 def test_the_environment_a_pytorchjob_injects_is_enough_without_torchrun(tmp_path):
     """A PyTorchJob without torchrun gives each pod MASTER_ADDR/MASTER_PORT/WORLD_SIZE/RANK only."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
     run = tiny_run("autoregressive")
     launch(run, tmp_path / "torchrun", processes=1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    pods = []
-    for rank in range(2):
-        env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                   DLMCTL_RUN_SPEC=run.model_dump_json(), OMP_NUM_THREADS="1")
-        pods.append(subprocess.Popen([sys.executable, "-m", "dlmctl.trainer", "--output", str(tmp_path / "pods")],
-                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    for pod in pods:
-        assert pod.wait(timeout=600) == 0, pod.stderr.read().decode()[-3000:]
+    outputs = [tmp_path / "pod0", tmp_path / "pod1"]
+    wait_for_pods(start_pods(run, outputs), outputs)
 
-    one, two = losses(tmp_path / "torchrun"), losses(tmp_path / "pods")
+    one, two = losses(tmp_path / "torchrun"), losses(tmp_path / "pod0")
     assert sorted(one) == sorted(two)
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5)

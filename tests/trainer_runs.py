@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +50,45 @@ def launch(run, output: Path, *, processes: int = 1, env: dict | None = None, wa
         code = proc.wait(timeout=timeout)
         assert code == 0, f"trainer failed ({code}):\n{(output.parent / f'{output.name}.log').read_text()[-4000:]}"
     return proc
+
+
+def start_pods(run, outputs: list[Path]) -> list[subprocess.Popen]:
+    """One trainer process per pod, as a PyTorchJob without torchrun runs them: each is told only
+    MASTER_ADDR, MASTER_PORT, WORLD_SIZE and RANK, and has its own output folder (its own disk)."""
+    port = free_port()
+    pods = []
+    for rank, output in enumerate(outputs):
+        env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(len(outputs)), RANK=str(rank),
+                   DLMCTL_RUN_SPEC=run.model_dump_json(), OMP_NUM_THREADS="1")
+        log = open(output.parent / f"{output.name}.log", "ab")
+        pods.append(subprocess.Popen([sys.executable, "-m", "dlmctl.trainer", "--output", str(output)], env=env,
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    return pods
+
+
+def wait_for_pods(pods: list[subprocess.Popen], outputs: list[Path], timeout=600) -> None:
+    for pod, output in zip(pods, outputs):
+        code = pod.wait(timeout=timeout)
+        assert code == 0, f"pod failed ({code}):\n{(output.parent / f'{output.name}.log').read_text()[-3000:]}"
+
+
+def kill_tree(pid: int) -> None:
+    """kill -9 a launcher and every process below it at once (torchrun starts its workers in sessions of
+    their own, so a process-group signal would miss them)."""
+    from dlmctl.cli.backends.local_state import descendants
+
+    for victim in [pid, *descendants(pid)]:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def events(output: Path, kind: str) -> list[dict]:

@@ -29,6 +29,7 @@ from functools import cached_property
 from pathlib import Path
 
 from dlmctl.spec.load import SpecError
+from .storage import s3_filesystem
 
 SUFFIXES = (".txt", ".md", ".py", ".jsonl")
 SPLIT_TXT_BYTES = 64 * 1024
@@ -197,14 +198,6 @@ class PythonStdlibSource(LocalSource):
 
     def fingerprint(self) -> str:
         return hashlib.sha256(f"python-{sys.version}\0{super().fingerprint()}".encode()).hexdigest()
-
-
-def s3_filesystem():
-    """An s3fs filesystem configured from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)."""
-    import s3fs
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return s3fs.S3FileSystem(endpoint_url=endpoint, use_listings_cache=False)
 
 
 class S3Source(Source):

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 from dlmctl.spec import Run
 
-from .engine import World
 from .scoring import loglikelihood, validation_loss
 
 EVAL_SEED_OFFSET = 0x5EED
 
 
 class Evaluator:
-    def __init__(self, run: Run, data, world: World):
+    def __init__(self, run: Run, data):
         spec = run.spec
-        self.arm, self.world = run.arm, world
+        self.arm = run.arm
         self.mask_id = data.tokenizer.mask_id
         self.cfg = spec.eval
         self.seed = spec.seed + EVAL_SEED_OFFSET

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -59,7 +60,7 @@ def export_run(run_dir: Path, output: Optional[str] = None) -> str:
         if output and "://" not in output:
             Path(output).mkdir(parents=True, exist_ok=True)
             for name, path in files.items():
-                (Path(output) / name).write_bytes(path.read_bytes())
+                shutil.copyfile(path, Path(output) / name)
             return str(Path(output).resolve())
         target = output or run_store_uri(run, Path(run_dir))
         return write_export(target, files, endpoint_url=run.spec.checkpoint.endpoint_url)

@@ -55,7 +55,7 @@ def train(run: Run, output: Path) -> int:
     metrics = TrainMetrics(run.experiment, run.name, run.arm.value,
                            output / "metrics.jsonl" if world.is_main else None,
                            port=spec.metrics.port if world.is_main else 0)
-    evaluator = Evaluator(run, data, world)
+    evaluator = Evaluator(run, data)
     if world.is_main:
         (output / "data.json").write_text(json.dumps(data.metadata, indent=2))
         data.tokenizer.save(output / "tokenizer.json")
