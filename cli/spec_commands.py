@@ -35,11 +35,12 @@ def validate(spec: SpecArg) -> None:
 @app.command()
 def render(spec: SpecArg, output: FormatOpt = Format.yaml) -> None:
     """Print the Kubernetes objects `submit` would create on a cluster: one PyTorchJob per run."""
+    from dlmctl.operator.jobs import job_manifests, to_yaml
+
     from .output import dump
-    from .render import pytorch_jobs, to_dicts, to_yaml
     from .specfile import load
 
-    documents = to_dicts(pytorch_jobs(load(spec)))
+    documents = job_manifests(load(spec))
     if output is Format.json:
         typer.echo(dump({"apiVersion": "v1", "kind": "List", "items": documents}, "json"))
     else:

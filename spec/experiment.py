@@ -11,6 +11,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from .base import Strict
+from .contracts import ExperimentPhase, RunPhase
 from .model import ModelSpec
 from .sections import (
     Arm,
@@ -113,7 +114,8 @@ class ExperimentSpec(Strict):
 class RunStatus(Strict):
     name: str
     arm: Arm
-    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Cancelled"] = "Pending"
+    phase: RunPhase = RunPhase.Pending
+    reason: Optional[str] = Field(default=None, description="a CamelCase word saying why the run is in its phase")
     step: int = 0
     total_steps: int = 0
     epoch: float = 0.0
@@ -125,7 +127,9 @@ class RunStatus(Strict):
         default=None, description="nats per token of the training tokens' unigram distribution: the loss of a "
         "model that learnt only token frequencies",
     )
-    restarts: int = 0
+    val_loss_stderr: Optional[float] = Field(default=None, description="standard error of val_loss (DLM ELBO)")
+    last_checkpoint: Optional[str] = Field(default=None, description="the newest verified checkpoint")
+    restarts: int = Field(default=0, description="times the run was recreated after a preemption or failure")
     message: Optional[str] = None
     startTime: Optional[datetime] = None
     completionTime: Optional[datetime] = None
@@ -140,7 +144,8 @@ class Condition(Strict):
 
 
 class ExperimentStatus(Strict):
-    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Cancelled"] = "Pending"
+    phase: ExperimentPhase = ExperimentPhase.Pending
+    observedGeneration: Optional[int] = None
     runs: list[RunStatus] = Field(default_factory=list)
     conditions: list[Condition] = Field(default_factory=list)
     progress: Optional[str] = Field(default=None, description="succeeded/total runs, e.g. 3/4 (a kubectl get column)")

@@ -1,8 +1,10 @@
 """The Kubernetes objects an Experiment becomes: one kubeflow.org/v1 PyTorchJob per run.
 
-`dlmctl render` prints them and the Kubernetes backend creates them, so what a user reviews
-is exactly what a cluster receives. Heavy imports (kubeflow-training pulls the kubernetes
-client) happen here, never at CLI start-up.
+`dlmctl render` prints them and the operator creates them (through `job_manifests`), so what a user
+reviews is exactly what a cluster receives. Restarts belong to the dlmctl operator, not to the
+training-operator: a job's pods never restart in place (`restartPolicy: Never`, `backoffLimit: 0`);
+the operator decides from why a run stopped whether to recreate its job (it resumes from its newest
+verified checkpoint) or to fail it.
 """
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ import yaml
 from kubeflow.training import models as k
 from kubeflow.training.api_client import ApiClient
 
-from dlmctl.spec import Experiment, Run
+from dlmctl.spec import Experiment, Run, SpecError
+from dlmctl.spec.contracts import RUN_SPEC_ENV
 
-JOB_API_VERSION = "kubeflow.org/v1"
+JOB_GROUP, JOB_VERSION, JOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+JOB_API_VERSION = f"{JOB_GROUP}/{JOB_VERSION}"
 JOB_KIND = "PyTorchJob"
 CONTAINER = "pytorch"  # the training-operator's default container name for PyTorchJob
 RENDEZVOUS_PORT = 23456  # the training-operator reads MASTER_PORT from this named port
@@ -22,7 +26,8 @@ OUTPUT_DIR = "/workspace/output"
 LABEL_EXPERIMENT = "dlmctl.io/experiment"
 LABEL_RUN = "dlmctl.io/run"
 LABEL_ARM = "dlmctl.io/arm"
-RUN_SPEC_ENV = "DLMCTL_RUN_SPEC"
+ANNOTATION_RESTARTS = "dlmctl.io/restarts"  # on a recreated job: how many times its run was recreated
+ANNOTATION_CANCEL = "dlmctl.io/cancel-requested"  # on an Experiment: `dlmctl cancel` (an RFC 3339 time)
 
 # The training-operator injects PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, MASTER_ADDR and
 # MASTER_PORT into every replica; the kubelet expands $(VAR) in the command from the container env.
@@ -36,18 +41,35 @@ TORCHRUN = [
 ]
 
 
+def check_cluster_ready(experiment: Experiment) -> None:
+    """What a cluster run needs beyond a valid spec: pods have no durable disk, so checkpoints and
+    metrics must go to S3 (that is also where `get`, `compare`, `sample` and `export` read them)."""
+    uri = experiment.spec.checkpoint.uri
+    if not (uri or "").startswith("s3://"):
+        raise SpecError(
+            f"spec.checkpoint.uri: a cluster run needs an s3:// URI (got {uri or 'none'}); pods have no durable "
+            "disk, and checkpoints and metrics are read back from there"
+        )
+
+
 def pytorch_jobs(experiment: Experiment) -> list[k.KubeflowOrgV1PyTorchJob]:
+    check_cluster_ready(experiment)
     return [pytorch_job(run, experiment.metadata.labels) for run in experiment.runs()]
+
+
+def job_manifests(experiment: Experiment) -> list[dict]:
+    """The jobs as plain JSON-ready dicts, exactly as `dlmctl render` prints them."""
+    return to_dicts(pytorch_jobs(experiment))
 
 
 def pytorch_job(run: Run, extra_labels: dict[str, str] | None = None) -> k.KubeflowOrgV1PyTorchJob:
     spec, res = run.spec, run.spec.resources
     labels = {**(extra_labels or {}), LABEL_EXPERIMENT: run.experiment, LABEL_RUN: run.name, LABEL_ARM: run.arm.value}
     template = _pod_template(run, labels)
-    replicas = {"Master": k.KubeflowOrgV1ReplicaSpec(replicas=1, restart_policy="OnFailure", template=template)}
+    replicas = {"Master": k.KubeflowOrgV1ReplicaSpec(replicas=1, restart_policy="Never", template=template)}
     if res.nodes > 1:
         replicas["Worker"] = k.KubeflowOrgV1ReplicaSpec(
-            replicas=res.nodes - 1, restart_policy="OnFailure", template=template
+            replicas=res.nodes - 1, restart_policy="Never", template=template
         )
     scheduling = None
     if spec.scheduling.queue or spec.scheduling.priority_class:
@@ -62,7 +84,7 @@ def pytorch_job(run: Run, extra_labels: dict[str, str] | None = None) -> k.Kubef
             nproc_per_node=str(res.procs_per_node),
             pytorch_replica_specs=replicas,
             run_policy=k.KubeflowOrgV1RunPolicy(
-                backoff_limit=spec.scheduling.max_restarts,
+                backoff_limit=0,  # the dlmctl operator recreates the job, up to spec.scheduling.max_restarts
                 clean_pod_policy="None",
                 scheduling_policy=scheduling,
             ),
