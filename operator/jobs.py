@@ -103,7 +103,7 @@ def _pod_template(run: Run, labels: dict[str, str]) -> k.V1PodTemplateSpec:
             "prometheus.io/path": "/metrics",
         }
         ports.append(k.V1ContainerPort(name="metrics", container_port=spec.metrics.port))
-    quantities = {"cpu": res.cpu, "memory": res.memory}
+    quantities = {"cpu": res.cpu_request, "memory": res.memory_request}
     if res.gpus_per_node:
         quantities["nvidia.com/gpu"] = str(res.gpus_per_node)
     env_from = None

@@ -1,0 +1,86 @@
+"""`python -m dlmctl.operator` runs the operator; `python -m dlmctl.operator manifests` prints what installs it.
+
+Settings come from DLMCTL_OPERATOR_* environment variables (see config.py). It watches the whole
+cluster; its replicas meet in one ClusterKopfPeering, and only the one with the highest priority acts.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dlmctl.operator", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run the operator (the default)")
+    for p in (parser, run):
+        p.add_argument("--verbose", "-v", action="store_true")
+    manifests = sub.add_parser("manifests", help="print the YAML that installs the operator")
+    manifests.add_argument("--namespace", default="dlmctl-system")
+    manifests.add_argument("--image", default=None)
+    manifests.add_argument("--replicas", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.command == "manifests":
+        return _print_manifests(args)
+    return _run(args)
+
+
+def _print_manifests(args) -> int:
+    import yaml
+
+    from .manifests import DEFAULT_IMAGE, install_manifests, peering_crd
+
+    documents = [peering_crd(), *install_manifests(args.namespace, args.image or DEFAULT_IMAGE, args.replicas)]
+    sys.stdout.write(yaml.safe_dump_all(documents, sort_keys=False))
+    return 0
+
+
+def _run(args) -> int:
+    import kopf
+    from pydantic import ValidationError
+
+    from .config import OperatorConfig
+    from .handlers import register
+    from .metrics import OperatorMetrics
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        config = OperatorConfig()
+    except ValidationError as err:
+        print(f"error: {str(err).splitlines()[1]}: {str(err).splitlines()[2].strip()}", file=sys.stderr)
+        return 2
+    _ensure_peering(config)
+    metrics = OperatorMetrics()
+    metrics.serve(config.metrics_port, config.metrics_addr)
+    registry = kopf.OperatorRegistry()
+    register(registry, config, metrics)
+    kopf.run(
+        registry=registry,
+        clusterwide=True,
+        peering_name=config.peering,
+        standalone=False,
+        liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz" if config.health_port else None,
+    )
+    return 0
+
+
+def _ensure_peering(config) -> None:
+    """The replicas meet in a ClusterKopfPeering; create ours if it is missing."""
+    from kubernetes import client
+
+    from .handlers import api_client
+    from .manifests import PEERING_GROUP, PEERING_VERSION, peering
+
+    with api_client() as api:
+        try:
+            client.CustomObjectsApi(api).create_cluster_custom_object(
+                PEERING_GROUP, PEERING_VERSION, "clusterkopfpeerings", peering(config.peering))
+        except client.rest.ApiException as err:
+            if err.status != 409:
+                raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

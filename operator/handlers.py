@@ -1,0 +1,96 @@
+"""The kopf operator: small handlers around the Reconciler.
+
+- indexes keep the PyTorchJobs and pods of every experiment in memory (no list calls per reconcile);
+- a timer per Experiment reconciles it every `reconcile_interval` seconds (level-triggered: it also
+  creates the jobs of a new experiment on its first tick);
+- a pod event handler notes on its job when a pod is taken away (eviction, preemption, node loss),
+  because the pod itself may be gone before the next tick.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import kopf
+
+from dlmctl.spec import GROUP, PLURAL, VERSION
+
+from .config import OperatorConfig
+from .jobs import JOB_GROUP, JOB_PLURAL, JOB_VERSION, LABEL_EXPERIMENT, LABEL_RUN
+from .metrics import OperatorMetrics
+from .observe import pod_disruption, summarize_job, summarize_pod
+from .reconcile import JobsApi, Reconciler
+
+JOB_NAME_LABEL = "training.kubeflow.org/job-name"
+log = logging.getLogger("dlmctl.operator")
+
+
+def api_client():
+    """The Kubernetes client for this process: in a pod its ServiceAccount, elsewhere the kubeconfig."""
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException:
+        config.load_kube_config(client_configuration=configuration)
+    return client.ApiClient(configuration)
+
+
+def register(registry: kopf.OperatorRegistry, config: OperatorConfig, metrics: OperatorMetrics) -> None:
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        # Replicas need distinct priorities: kopf pauses every operator that sees a peer of the same
+        # priority, and the one with the highest priority is the active one.
+        settings.peering.priority = random.SystemRandom().randint(1, 2**31 - 1)
+        settings.peering.lifetime = config.peering_lifetime
+        settings.peering.mandatory = True
+        settings.scanning.disabled = True  # no dynamic discovery: no need to list CRDs or namespaces
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="dlmctl.io")
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix="dlmctl.io", key="last-handled-configuration")
+        settings.posting.level = logging.WARNING
+        settings.execution.max_workers = config.workers
+        jobs = JobsApi(api_client())
+        memo.jobs = jobs
+        memo.reconciler = Reconciler(config, jobs, metrics, adopt=lambda child, owner: kopf.adopt(child, owner=owner))
+
+    @kopf.index(JOB_GROUP, JOB_VERSION, JOB_PLURAL, labels={LABEL_EXPERIMENT: kopf.PRESENT}, registry=registry)
+    def jobs_by_experiment(namespace: str, labels: Any, body: Any, **_: Any):
+        return {(namespace, labels[LABEL_EXPERIMENT]): {**summarize_job(body), "run": labels.get(LABEL_RUN)}}
+
+    @kopf.index("pods", labels={LABEL_EXPERIMENT: kopf.PRESENT, LABEL_RUN: kopf.PRESENT}, registry=registry)
+    def pods_by_experiment(namespace: str, labels: Any, body: Any, **_: Any):
+        return {(namespace, labels[LABEL_EXPERIMENT]): {**summarize_pod(body), "run": labels[LABEL_RUN]}}
+
+    @kopf.timer(GROUP, VERSION, PLURAL, interval=config.reconcile_interval, registry=registry)
+    def reconcile(body: Any, namespace: str, name: str, patch: kopf.Patch, memo: kopf.Memo,
+                  jobs_by_experiment: kopf.Index, pods_by_experiment: kopf.Index, **_: Any) -> None:
+        key = (namespace, name)
+        status = memo.reconciler.reconcile(_plain(body), jobs_by_experiment.get(key, []),
+                                           pods_by_experiment.get(key, []))
+        if status is not None:
+            for field, value in status.items():
+                patch.status[field] = value
+
+    def disrupted(body: Any, **_: Any) -> bool:
+        return pod_disruption(summarize_pod(body)) is not None
+
+    @kopf.on.event("pods", labels={LABEL_RUN: kopf.PRESENT, JOB_NAME_LABEL: kopf.PRESENT}, when=disrupted,
+                   registry=registry)
+    def note_disruption(body: Any, name: str, namespace: str, labels: Any, memo: kopf.Memo, **_: Any) -> None:
+        pod = summarize_pod(body)
+        reason, message = pod_disruption(pod)
+        if pod["job_uid"]:
+            memo.jobs.note_disruption(namespace, labels[JOB_NAME_LABEL], pod["job_uid"],
+                                      f"{reason}: pod {name}: {message}")
+
+
+def _plain(value: Any) -> Any:
+    """kopf hands bodies as read-only views; the reconciler works on plain dicts and lists."""
+    if hasattr(value, "items"):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

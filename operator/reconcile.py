@@ -1,0 +1,304 @@
+"""One look at an Experiment: create the jobs its runs lack, act on what their jobs and pods say, and
+compute the status to write. Level-triggered: whatever happened before (an operator killed mid-way, a
+lost event), the next look puts things right, and creating a job that exists is a no-op.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Optional
+
+from dlmctl.spec import Experiment, Run, SpecError, experiment_from_dict
+from dlmctl.spec.contracts import RunPhase, experiment_phase
+
+from .jobs import (
+    ANNOTATION_CANCEL,
+    ANNOTATION_RESTARTS,
+    JOB_GROUP,
+    JOB_PLURAL,
+    JOB_VERSION,
+    check_cluster_ready,
+    pytorch_job,
+    to_dicts,
+)
+from .config import OperatorConfig
+from .metrics import OperatorMetrics
+from .observe import Seen, observe
+from .progress import ProgressReader
+
+log = logging.getLogger("dlmctl.operator")
+ANNOTATION_DISRUPTED = "dlmctl.io/disrupted"  # on a job: "<reason>: <message>" of a pod taken away
+PROGRESS_FIELDS = ("step", "total_steps", "epoch", "tokens", "train_loss", "val_loss", "val_loss_stderr",
+                   "choice_accuracy", "unigram_entropy", "last_checkpoint")
+
+
+def now_rfc3339(clock: Callable[[], float] = time.time) -> str:
+    return datetime.fromtimestamp(clock(), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_experiment(body: dict) -> Experiment:
+    """The Experiment as the models read it, from an object the API server returned; SpecError if invalid."""
+    meta = body.get("metadata") or {}
+    document = {
+        "apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+        "metadata": {k: meta[k] for k in ("name", "namespace", "labels", "annotations") if meta.get(k) is not None},
+        "spec": body.get("spec") or {},
+    }
+    experiment = experiment_from_dict(document, f"experiment {meta.get('namespace')}/{meta.get('name')}")
+    check_cluster_ready(experiment)
+    return experiment
+
+
+class JobsApi:
+    """The few PyTorchJob calls the reconciler makes, through the Kubernetes client."""
+
+    def __init__(self, api_client):
+        from kubernetes import client
+
+        self.custom = client.CustomObjectsApi(api_client)
+        self._exception = client.rest.ApiException
+
+    def create(self, namespace: str, manifest: dict) -> bool:
+        """True if created, False if a job of that name already exists."""
+        try:
+            self.custom.create_namespaced_custom_object(JOB_GROUP, JOB_VERSION, namespace, JOB_PLURAL, manifest)
+            return True
+        except self._exception as err:
+            if err.status == 409:
+                return False
+            raise
+
+    def delete(self, namespace: str, name: str, uid: str) -> None:
+        """Foreground: the job disappears only after its pods, so a recreated job's pods never meet them."""
+        from kubernetes import client
+
+        options = client.V1DeleteOptions(propagation_policy="Foreground",
+                                          preconditions=client.V1Preconditions(uid=uid))
+        try:
+            self.custom.delete_namespaced_custom_object(JOB_GROUP, JOB_VERSION, namespace, JOB_PLURAL, name,
+                                                        body=options)
+        except self._exception as err:
+            if err.status not in (404, 409):
+                raise
+
+    def suspend(self, namespace: str, name: str) -> None:
+        """Suspended, the training-operator deletes the job's pods: their GPUs are free, the job stays."""
+        try:
+            self.custom.patch_namespaced_custom_object(JOB_GROUP, JOB_VERSION, namespace, JOB_PLURAL, name,
+                                                       {"spec": {"runPolicy": {"suspend": True}}})
+        except self._exception as err:
+            if err.status != 404:
+                raise
+
+    def note_disruption(self, namespace: str, name: str, job_uid: str, note: str) -> None:
+        """Remember on the job itself that one of its pods was taken away (the pod may vanish at once)."""
+        try:
+            job = self.custom.get_namespaced_custom_object(JOB_GROUP, JOB_VERSION, namespace, JOB_PLURAL, name)
+        except self._exception as err:
+            if err.status == 404:
+                return
+            raise
+        meta = job.get("metadata", {})
+        if meta.get("uid") != job_uid or meta.get("deletionTimestamp") or ANNOTATION_DISRUPTED in (meta.get("annotations") or {}):
+            return
+        self.custom.patch_namespaced_custom_object(JOB_GROUP, JOB_VERSION, namespace, JOB_PLURAL, name,
+                                                   {"metadata": {"annotations": {ANNOTATION_DISRUPTED: note}}})
+
+
+class Reconciler:
+    def __init__(self, config: OperatorConfig, jobs: JobsApi, metrics: OperatorMetrics,
+                 adopt: Callable[[dict, dict], None], progress: Optional[ProgressReader] = None,
+                 clock: Callable[[], float] = time.time):
+        self.config, self.jobs, self.metrics, self.adopt, self.clock = config, jobs, metrics, adopt, clock
+        self.progress = progress or ProgressReader()
+        self._recreate_after: dict[tuple[str, str], float] = {}
+        self._progress_read_at: dict[tuple[str, str], float] = {}
+        self._deleted: set[str] = set()  # uids of jobs deleted here, until the index shows them going
+
+    # -- the whole experiment -------------------------------------------------------------------
+    def reconcile(self, body: dict, jobs: Iterable[dict], pods: Iterable[dict]) -> Optional[dict]:
+        """The experiment's new status, or None when nothing changed."""
+        started = time.perf_counter()
+        try:
+            status = self._reconcile(body, list(jobs), list(pods))
+        except Exception:
+            self.metrics.reconcile_errors.inc()
+            raise
+        finally:
+            self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+        old = body.get("status") or {}
+        return None if _same(status, old) else status
+
+    def _reconcile(self, body: dict, jobs: list[dict], pods: list[dict]) -> dict:
+        meta, old = body["metadata"], dict(body.get("status") or {})
+        generation = meta.get("generation")
+        try:
+            experiment = parse_experiment(body)
+        except SpecError as err:
+            return self._invalid(old, str(err), generation)
+        accepted = old.get("observedGeneration") or generation
+        spec_changed = generation is not None and accepted is not None and generation != accepted
+        cancel = (meta.get("annotations") or {}).get(ANNOTATION_CANCEL)
+        jobs_by_run = {j["run"]: j for j in jobs}
+        pods_by_run: dict[str, list[dict]] = {}
+        for pod in pods:
+            pods_by_run.setdefault(pod["run"], []).append(pod)
+        previous = {r.get("name"): r for r in old.get("runs") or []}
+        runs = []
+        for run in experiment.runs():
+            current = dict(previous.get(run.name) or {"name": run.name, "arm": run.arm.value, "phase": "Pending"})
+            current = self._run(body, experiment, run, current, jobs_by_run.get(run.name),
+                                pods_by_run.get(run.name, []), cancel, may_create=not spec_changed)
+            runs.append(current)
+        return self._experiment_status(old, runs, accepted, spec_changed, cancel)
+
+    def _invalid(self, old: dict, message: str, generation) -> dict:
+        return {
+            "phase": "Invalid", "runs": [], "progress": "0/0", "observedGeneration": generation,
+            "conditions": [_condition(old, "Valid", "False", "InvalidSpec", message, self.clock)],
+        }
+
+    def _experiment_status(self, old: dict, runs: list[dict], accepted, spec_changed: bool, cancel) -> dict:
+        phase = experiment_phase(r["phase"] for r in runs)
+        conditions = [_condition(old, "Valid", "True", "Accepted", "the spec is valid; one PyTorchJob per run",
+                                 self.clock)]
+        if spec_changed:
+            conditions.append(_condition(
+                old, "SpecChangeRejected", "True", "Immutable",
+                "spec changed after submission; runs are immutable and keep the submitted spec: resubmit with "
+                "`dlmctl submit --replace`", self.clock))
+        if cancel:
+            conditions.append(_condition(old, "Cancelled", "True", "CancelRequested",
+                                         f"cancelled at {cancel}; checkpoints are kept", self.clock))
+        starts = [r["startTime"] for r in runs if r.get("startTime")]
+        ends = [r["completionTime"] for r in runs if r.get("completionTime")]
+        status = {
+            "phase": phase.value,
+            "runs": runs,
+            "conditions": conditions,
+            "progress": f"{sum(r['phase'] == 'Succeeded' for r in runs)}/{len(runs)}",
+            "observedGeneration": accepted,
+            "startTime": old.get("startTime") or (min(starts) if starts else None),
+            "completionTime": (old.get("completionTime") or max(ends)) if phase.terminal and ends else None,
+        }
+        return {k: v for k, v in status.items() if v is not None}
+
+    # -- one run --------------------------------------------------------------------------------
+    def _run(self, body: dict, experiment: Experiment, run: Run, status: dict, job: Optional[dict],
+             pods: list[dict], cancel: Optional[str], may_create: bool) -> dict:
+        namespace = body["metadata"]["namespace"]
+        key = (namespace, run.name)
+        phase = RunPhase(status.get("phase", "Pending"))
+        restarts = max(int(status.get("restarts") or 0),
+                       int((job or {}).get("annotations", {}).get(ANNOTATION_RESTARTS) or 0))
+        status["restarts"] = restarts
+        if phase.terminal:
+            return self._with_progress(run, status, final=True)
+        if cancel:
+            if job and not job["deleting"] and not job["suspended"]:
+                self.jobs.suspend(namespace, job["name"])
+            return self._finish(run, status, RunPhase.Cancelled, "Cancelled",
+                                "cancelled by `dlmctl cancel`; its checkpoints are kept")
+        if job and job["uid"] in self._deleted:
+            if not job["deleting"]:
+                return status  # our delete is on its way; the index has not seen it yet
+            self._deleted.discard(job["uid"])
+        obs = observe(job, pods, (job or {}).get("annotations", {}).get(ANNOTATION_DISRUPTED))
+        max_restarts = run.spec.scheduling.max_restarts
+        if obs.seen is Seen.NoJob:
+            if phase in (RunPhase.Preempted, RunPhase.Restarting):
+                if self.clock() < self._recreate_after.get(key, 0) or not may_create:
+                    return status
+                self._create(body, experiment, run, restarts)
+                self.metrics.jobs_recreated.inc()
+                return status
+            if may_create and self._create(body, experiment, run, restarts):
+                self.metrics.jobs_created.inc()
+            return _set(status, RunPhase.Pending, "JobCreated", "waiting for its pods to be scheduled")
+        if obs.seen is Seen.Deleting:
+            return status  # a job being replaced: Preempted/Restarting until it is gone
+        if obs.seen is Seen.Succeeded:
+            return self._finish(run, status, RunPhase.Succeeded, obs.reason, obs.message)
+        if obs.seen is Seen.FailedPermanently:
+            self.jobs.suspend(namespace, job["name"])
+            self.metrics.runs_failed.inc()
+            return self._finish(run, status, RunPhase.Failed, obs.reason, f"{obs.message}; not retried")
+        if obs.seen in (Seen.Disrupted, Seen.Failed):
+            next_phase = RunPhase.Preempted if obs.seen is Seen.Disrupted else RunPhase.Restarting
+            if obs.seen is Seen.Disrupted:
+                self.metrics.runs_preempted.inc()
+            if restarts >= max_restarts:
+                self.metrics.runs_failed.inc()
+                self.jobs.suspend(namespace, job["name"])
+                return self._finish(run, status, RunPhase.Failed, "RestartLimitReached",
+                                    f"{obs.message}; already restarted {restarts} times "
+                                    f"(spec.scheduling.max_restarts: {max_restarts})")
+            self.jobs.delete(namespace, job["name"], job["uid"])
+            self._deleted.add(job["uid"])
+            backoff = self.config.backoff(restarts)
+            self._recreate_after[key] = self.clock() + backoff
+            status["restarts"] = restarts + 1
+            return _set(status, next_phase, obs.reason,
+                        f"{obs.message}; recreating in {backoff:.0f}s (restart {restarts + 1} of {max_restarts}), "
+                        "resuming from its last verified checkpoint")
+        if obs.seen is Seen.Unschedulable:
+            return _set(status, RunPhase.Unschedulable, obs.reason, obs.message)
+        if obs.seen is Seen.Running:
+            status.setdefault("startTime", now_rfc3339(self.clock))
+            return self._with_progress(run, _set(status, RunPhase.Running, obs.reason, obs.message))
+        reason = "Suspended" if obs.seen is Seen.Suspended else obs.reason
+        return _set(status, RunPhase.Pending, reason, obs.message)
+
+    def _create(self, body: dict, experiment: Experiment, run: Run, restarts: int) -> bool:
+        (manifest,) = to_dicts([pytorch_job(run, experiment.metadata.labels)])
+        if restarts:
+            manifest["metadata"].setdefault("annotations", {})[ANNOTATION_RESTARTS] = str(restarts)
+        self.adopt(manifest, body)
+        created = self.jobs.create(body["metadata"]["namespace"], manifest)
+        if created:
+            log.info("created PyTorchJob %s/%s (restarts %d)", body["metadata"]["namespace"], run.name, restarts)
+        return created
+
+    def _finish(self, run: Run, status: dict, phase: RunPhase, reason, message) -> dict:
+        status.setdefault("completionTime", now_rfc3339(self.clock))
+        return self._with_progress(run, _set(status, phase, reason, message), final=True)
+
+    def _with_progress(self, run: Run, status: dict, final: bool = False) -> dict:
+        """Refresh the metrics fields from the run's store, at most every progress_interval (and once more
+        when the run has finished)."""
+        key = (run.namespace or "", run.name)
+        last = self._progress_read_at.get(key)
+        if final and last == float("inf"):
+            return status
+        if not final and last is not None and self.clock() - last < self.config.progress_interval:
+            return status
+        try:
+            progress = self.progress.read(run)
+        except Exception as err:  # the store is down or the credentials are wrong: say so, keep going
+            log.warning("run %s: cannot read progress from its store: %s", run.name, err)
+            return status
+        self._progress_read_at[key] = float("inf") if final else self.clock()
+        if progress is not None:
+            values = progress.model_dump()
+            status.update({k: values[k] for k in PROGRESS_FIELDS if values.get(k) is not None})
+        return status
+
+
+def _set(status: dict, phase: RunPhase, reason: Optional[str], message: Optional[str]) -> dict:
+    status["phase"] = phase.value
+    status["reason"] = reason
+    status["message"] = message
+    return {k: v for k, v in status.items() if v is not None}
+
+
+def _condition(old: dict, type_: str, value: str, reason: str, message: str, clock) -> dict[str, Any]:
+    """A condition keeps its lastTransitionTime while its status does not change."""
+    previous = next((c for c in old.get("conditions") or [] if c.get("type") == type_), None)
+    since = previous.get("lastTransitionTime") if previous and previous.get("status") == value else None
+    return {"type": type_, "status": value, "reason": reason, "message": message,
+            "lastTransitionTime": since or now_rfc3339(clock)}
+
+
+def _same(new: dict, old: dict) -> bool:
+    return new == {k: v for k, v in old.items() if k in new or v is not None}
