@@ -4,6 +4,10 @@ Pydantic emits JSON Schema 2020-12; a CRD needs a *structural* OpenAPI v3.0 sche
 $ref inlined, a type on every node, no `title`, `nullable` instead of `anyOf [.., null]`,
 boolean exclusiveMinimum/Maximum, `enum` instead of `const`, `items` instead of
 `prefixItems`, and never `additionalProperties: false` next to `properties`.
+
+The cross-field rules the models enforce in validators travel as CEL `x-kubernetes-validations`,
+built here from the models' own names, defaults and messages (`validation_rules`), so the API
+server refuses what `experiment_from_dict` refuses and says it in the same words.
 """
 from __future__ import annotations
 
@@ -12,7 +16,36 @@ from typing import Any
 
 import yaml
 
-from .experiment import API_VERSION, GROUP, KIND, PLURAL, VERSION, Experiment
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from .experiment import (
+    API_VERSION,
+    DISTINCT_ARMS,
+    GROUP,
+    IMMUTABLE_SPEC,
+    KIND,
+    PLURAL,
+    SWEEP_KEYS,
+    SWEEPABLE,
+    VERSION,
+    Experiment,
+)
+from .model import PRESETS
+from .sections import (
+    DEFAULT_GLOBAL_SEQUENCES,
+    ONE_BATCH_SIZE,
+    SCHEDULE_PHASES_FIT,
+    TOKENIZER_PATH_FORBIDDEN,
+    TOKENIZER_PATH_REQUIRED,
+    UNSUPPORTED_URI,
+    URI_SCHEMES,
+    BatchSpec,
+    DataSpec,
+    ResourcesSpec,
+    ScheduleSpec,
+    TokenizerSpec,
+)
 
 SHORT_NAMES = ["dlmx"]
 CRD_NAME = f"{PLURAL}.{GROUP}"
@@ -23,6 +56,7 @@ PRINTER_COLUMNS = [
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 _DROPPED = {"title", "default", "$defs", "$schema", "$id", "examples"}
+INT64 = (-(2**63), 2**63 - 1)
 
 
 class NotStructural(ValueError):
@@ -46,6 +80,14 @@ def openapi_schema() -> dict[str, Any]:
     props["metadata"] = {"type": "object"}
     props["status"].pop("nullable", None)  # optional in a spec file, but always an object on the server
     schema.pop("required", None)
+    spec = props["spec"]
+    spec["properties"]["sweep"] = _sweep_schema(spec)
+    for path, rules in validation_rules().items():
+        node = schema
+        for part in path.split("."):
+            node = node["properties"][part]
+        node["x-kubernetes-validations"] = rules
+    _check_integer_bounds(schema, "")
     return schema
 
 
@@ -154,8 +196,8 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[s
 
 _KEY_ORDER = (
     "type", "description", "nullable", "format", "enum", "pattern", "minimum", "exclusiveMinimum", "maximum",
-    "exclusiveMaximum", "minLength", "maxLength", "minItems", "maxItems", "required", "items",
-    "additionalProperties", "properties",
+    "exclusiveMaximum", "minLength", "maxLength", "minItems", "maxItems", "maxProperties", "required", "items",
+    "additionalProperties", "properties", "x-kubernetes-preserve-unknown-fields", "x-kubernetes-validations",
 )
 
 
@@ -181,3 +223,180 @@ def _json_type(value: Any) -> str:
     if isinstance(value, float):
         return "number"
     return "string"
+
+
+# ---- the models' cross-field rules as CEL --------------------------------------------------------
+
+
+def validation_rules() -> dict[str, list[dict[str, str]]]:
+    """`x-kubernetes-validations` by schema path. Defaults, names and messages come from the models.
+
+    In the API server's CEL a field that is absent and a nullable field that is null look the same
+    (`self.?field` is empty); that is what `None` means to the models too.
+    """
+    seq_len = _or("self.?data.?seq_len", _default(DataSpec, "seq_len"))
+    has_tokens = "self.?batch.?global_tokens.hasValue()"
+    both_sizes = f"{has_tokens} && self.?batch.?global_sequences.hasValue()"
+    tokens = "self.batch.global_tokens"
+    sequences = (
+        f"({has_tokens} ? {tokens} / {seq_len} : "
+        f"{_or('self.?batch.?global_sequences', DEFAULT_GLOBAL_SEQUENCES)})"
+    )
+    micro = _or("self.?batch.?micro_batch_sequences", _default(BatchSpec, "micro_batch_sequences"))
+    gpus = _or("self.?resources.?gpus_per_node", _default(ResourcesSpec, "gpus_per_node"))
+    world = (
+        f"({_or('self.?resources.?nodes', _default(ResourcesSpec, 'nodes'))} * "
+        f"self.?resources.?processes_per_node.orValue({gpus} > 0 ? {gpus} : 1))"
+    )
+    kind = _or("self.?kind", _default(TokenizerSpec, "kind"))
+    path = _or("self.?path", "")
+    unique = _or("self.?unique_tokens", _default(DataSpec, "unique_tokens"))
+    data_seq_len = _or("self.?seq_len", _default(DataSpec, "seq_len"))
+    warmup = _or("self.?warmup_fraction", _default(ScheduleSpec, "warmup_fraction"))
+    decay = _or("self.?decay_fraction", _default(ScheduleSpec, "decay_fraction"))
+    schedule_kind = _or("self.?kind", _default(ScheduleSpec, "kind"))
+    presets = list(PRESETS)
+    return {
+        "spec": [
+            _rule(f"({both_sizes}) || !{has_tokens} || {tokens} % {seq_len} == 0",
+                  "spec.batch.global_tokens: must be a multiple of data.seq_len",
+                  ["spec.batch.global_tokens: ", (tokens,), " is not a multiple of seq_len (", (seq_len,), ")"],
+                  field=".batch.global_tokens"),
+            _rule(f"({both_sizes}) || ({has_tokens} && {tokens} % {seq_len} != 0) || "
+                  f"{sequences} % ({micro} * {world}) == 0",
+                  "spec.batch: the global batch (sequences) must be divisible by micro_batch_sequences x world size",
+                  ["spec.batch: global batch of ", (sequences,), " sequences is not divisible by micro_batch_sequences (",
+                   (micro,), ") x world size (", (world,), ")"],
+                  field=".batch"),
+            {"rule": "self == oldSelf", "message": IMMUTABLE_SPEC},
+        ],
+        "spec.arms": [_rule("self.all(a, self.exists_one(b, b == a))", f"spec.arms: {DISTINCT_ARMS}")],
+        "spec.model": [
+            _rule(f"!has(self.preset) || self.preset in {_cel(presets)}",
+                  f"spec.model.preset: must be one of {', '.join(presets)}",
+                  ["spec.model.preset: unknown preset '", ("self.preset", str), f"'; choose one of {', '.join(presets)}"],
+                  field=".preset"),
+        ],
+        "spec.data": [
+            _rule(f"{unique} >= {data_seq_len}", "spec.data.unique_tokens: must hold at least one sequence of data.seq_len tokens",
+                  ["spec.data.unique_tokens: ", (unique,), " is less than one sequence (seq_len=", (data_seq_len,), ")"],
+                  field=".unique_tokens"),
+        ],
+        "spec.data.tokenizer": [
+            _rule(f"{kind} != {_cel('file')} || {path} != {_cel('')}", f"spec.data.tokenizer.{TOKENIZER_PATH_REQUIRED}",
+                  field=".path", reason="FieldValueRequired"),
+            _rule(f"{kind} == {_cel('file')} || {path} == {_cel('')}", f"spec.data.tokenizer.{TOKENIZER_PATH_FORBIDDEN}",
+                  field=".path", reason="FieldValueForbidden"),
+        ],
+        "spec.schedule": [
+            _rule(f"{schedule_kind} != {_cel('wsd')} || {warmup} + {decay} <= 1.0", f"spec.schedule: {SCHEDULE_PHASES_FIT}"),
+        ],
+        "spec.batch": [
+            _rule("!has(self.global_sequences) || !has(self.global_tokens)", f"spec.batch: {ONE_BATCH_SIZE}"),
+        ],
+        "spec.checkpoint": [
+            _rule(f"!has(self.uri) || !self.uri.contains({_cel('://')}) || {_cel(list(URI_SCHEMES))}.exists(s, self.uri.startsWith(s))",
+                  f"spec.checkpoint.uri: {UNSUPPORTED_URI}",
+                  ["spec.checkpoint.uri: '", ("self.uri", str), f"': {UNSUPPORTED_URI}"], field=".uri"),
+        ],
+        "spec.sweep": [
+            # Unknown keys are kept (x-kubernetes-preserve-unknown-fields) but invisible to CEL; the map's
+            # size counts them, the declared keys do not.
+            _rule(f"size(dyn(self)) == [{', '.join(f'has(self.{_escape(p)})' for p in SWEEPABLE)}].filter(p, p).size()",
+                  f"spec.sweep: {SWEEP_KEYS}"),
+        ],
+    }
+
+
+def _rule(rule: str, message: str, parts: list | None = None, field: str | None = None,
+          reason: str | None = None) -> dict[str, str]:
+    """A CEL rule; `parts` spells a messageExpression: strings are text, (expr,) an int, (expr, str) a string.
+
+    The message is one `format` call: concatenating `string(int)` has no size bound, and the API
+    server's cost estimator would refuse it."""
+    out = {"rule": rule, "message": message}
+    if parts:
+        template = "".join(p.replace("%", "%%") if isinstance(p, str) else ("%s" if len(p) > 1 else "%d") for p in parts)
+        arguments = ", ".join(p[0] for p in parts if not isinstance(p, str))
+        out["messageExpression"] = f"{json.dumps(template)}.format([{arguments}])"
+    if field:
+        out["fieldPath"] = field
+    if reason:
+        out["reason"] = reason
+    return out
+
+
+def _default(model: type[BaseModel], name: str) -> Any:
+    value = model.model_fields[name].default
+    if value is PydanticUndefined or value is None:
+        raise ValueError(f"{model.__name__}.{name} has no default value to use in a CEL rule")
+    return value.value if hasattr(value, "value") else value
+
+
+def _or(chain: str, default: Any) -> str:
+    return f"{chain}.orValue({_cel(default)})"
+
+
+def _cel(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        text = repr(value)
+        return text if any(c in text for c in ".e") else f"{text}.0"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_cel(v) for v in value) + "]"
+    raise TypeError(f"no CEL literal for {value!r}")
+
+
+_CEL_RESERVED = {"true", "false", "null", "in", "as", "break", "const", "continue", "else", "for", "function", "if",
+                 "import", "let", "loop", "package", "namespace", "return", "var", "void", "while"}
+
+
+def _escape(name: str) -> str:
+    """A property name as the API server's CEL sees it (`data.epochs` is `data__dot__epochs`)."""
+    if name in _CEL_RESERVED:
+        return f"__{name}__"
+    for raw, escaped in (("__", "__underscores__"), (".", "__dot__"), ("-", "__dash__"), ("/", "__slash__")):
+        name = name.replace(raw, escaped)
+    return name
+
+
+def _sweep_schema(spec: dict[str, Any]) -> dict[str, Any]:
+    """`spec.sweep` with one declared key per sweepable field, its values typed like the field itself:
+    the API server checks every value's type and range, and CEL can count the keys."""
+    source = spec["properties"]["sweep"]
+    values = {k: v for k, v in source["additionalProperties"].items() if k != "items"}
+    properties = {}
+    for path in SWEEPABLE:
+        leaf = spec
+        for part in path.split("."):
+            leaf = leaf["properties"][part]
+        item = {k: v for k, v in leaf.items() if k != "description"}
+        properties[path] = _ordered({**values, "description": f"values of spec.{path}", "items": item})
+    out = {k: v for k, v in source.items() if k != "additionalProperties"}
+    return _ordered({**out, "properties": properties, "x-kubernetes-preserve-unknown-fields": True})
+
+
+def integer_bound_ok(bound: Any) -> bool:
+    """What the API server demands of an integer field's minimum/maximum: it holds the bound as a float64
+    and reads that back as an int64, so the bound must be a whole number a float64 holds exactly, in int64."""
+    return isinstance(bound, int) and not isinstance(bound, bool) and int(float(bound)) == bound \
+        and INT64[0] <= bound <= INT64[1]
+
+
+def _check_integer_bounds(node: dict[str, Any], path: str) -> None:
+    if node.get("type") == "integer":
+        for key in ("minimum", "maximum"):
+            bound = node.get(key)
+            if bound is not None and not integer_bound_ok(bound):
+                raise NotStructural(
+                    f"{path}: {key} {bound} is not an integer the API server can hold (a float64 read back as an int64)")
+    for name, sub in node.get("properties", {}).items():
+        _check_integer_bounds(sub, f"{path}.{name}".lstrip("."))
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            _check_integer_bounds(node[key], f"{path}[]")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .crd import validation_rules
 from .experiment import API_VERSION, KIND, Experiment, ExperimentSpec
 from .model import PRESETS
 
@@ -19,7 +20,11 @@ Cross-field rules: the global batch (sequences) must be divisible by `batch.micr
 size (`resources.nodes` x processes per node); `data.unique_tokens` must hold at least one `data.seq_len`
 sequence; without `model.preset`, `n_layer`, `d_model`, `n_head` and `d_ff` are required; `d_model` must be
 divisible by `n_head` and `n_head` by `n_kv_head`; run names (`<metadata.name>-<dlm|ar>[-<sweep point>]`)
-must be unique DNS labels of at most 63 characters including the replica suffix `-worker-<i>`.
+must be unique DNS labels of at most 63 characters including the replica suffix `-worker-<i>`. A sweep key is
+the dotted path of a field of the spec (`data.epochs`), any field but `arms` and `sweep`.
+
+Server-set metadata (`uid`, `resourceVersion`, `generation`, `managedFields`, `finalizers`, ...) is ignored, so
+an Experiment read back from a cluster (`kubectl get experiment NAME -o yaml`) is a valid spec file.
 """
 
 
@@ -33,6 +38,7 @@ def reference_markdown() -> str:
     spec = defs["ExperimentSpec"]
     _walk("spec", spec, defs, defaults, sections)
     sections.append(_presets())
+    sections.append(_server_rules())
     return "\n".join(sections)
 
 
@@ -127,8 +133,8 @@ def _num(value: Any) -> str:
         exp = len(str(abs(value))) - 1
         if value == 10**exp:
             return f"1e{exp}"
-        if value == 2**63:
-            return "2^63"
+        if value == 2**53 - 1:
+            return "2^53-1"
     return str(value)
 
 
@@ -140,6 +146,20 @@ def _presets() -> str:
             f"| `{name}` | {shape['n_layer']} | {shape['d_model']} | {shape['n_head']} | {shape['n_kv_head']} | "
             f"{shape['d_ff']} | {'yes' if shape.get('tie_embeddings', True) else 'no'} | {'yes' if shape.get('qk_norm') else 'no'} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def _server_rules() -> str:
+    lines = ["## Rules the API server checks", "",
+             "Besides each field's type and range, the Experiment CRD carries these rules (CEL "
+             "`x-kubernetes-validations`, generated from the same models), so `kubectl apply` refuses what "
+             "`dlmctl validate` refuses. The other cross-field rules above are checked by the operator, which marks "
+             "such an Experiment `Invalid`.", "", "| field | rule |", "|---|---|"]
+    for path, rules in validation_rules().items():
+        for rule in rules:
+            message = rule["message"]
+            field = f"{path}{rule.get('fieldPath', '')}"
+            lines.append(f"| `{field}` | {_cell(message.removeprefix(field + ': '))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -6,9 +6,9 @@ import itertools
 import math
 import re
 from datetime import datetime
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from .base import Strict
 from .contracts import ExperimentPhase, RunPhase
@@ -39,6 +39,20 @@ DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 REPLICA_SUFFIX = "-worker-"
 MAX_LABEL = 63
 UNSWEEPABLE = ("arms", "sweep")
+# The largest integer every JSON reader keeps exactly. The API server holds schema bounds as float64 and
+# refuses an integer bound it cannot read back as an int64 (2**63 - 1 is 2**63 as a float64).
+MAX_SEED = 2**53 - 1
+MAX_SWEEP_FIELDS = 16
+MAX_SWEEP_VALUES = 64
+SWEEP_KEYS = "a sweep key is the dotted path of a field of the spec, e.g. data.epochs (arms and sweep cannot be swept)"
+DISTINCT_ARMS = "each arm may be listed once"
+IMMUTABLE_SPEC = "spec is immutable: runs cannot change once submitted; resubmit with `dlmctl submit --replace`"
+# What the API server and controllers write into an object's metadata. An Experiment read back from the
+# cluster (`kubectl get experiment X -o yaml`) carries them; they mean nothing to the spec and are dropped.
+SERVER_SET_METADATA = (
+    "uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds",
+    "managedFields", "finalizers", "ownerReferences", "selfLink", "generateName",
+)
 
 
 class Metadata(Strict):
@@ -46,6 +60,13 @@ class Metadata(Strict):
     namespace: Optional[str] = Field(default=None, max_length=MAX_LABEL)
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_server_set(cls, data):
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if k not in SERVER_SET_METADATA}
+        return data
 
     @field_validator("name", "namespace")
     @classmethod
@@ -58,8 +79,8 @@ class Metadata(Strict):
 
 
 class ExperimentSpec(Strict):
-    arms: list[Arm] = Field(default_factory=lambda: [Arm.diffusion, Arm.autoregressive], min_length=1)
-    seed: int = Field(default=1234, ge=0, lt=2**63)
+    arms: list[Arm] = Field(default_factory=lambda: [Arm.diffusion, Arm.autoregressive], min_length=1, max_length=len(Arm))
+    seed: int = Field(default=1234, ge=0, le=MAX_SEED)
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
@@ -73,8 +94,9 @@ class ExperimentSpec(Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
-    sweep: dict[str, list[Any]] = Field(
+    sweep: dict[str, Annotated[list[Any], Field(min_length=1, max_length=MAX_SWEEP_VALUES)]] = Field(
         default_factory=dict,
+        max_length=MAX_SWEEP_FIELDS,
         description="grid over spec fields by dotted path, e.g. data.unique_tokens: [1e6, 1e7]; expands into runs",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
@@ -83,7 +105,7 @@ class ExperimentSpec(Strict):
     @classmethod
     def _distinct_arms(cls, v):
         if len(set(v)) != len(v):
-            raise ValueError("each arm may be listed once")
+            raise ValueError(DISTINCT_ARMS)
         return v
 
     @model_validator(mode="after")
@@ -109,6 +131,18 @@ class ExperimentSpec(Strict):
     def total_steps(self) -> int:
         """Optimizer steps to see `epochs` passes over the unique sequences."""
         return max(1, math.ceil(self.data.epochs * self.data.unique_sequences / self.global_batch_sequences))
+
+
+def _leaf_paths(model: type[BaseModel], prefix: str = ""):
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from _leaf_paths(field.annotation, f"{prefix}{name}.")
+        elif f"{prefix}{name}" not in UNSWEEPABLE:
+            yield f"{prefix}{name}"
+
+
+# Every field of the spec that holds a value (not a section), by dotted path: the keys a sweep may use.
+SWEEPABLE: tuple[str, ...] = tuple(_leaf_paths(ExperimentSpec))
 
 
 class RunStatus(Strict):
@@ -196,10 +230,12 @@ class Experiment(Strict):
 
 def _grid(sweep: dict[str, list[Any]]) -> list[dict[str, Any]]:
     for path, values in sweep.items():
-        if not values:
-            raise ValueError(f"spec.sweep.{path}: needs at least one value")
         if path.split(".")[0] in UNSWEEPABLE:
             raise ValueError(f"spec.sweep.{path}: {path.split('.')[0]} cannot be swept")
+        if path not in SWEEPABLE:
+            raise ValueError(f"spec.sweep.{path}: not a field of the spec; {SWEEP_KEYS}")
+        if not values:
+            raise ValueError(f"spec.sweep.{path}: needs at least one value")
         if len({repr(v) for v in values}) != len(values):
             raise ValueError(f"spec.sweep.{path}: values must be distinct")
     keys = list(sweep)

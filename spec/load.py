@@ -149,6 +149,7 @@ def _describe_one(e: dict) -> str:
     elif e["type"] in _MESSAGES:
         try:
             msg = _MESSAGES[e["type"]].format(**{k: _plain(v) for k, v in (e.get("ctx") or {}).items()})
+            msg = re.sub(r"\b1 (item|character)s\b", r"1 \1", msg)
         except KeyError:
             msg = e["msg"]
     else:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from enum import Enum
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
@@ -11,6 +11,21 @@ from .base import Strict
 
 URI_SCHEMES = ("s3://", "file://", "/", "./", "../", "~")
 BUILTIN_CORPORA = ("python-stdlib",)
+
+# Rules the models check beyond single fields. The CRD's CEL rules (spec/crd.py) say the same words.
+TOKENIZER_PATH_REQUIRED = "path: required when kind is 'file'"
+TOKENIZER_PATH_FORBIDDEN = "path: only allowed when kind is 'file'"
+SCHEDULE_PHASES_FIT = "warmup_fraction + decay_fraction must be <= 1"
+ONE_BATCH_SIZE = "set global_sequences or global_tokens, not both"
+UNSUPPORTED_URI = "only s3:// and local paths are supported"
+DEFAULT_GLOBAL_SEQUENCES = 32  # when neither batch.global_sequences nor batch.global_tokens is set
+
+# A pod's CPU and memory when the spec does not say: a share per GPU that leaves headroom on a typical
+# 8-GPU node (8 x 10 CPUs = 80 of 96 cores, 8 x 100Gi = 800Gi of 1Ti), or a small CPU-only pod.
+CPU_PER_GPU = 10
+MEMORY_GI_PER_GPU = 100
+CPU_WITHOUT_GPUS = 4
+MEMORY_GI_WITHOUT_GPUS = 16
 
 
 class Arm(str, Enum):
@@ -42,9 +57,9 @@ class TokenizerSpec(Strict):
     @model_validator(mode="after")
     def _path_iff_file(self):
         if self.kind == "file" and not self.path:
-            raise ValueError("path: required when kind is 'file'")
+            raise ValueError(TOKENIZER_PATH_REQUIRED)
         if self.kind != "file" and self.path:
-            raise ValueError("path: only allowed when kind is 'file'")
+            raise ValueError(TOKENIZER_PATH_FORBIDDEN)
         return self
 
 
@@ -106,19 +121,15 @@ class ObjectiveSpec(Strict):
     autoregressive: AutoregressiveSpec = Field(default_factory=AutoregressiveSpec)
 
 
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
 class OptimizerSpec(Strict):
     lr: float = Field(default=3e-3, gt=0, le=10)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Beta, Beta] = Field(default=(0.9, 0.95), description="Adam's beta1 and beta2, each in [0, 1)")
     weight_decay: float = Field(default=0.1, ge=0, le=10)
     eps: float = Field(default=1e-8, gt=0, lt=1)
     grad_clip: float = Field(default=1.0, ge=0, description="global gradient-norm clip; 0 disables")
-
-    @field_validator("betas")
-    @classmethod
-    def _betas_in_range(cls, v):
-        if not all(0 <= b < 1 for b in v):
-            raise ValueError("betas must lie in [0, 1)")
-        return v
 
 
 class ScheduleSpec(Strict):
@@ -130,24 +141,26 @@ class ScheduleSpec(Strict):
     @model_validator(mode="after")
     def _phases_fit(self):
         if self.kind == "wsd" and self.warmup_fraction + self.decay_fraction > 1:
-            raise ValueError("warmup_fraction + decay_fraction must be <= 1")
+            raise ValueError(SCHEDULE_PHASES_FIT)
         return self
 
 
 class BatchSpec(Strict):
-    global_sequences: Optional[int] = Field(default=None, ge=1, le=10**8, description="default 32 when no size is set")
+    global_sequences: Optional[int] = Field(
+        default=None, ge=1, le=10**8, description=f"default {DEFAULT_GLOBAL_SEQUENCES} when no size is set"
+    )
     global_tokens: Optional[int] = Field(default=None, ge=1, le=10**12, description="alternative to global_sequences")
     micro_batch_sequences: int = Field(default=8, ge=1, le=65536, description="sequences per process per micro-step")
 
     @model_validator(mode="after")
     def _one_size(self):
         if self.global_sequences is not None and self.global_tokens is not None:
-            raise ValueError("set global_sequences or global_tokens, not both")
+            raise ValueError(ONE_BATCH_SIZE)
         return self
 
     def sequences(self, seq_len: int) -> int:
         if self.global_tokens is None:
-            return self.global_sequences or 32
+            return self.global_sequences or DEFAULT_GLOBAL_SEQUENCES
         if self.global_tokens % seq_len:
             raise ValueError(f"batch.global_tokens: {self.global_tokens} is not a multiple of seq_len ({seq_len})")
         return self.global_tokens // seq_len
@@ -165,8 +178,29 @@ class ResourcesSpec(Strict):
         default=None, ge=1, le=256, description="defaults to gpus_per_node, or 1 without GPUs"
     )
     image: str = Field(default="ghcr.io/dlmctl/trainer:0.1.0", min_length=1, max_length=512)
-    cpu: str = Field(default="4", pattern=r"^\d+(\.\d+)?m?$")
-    memory: str = Field(default="16Gi", pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+    cpu: Optional[str] = Field(
+        default=None, pattern=r"^\d+(\.\d+)?m?$",
+        description=f"CPU request (and limit) of each pod; default {CPU_PER_GPU} per GPU, {CPU_WITHOUT_GPUS} without GPUs",
+    )
+    memory: Optional[str] = Field(
+        default=None, pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$",
+        description=f"memory request (and limit) of each pod; default {MEMORY_GI_PER_GPU}Gi per GPU, "
+        f"{MEMORY_GI_WITHOUT_GPUS}Gi without GPUs",
+    )
+
+    @property
+    def cpu_request(self) -> str:
+        """`cpu`, or derived from the GPUs each pod asks for."""
+        if self.cpu is not None:
+            return self.cpu
+        return str(CPU_PER_GPU * self.gpus_per_node if self.gpus_per_node else CPU_WITHOUT_GPUS)
+
+    @property
+    def memory_request(self) -> str:
+        """`memory`, or derived from the GPUs each pod asks for."""
+        if self.memory is not None:
+            return self.memory
+        return f"{MEMORY_GI_PER_GPU * self.gpus_per_node if self.gpus_per_node else MEMORY_GI_WITHOUT_GPUS}Gi"
 
     @property
     def procs_per_node(self) -> int:
@@ -194,7 +228,7 @@ class CheckpointSpec(Strict):
     @classmethod
     def _uri(cls, v):
         if v is not None and not v.startswith(URI_SCHEMES) and "://" in v:
-            raise ValueError(f"{v!r}: only s3:// and local paths are supported")
+            raise ValueError(f"{v!r}: {UNSUPPORTED_URI}")
         return v
 
 

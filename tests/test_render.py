@@ -1,5 +1,8 @@
-"""`dlmctl render`: exactly the PyTorchJobs a cluster would receive, one per run, built with the kubeflow-training models."""
+"""`dlmctl render`: exactly the PyTorchJobs a cluster would receive, one per run, built with the kubeflow-training
+models, and accepted by a real API server and the training-operator's validating webhook."""
+import copy
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -8,21 +11,39 @@ from kubeflow.training import models
 from kubeflow.training.api_client import ApiClient
 
 from dlmctl.cli.app import main
-from dlmctl.cli.render import pytorch_jobs, render_yaml, to_dicts
-from dlmctl.spec import Run, experiment_from_dict, load_experiment
+from dlmctl.operator.jobs import JOB_GROUP, JOB_PLURAL, JOB_VERSION, job_manifests, render_yaml
+from dlmctl.spec import Run, experiment_from_dict, load_experiment, parse_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 SWEEP = ROOT / "examples" / "scarcity-sweep.yaml"
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+S3_URI = "s3://bucket/x"
 
 
-def jobs(path=QUICKSTART) -> list[dict]:
-    return to_dicts(pytorch_jobs(load_experiment(path)))
+def document(path: Path) -> dict:
+    return parse_yaml(path.read_text())
+
+
+def quickstart_on_s3() -> dict:
+    """The quickstart as a cluster runs it: checkpoints (and metrics) on S3."""
+    doc = document(QUICKSTART)
+    doc["spec"]["checkpoint"]["uri"] = S3_URI
+    return doc
+
+
+def jobs(doc: dict | None = None) -> list[dict]:
+    return job_manifests(experiment_from_dict(copy.deepcopy(doc or quickstart_on_s3())))
+
+
+def sweep_jobs() -> list[dict]:
+    return job_manifests(load_experiment(SWEEP))
 
 
 def job_for(**spec) -> dict:
-    exp = experiment_from_dict({"metadata": {"name": "exp", "labels": {"team": "lm"}}, "spec": {"arms": ["diffusion"], **spec}})
-    return to_dicts(pytorch_jobs(exp))[0]
+    exp = experiment_from_dict({"metadata": {"name": "exp", "labels": {"team": "lm"}},
+                                "spec": {"arms": ["diffusion"], "checkpoint": {"uri": S3_URI}, **spec}})
+    return job_manifests(exp)[0]
 
 
 def container(job: dict, replica: str = "Master") -> dict:
@@ -30,7 +51,7 @@ def container(job: dict, replica: str = "Master") -> dict:
 
 
 def test_one_pytorchjob_per_run_named_after_the_run():
-    rendered = jobs(SWEEP)
+    rendered = sweep_jobs()
     assert [(j["apiVersion"], j["kind"]) for j in rendered] == [("kubeflow.org/v1", "PyTorchJob")] * 12
     assert [j["metadata"]["name"] for j in rendered] == [r.name for r in load_experiment(SWEEP).runs()]
 
@@ -45,13 +66,13 @@ def test_jobs_and_pods_are_labelled_with_experiment_run_and_arm():
 
 def test_one_node_is_a_lone_master_and_more_nodes_add_workers():
     assert list(jobs()[0]["spec"]["pytorchReplicaSpecs"]) == ["Master"]
-    replicas = jobs(SWEEP)[0]["spec"]["pytorchReplicaSpecs"]
+    replicas = sweep_jobs()[0]["spec"]["pytorchReplicaSpecs"]
     assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"]) == (1, 3)
     assert replicas["Master"]["template"] == replicas["Worker"]["template"]
 
 
 def test_the_container_runs_torchrun_with_the_rendezvous_the_operator_injects():
-    job = jobs(SWEEP)[0]
+    job = sweep_jobs()[0]
     assert job["spec"]["nprocPerNode"] == "8"
     c = container(job)
     assert c["name"] == "pytorch" and c["image"] == "ghcr.io/dlmctl/trainer:0.1.0"
@@ -65,33 +86,35 @@ def test_the_container_runs_torchrun_with_the_rendezvous_the_operator_injects():
 
 def test_the_run_travels_as_json_in_the_environment():
     exp = load_experiment(SWEEP)
-    for run, job in zip(exp.runs(), jobs(SWEEP)):
+    for run, job in zip(exp.runs(), sweep_jobs()):
         env = {e["name"]: e["value"] for e in container(job)["env"]}
         assert Run.model_validate_json(env["DLMCTL_RUN_SPEC"]) == run
 
 
-def test_resources_request_cpu_memory_and_gpus():
-    assert container(jobs(SWEEP)[0])["resources"] == {
-        "limits": {"cpu": "96", "memory": "1500Gi", "nvidia.com/gpu": "8"},
-        "requests": {"cpu": "96", "memory": "1500Gi", "nvidia.com/gpu": "8"},
-    }
-    assert "nvidia.com/gpu" not in container(jobs()[0])["resources"]["limits"]
+def test_cpu_and_memory_follow_the_gpus_unless_the_spec_sets_them():
+    eight_gpus = {"cpu": "80", "memory": "800Gi", "nvidia.com/gpu": "8"}  # fits a 96-core, 1Ti, 8-GPU node
+    assert container(sweep_jobs()[0])["resources"] == {"limits": eight_gpus, "requests": eight_gpus}
+    one_gpu = {"cpu": "10", "memory": "100Gi", "nvidia.com/gpu": "1"}
+    assert container(job_for(resources={"gpus_per_node": 1}))["resources"]["requests"] == one_gpu
+    assert container(jobs()[0])["resources"]["limits"] == {"cpu": "4", "memory": "16Gi"}, "no GPUs: a small pod"
+    explicit = job_for(resources={"gpus_per_node": 8, "cpu": "48", "memory": "500Gi"}, batch={"micro_batch_sequences": 4})
+    assert container(explicit)["resources"]["requests"] == {"cpu": "48", "memory": "500Gi", "nvidia.com/gpu": "8"}
 
 
 def test_s3_credentials_are_only_a_secret_reference():
-    job = jobs(SWEEP)[0]
+    job = sweep_jobs()[0]
     assert container(job)["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
     names = {e["name"] for e in container(job)["env"]}
     assert not names & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     assert "envFrom" not in container(jobs()[0])
 
 
-def test_run_policy_and_scheduling_policy_come_from_spec_scheduling():
-    assert jobs(SWEEP)[0]["spec"]["runPolicy"] == {
-        "backoffLimit": 20, "cleanPodPolicy": "None",
+def test_run_policy_leaves_restarts_to_the_dlmctl_operator_and_schedules_from_spec_scheduling():
+    assert sweep_jobs()[0]["spec"]["runPolicy"] == {
+        "backoffLimit": 0, "cleanPodPolicy": "None",
         "schedulingPolicy": {"priorityClass": "preemptible", "queue": "research"},
     }
-    assert jobs()[0]["spec"]["runPolicy"] == {"backoffLimit": 3, "cleanPodPolicy": "None"}
+    assert jobs()[0]["spec"]["runPolicy"] == {"backoffLimit": 0, "cleanPodPolicy": "None"}
 
 
 def test_prometheus_scrapes_the_metrics_port_when_it_is_enabled():
@@ -110,49 +133,102 @@ def test_rendered_yaml_round_trips_through_the_kubeflow_training_models():
             self.data = json.dumps(document)
 
     client = ApiClient()
-    for document in yaml.safe_load_all(render_yaml(load_experiment(SWEEP))):
-        job = client.deserialize(Response(document), "KubeflowOrgV1PyTorchJob")
+    for doc in yaml.safe_load_all(render_yaml(load_experiment(SWEEP))):
+        job = client.deserialize(Response(doc), "KubeflowOrgV1PyTorchJob")
         assert isinstance(job, models.KubeflowOrgV1PyTorchJob)
         assert isinstance(job.spec.pytorch_replica_specs["Master"].template, models.V1PodTemplateSpec)
-        assert client.sanitize_for_serialization(job) == document
+        assert client.sanitize_for_serialization(job) == doc
 
 
-def pytorchjob_crd_schema():
-    try:
-        from testenv.versions import TRAINING_OPERATOR
-    except ImportError:
-        TRAINING_OPERATOR = "v1.9.3"
-    crd = (Path.home() / "go/pkg/mod/github.com/kubeflow" / f"training-operator@{TRAINING_OPERATOR}"
-           / "manifests/base/crds/kubeflow.org_pytorchjobs.yaml")
-    if not crd.is_file():
-        pytest.skip(f"the training-operator CRD is not in the Go module cache ({crd})")
-    return yaml.safe_load(crd.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+# ---- the command ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def quickstart_file(tmp_path) -> Path:
+    path = tmp_path / "quickstart-s3.yaml"
+    path.write_text(yaml.safe_dump(quickstart_on_s3()))
+    return path
 
 
-@pytest.mark.parametrize("path", [QUICKSTART, SWEEP], ids=["quickstart", "scarcity-sweep"])
-def test_rendered_jobs_are_valid_for_the_pytorchjob_crd(path):
-    from openapi_check import validate
-
-    schema = pytorchjob_crd_schema()
-    for document in jobs(path):
-        assert validate(document, schema) == [], document["metadata"]["name"]
-
-
-def test_render_command_prints_multi_document_yaml(capsys):
-    assert main(["render", str(QUICKSTART)]) == 0
+def test_render_command_prints_multi_document_yaml(capsys, quickstart_file):
+    assert main(["render", str(quickstart_file)]) == 0
     assert list(yaml.safe_load_all(capsys.readouterr().out)) == jobs()
 
 
-def test_render_command_json_is_a_kubernetes_list(capsys):
-    assert main(["render", str(QUICKSTART), "-o", "json"]) == 0
+def test_render_command_json_is_a_kubernetes_list(capsys, quickstart_file):
+    assert main(["render", str(quickstart_file), "-o", "json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert (listed["kind"], listed["items"]) == ("List", jobs())
 
 
-def test_render_reads_standard_input(capsys, monkeypatch):
+def test_render_reads_standard_input(capsys, monkeypatch, quickstart_file):
     import io
     import sys
 
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(QUICKSTART.read_bytes())))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(quickstart_file.read_bytes())))
     assert main(["render", "-"]) == 0
     assert len(list(yaml.safe_load_all(capsys.readouterr().out))) == 2
+
+
+def test_render_refuses_a_spec_without_an_s3_checkpoint_uri(capsys):
+    assert main(["render", str(QUICKSTART)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1
+    assert "spec.checkpoint.uri: a cluster run needs an s3:// URI" in captured.err
+
+
+# ---- a real API server and the training-operator's webhook ------------------------------------------
+
+CLUSTER_SPECS = {"quickstart-on-s3": quickstart_on_s3()} | {
+    path.name: document(path) for path in EXAMPLES
+    if str(document(path)["spec"].get("checkpoint", {}).get("uri", "")).startswith("s3://")
+}
+
+
+def test_the_cluster_specs_include_every_example_with_an_s3_checkpoint():
+    assert "scarcity-sweep.yaml" in CLUSTER_SPECS
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("name", sorted(CLUSTER_SPECS))
+def test_every_rendered_job_is_accepted_by_the_api_server_and_the_training_operator_webhook(
+        cluster, cluster_namespace, name):
+    from kubernetes import client
+
+    with cluster.api_client() as api:
+        objects = client.CustomObjectsApi(api)
+        for job in jobs(CLUSTER_SPECS[name]):
+            job["metadata"]["namespace"] = cluster_namespace
+            created = objects.create_namespaced_custom_object(
+                JOB_GROUP, JOB_VERSION, cluster_namespace, JOB_PLURAL, job, dry_run="All")
+            assert created["spec"]["pytorchReplicaSpecs"].keys() == job["spec"]["pytorchReplicaSpecs"].keys()
+
+
+@pytest.mark.cluster
+def test_the_sweeps_pods_fit_the_gpu_nodes_they_ask_for(cluster, cluster_namespace):
+    """Four pods of 8 GPUs, 80 CPUs and 800Gi each are placed on four 8-GPU, 96-core, 1Ti nodes."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    (job, *_) = sweep_jobs()
+    job["metadata"]["namespace"] = cluster_namespace
+    with cluster.api_client() as api:
+        try:
+            client.SchedulingV1Api(api).create_priority_class(
+                client.V1PriorityClass(metadata=client.V1ObjectMeta(name="preemptible"), value=0))
+        except ApiException as err:
+            if err.status != 409:
+                raise
+        client.CustomObjectsApi(api).create_namespaced_custom_object(
+            JOB_GROUP, JOB_VERSION, cluster_namespace, JOB_PLURAL, job)
+        core = client.CoreV1Api(api)
+        selector = f"training.kubeflow.org/job-name={job['metadata']['name']}"
+        deadline, placed = time.monotonic() + 60, []
+        while time.monotonic() < deadline:
+            pods = core.list_namespaced_pod(cluster_namespace, label_selector=selector).items
+            placed = sorted(p.spec.node_name for p in pods if p.spec.node_name)
+            if len(placed) == 4:
+                break
+            time.sleep(0.5)
+        unscheduled = [c.message for p in pods for c in (p.status.conditions or []) if c.reason == "Unschedulable"]
+        assert len(set(placed)) == 4, f"placed on {placed}; unschedulable: {unscheduled}"

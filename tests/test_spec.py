@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from dlmctl.spec import Experiment, Run, SpecError, experiment_from_dict, load_experiment, parse_yaml
+from dlmctl.spec.experiment import SWEEPABLE
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -45,7 +46,9 @@ def test_an_empty_spec_means_both_arms_with_defaults():
         ({"resources": {"nodes": 0}}, "spec.resources.nodes: must be >= 1"),
         ({"resources": {"gpus_per_node": 1000}}, "spec.resources.gpus_per_node: must be <= 64"),
         ({"optimizer": {"lr": 100}}, "spec.optimizer.lr: must be <= 10"),
-        ({"optimizer": {"betas": [1.0, 0.9]}}, "spec.optimizer.betas: betas must lie in [0, 1)"),
+        ({"optimizer": {"betas": [1.0, 0.9]}}, "spec.optimizer.betas.0: must be < 1"),
+        ({"seed": 2**53}, "spec.seed: must be <= 9007199254740991"),
+        ({"arms": ["diffusion", "autoregressive", "diffusion"]}, "spec.arms: must have at most 2 items"),
         ({"model": {"dropout": 1.0}}, "spec.model.dropout: must be < 1"),
         ({"data": {"tokenizer": {"vocab_size": 10}}}, "spec.data.tokenizer.vocab_size: must be >= 260"),
         ({"resources": {"memory": "lots"}}, "spec.resources.memory: does not match the pattern"),
@@ -130,6 +133,13 @@ def test_each_run_carries_its_sweep_point_applied_to_its_spec():
     assert Run.model_validate_json(run.model_dump_json()) == run, "a run survives its JSON form (DLMCTL_RUN_SPEC)"
 
 
+def test_every_field_of_the_spec_may_be_swept_by_its_dotted_path():
+    assert {"seed", "data.epochs", "data.tokenizer.vocab_size", "optimizer.betas", "model.preset"} <= set(SWEEPABLE)
+    assert not {"arms", "sweep", "data", "data.tokenizer"} & set(SWEEPABLE), "sections and arms/sweep are not fields"
+    exp = experiment_from_dict(experiment("b", sweep={"optimizer.betas": [[0.9, 0.95], [0.9, 0.99]]}))
+    assert [r.spec.optimizer.betas for r in exp.runs()] == [(0.9, 0.95)] * 2 + [(0.9, 0.99)] * 2
+
+
 def test_colliding_sweep_abbreviations_fall_back_to_longer_names():
     exp = experiment_from_dict(experiment("c", sweep={"data.seq_len": [128], "schedule.decay_fraction": [0.1], "model.dropout": [0.1]}))
     names = [r.name for r in exp.runs()]
@@ -140,10 +150,18 @@ def test_colliding_sweep_abbreviations_fall_back_to_longer_names():
     "sweep, message",
     [
         ({"data.epochs": [1, -1]}, "spec.sweep (data.epochs=-1): spec.data.epochs: must be > 0"),
-        ({"data.epoch": [1, 2]}, "spec.sweep (data.epoch=1): spec.data.epoch: unknown field"),
-        ({"data.epochs.x": [1]}, "spec.sweep.data.epochs.x: 'epochs' is not a section of the spec"),
+        ({"data.epoch": [1, 2]}, "spec.sweep.data.epoch: not a field of the spec; a sweep key is the dotted path"),
+        ({"data.epochs.x": [1]}, "spec.sweep.data.epochs.x: not a field of the spec"),
+        ({"data.tokenizer": [{"kind": "byte"}]}, "spec.sweep.data.tokenizer: not a field of the spec"),
         ({"arms": [["diffusion"]]}, "spec.sweep.arms: arms cannot be swept"),
-        ({"data.epochs": []}, "spec.sweep.data.epochs: needs at least one value"),
+        ({"sweep": [{}]}, "spec.sweep.sweep: sweep cannot be swept"),
+        ({"data.epochs": []}, "spec.sweep.data.epochs: must have at least 1 item"),
+        ({"data.epochs": list(range(1, 66))}, "spec.sweep.data.epochs: must have at most 64 items"),
+        ({f"model.{f}": [1] for f in ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff")}
+         | {f"eval.{f}": [1] for f in ("interval_steps", "batches", "elbo_samples", "mc_samples")}
+         | {f"data.{f}": [1] for f in ("validation_tokens", "unique_tokens", "epochs", "seq_len")}
+         | {f"checkpoint.{f}": [1] for f in ("interval_steps", "keep_last", "keep_every_epochs", "endpoint_url")},
+         "spec.sweep: must have at most 16 items"),
         ({"data.epochs": [1, 1]}, "spec.sweep.data.epochs: values must be distinct"),
         ({"data.epochs": [1.5, "1.5"]}, "spec.sweep: two runs would both be named 'x-dlm-e1p5'"),
     ],
@@ -169,6 +187,60 @@ def test_run_names_must_fit_63_characters_with_the_replica_suffix():
     assert "metadata.name: run name 'aaa" in message and "64 characters (Kubernetes allows 63)" in message
     many_nodes = experiment("a" * 50, resources={"nodes": 16}, batch={"global_sequences": 128, "micro_batch_sequences": 8})
     assert "64 characters" in refused(many_nodes), "16 nodes mean a two-digit replica index"
+
+
+# ---- resources ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "resources, cpu, memory",
+    [
+        ({}, "4", "16Gi"),
+        ({"gpus_per_node": 1}, "10", "100Gi"),
+        ({"gpus_per_node": 8}, "80", "800Gi"),
+        ({"gpus_per_node": 8, "cpu": "64"}, "64", "800Gi"),
+        ({"gpus_per_node": 8, "memory": "1000Gi", "cpu": "95.5"}, "95.5", "1000Gi"),
+        ({"memory": "2Gi"}, "4", "2Gi"),
+    ],
+)
+def test_cpu_and_memory_default_to_a_share_per_gpu_and_explicit_values_win(resources, cpu, memory):
+    res = experiment_from_dict(experiment(resources=resources, batch={"micro_batch_sequences": 1})).spec.resources
+    assert (res.cpu_request, res.memory_request) == (cpu, memory)
+
+
+# ---- what a cluster hands back ----------------------------------------------------------------------
+
+def read_back(**metadata) -> dict:
+    """An Experiment as `kubectl get experiment NAME -o yaml` shows it."""
+    document = experiment("exp", data={"epochs": 2})
+    document["metadata"] = {
+        "name": "exp", "namespace": "team", "uid": "0b5c5a0e-2f0a-4b7e-9a55-4c1f3ad7f0a1", "resourceVersion": "4711",
+        "generation": 1, "creationTimestamp": "2026-01-02T03:04:05Z", "deletionTimestamp": "2026-01-02T04:00:00Z",
+        "deletionGracePeriodSeconds": 0, "finalizers": ["dlmctl.io/runs"], "selfLink": "/apis/dlmctl.io/x",
+        "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "o", "uid": "1"}],
+        "managedFields": [{"manager": "kubectl", "operation": "Update", "apiVersion": "dlmctl.io/v1alpha1"}],
+        "labels": {"team": "lm"}, "annotations": {"kopf.zalando.org/last-handled-configuration": "{}"},
+        **metadata,
+    }
+    document["status"] = {
+        "phase": "Running", "observedGeneration": 1, "progress": "0/2", "startTime": "2026-01-02T03:04:06Z",
+        "conditions": [{"type": "Valid", "status": "True", "reason": "Accepted", "lastTransitionTime": "2026-01-02T03:04:06Z"}],
+        "runs": [{"name": "exp-dlm", "arm": "diffusion", "phase": "Preempted", "reason": "NodeLost", "restarts": 1,
+                  "step": 10, "total_steps": 20, "epoch": 1, "tokens": 2560, "val_loss": 5.5, "val_loss_stderr": 0.1,
+                  "last_checkpoint": "s3://b/exp-dlm/step-10", "startTime": "2026-01-02T03:04:06Z"}],
+    }
+    return document
+
+
+def test_an_experiment_read_back_from_a_cluster_validates_and_drops_server_set_metadata():
+    exp = experiment_from_dict(read_back())
+    assert exp.metadata.model_dump() == {"name": "exp", "namespace": "team", "labels": {"team": "lm"},
+                                         "annotations": {"kopf.zalando.org/last-handled-configuration": "{}"}}
+    assert (exp.status.phase.value, exp.status.runs[0].phase.value, exp.status.runs[0].restarts) == ("Running", "Preempted", 1)
+    assert exp.spec.data.epochs == 2
+
+
+def test_a_typo_in_metadata_is_still_an_error():
+    assert "metadata.lables: unknown field" in refused(read_back(lables={"team": "lm"}))
 
 
 # ---- the YAML itself ------------------------------------------------------------------------------
