@@ -22,9 +22,12 @@ from pydantic_core import PydanticUndefined
 from .experiment import (
     API_VERSION,
     DISTINCT_ARMS,
+    DNS_1123_LABEL,
     GROUP,
     IMMUTABLE_SPEC,
     KIND,
+    MAX_LABEL,
+    NAME_RULE,
     PLURAL,
     SWEEP_KEYS,
     SWEEPABLE,
@@ -84,7 +87,7 @@ def openapi_schema() -> dict[str, Any]:
     spec["properties"]["sweep"] = _sweep_schema(spec)
     for path, rules in validation_rules().items():
         node = schema
-        for part in path.split("."):
+        for part in filter(None, path.split(".")):
             node = node["properties"][part]
         node["x-kubernetes-validations"] = rules
     _check_integer_bounds(schema, "")
@@ -257,6 +260,14 @@ def validation_rules() -> dict[str, list[dict[str, str]]]:
     schedule_kind = _or("self.?kind", _default(ScheduleSpec, "kind"))
     presets = list(PRESETS)
     return {
+        "": [  # the API server allows dots in a custom resource's name; a run's pods and services do not
+            _rule(f"size(self.metadata.name) <= {MAX_LABEL}", f"metadata.name: must have at most {MAX_LABEL} characters",
+                  field=".metadata"),
+            _rule(f"self.metadata.name.matches({_cel(DNS_1123_LABEL.pattern)})",
+                  f"metadata.name: not a valid Kubernetes name ({NAME_RULE})",
+                  ["metadata.name: '", ("self.metadata.name", str), f"' is not a valid Kubernetes name ({NAME_RULE})"],
+                  field=".metadata"),
+        ],
         "spec": [
             _rule(f"({both_sizes}) || !{has_tokens} || {tokens} % {seq_len} == 0",
                   "spec.batch.global_tokens: must be a multiple of data.seq_len",

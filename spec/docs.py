@@ -157,9 +157,10 @@ def _server_rules() -> str:
              "such an Experiment `Invalid`.", "", "| field | rule |", "|---|---|"]
     for path, rules in validation_rules().items():
         for rule in rules:
-            message = rule["message"]
-            field = f"{path}{rule.get('fieldPath', '')}"
-            lines.append(f"| `{field}` | {_cell(message.removeprefix(field + ': '))} |")
+            field, _, text = rule["message"].partition(": ")
+            if " " in field:  # a message that is a sentence, not `field: rule`
+                field, text = f"{path}{rule.get('fieldPath', '')}".lstrip("."), rule["message"]
+            lines.append(f"| `{field}` | {_cell(text)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -38,6 +38,7 @@ DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # The training-operator names a Service after each replica (`<run>-worker-<i>`); it must stay a DNS label.
 REPLICA_SUFFIX = "-worker-"
 MAX_LABEL = 63
+NAME_RULE = "lowercase letters, digits and '-', starting and ending alphanumeric"
 UNSWEEPABLE = ("arms", "sweep")
 # The largest integer every JSON reader keeps exactly. The API server holds schema bounds as float64 and
 # refuses an integer bound it cannot read back as an int64 (2**63 - 1 is 2**63 as a float64).
@@ -73,7 +74,7 @@ class Metadata(Strict):
     def _dns_label(cls, v):
         if v is not None and not DNS_1123_LABEL.match(v):
             raise ValueError(
-                f"{v!r} is not a valid Kubernetes name (lowercase letters, digits and '-', starting and ending alphanumeric)"
+                f"{v!r} is not a valid Kubernetes name ({NAME_RULE})"
             )
         return v
 

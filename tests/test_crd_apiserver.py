@@ -201,6 +201,17 @@ def test_the_api_server_refuses_what_the_models_refuse_naming_the_field(experime
         assert fragment in by_server, by_server
 
 
+@pytest.mark.parametrize("name, fragment", [
+    ("exp.v1", "metadata.name: 'exp.v1' is not a valid Kubernetes name"),
+    ("a" * 64, "metadata.name: must have at most 63 characters"),
+])
+def test_the_name_is_a_dns_label_for_both(experiments, cluster_namespace, name, fragment):
+    """The API server allows a custom resource a DNS subdomain for a name; runs need a DNS label."""
+    document = quickstart(name)
+    assert fragment in refused_by_models(document)
+    assert fragment in refused_by_server(experiments, cluster_namespace, document)
+
+
 # ---- what it hands back ---------------------------------------------------------------------------------------
 
 def operator_status(observed_generation: int) -> dict:
