@@ -12,6 +12,11 @@ Fixtures
 ``cluster_namespace`` (function)
     A fresh namespace, deleted afterwards; on the local cluster its pods are
     removed at once so the next test finds every GPU free.
+``pod_executor`` (function)
+    A started ``testenv.executor.PodExecutor`` for ``cluster_namespace``: pods
+    bound to KWOK nodes there really run, as local processes, and finish with
+    their exit code. ``.log_path(ns, pod)``, ``.logs(ns, pod)``, ``.run(ns, pod)``,
+    ``.wait_exited(ns, pod)``. Every process it started is killed at teardown.
 
 Environment
 -----------
@@ -127,6 +132,14 @@ def cluster_namespace(cluster, request):
             except ApiException as e:
                 if e.status != 404:
                     raise
+
+
+@pytest.fixture
+def pod_executor(cluster, cluster_namespace, tmp_path):
+    from .executor import PodExecutor
+
+    with PodExecutor(cluster, namespaces={cluster_namespace}, workdir=tmp_path / "pods") as executor:
+        yield executor
 
 
 @pytest.hookimpl(hookwrapper=True)
