@@ -47,7 +47,8 @@ def bare_pod(name: str, command: list[str], *, mounts: dict[str, str] | None = N
 def create_pod(core: client.CoreV1Api, ns: str, pod: dict) -> None:
     # ServiceAccount admission rejects pods until the namespace's "default" account exists
     wait_until("the default ServiceAccount", lambda: any(
-        sa.metadata.name == "default" for sa in core.list_namespaced_service_account(ns).items), timeout=30, interval=0.1)
+        sa.metadata.name == "default" for sa in core.list_namespaced_service_account(ns).items),
+        timeout=30, interval=0.1)
     core.create_namespaced_pod(ns, pod)
 
 
@@ -207,6 +208,8 @@ def test_a_failing_process_fails_its_pod_with_its_exit_code(cluster, cluster_nam
     output = pod_executor.logs(ns, "fails")
     assert "to-stdout" in output and "to-stderr" in output
     assert pod_executor.log_path(ns, "fails").read_text() == output
+    # `kubectl logs` goes through the API server to KWOK, which serves the same file
+    assert core.read_namespaced_pod_log("fails", ns) == output
 
 
 # On SIGTERM: write a marker into the pod's volume, then exit 0.
@@ -238,8 +241,8 @@ def test_a_deleted_pod_that_ignores_sigterm_is_killed_after_its_grace_period(clu
                                                                             pod_executor, apis):
     core, _ = apis
     ns = cluster_namespace
-    create_pod(core, ns, bare_pod("stubborn", ["sh", "-c", "trap '' TERM; echo started; while true; do sleep 0.1; done"],
-                                  grace=3))
+    ignores_term = "trap '' TERM; echo started; while true; do sleep 0.1; done"
+    create_pod(core, ns, bare_pod("stubborn", ["sh", "-c", ignores_term], grace=3))
     wait_until("the process's first output", lambda: "started" in pod_executor.logs(ns, "stubborn"), timeout=60)
     run = pod_executor.run(ns, "stubborn")
 

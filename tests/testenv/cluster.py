@@ -51,6 +51,27 @@ KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 GPU_RESOURCE = "nvidia.com/gpu"
 
 
+# KWOK's Logs kind (sigs.k8s.io/kwok v0.8.0 kustomize/crd/bases), schema reduced to what is used
+KWOK_LOGS_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": "logs.kwok.x-k8s.io"},
+    "spec": {
+        "group": "kwok.x-k8s.io", "scope": "Namespaced",
+        "names": {"kind": "Logs", "listKind": "LogsList", "plural": "logs", "singular": "logs"},
+        "versions": [{
+            "name": "v1alpha1", "served": True, "storage": True, "subresources": {"status": {}},
+            "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+                "spec": {"type": "object", "required": ["logs"], "properties": {"logs": {
+                    "type": "array", "items": {"type": "object", "properties": {
+                        "containers": {"type": "array", "items": {"type": "string"}},
+                        "logsFile": {"type": "string"}, "previousLogsFile": {"type": "string"},
+                        "follow": {"type": "boolean"}}}}}},
+                "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}}},
+        }],
+    },
+}
+
+
 class ClusterError(RuntimeError):
     pass
 
@@ -563,6 +584,9 @@ class Cluster(ClusterBase):
                                   client=True)
         self.sched_cert = pki.issue("kube-scheduler", "system:kube-scheduler", client=True)
         self.kwok_cert = pki.issue("kwok", "kwok-controller", orgs=["system:masters"], client=True)
+        # KWOK's "kubelet" endpoint (pod logs): the API server reaches it over HTTPS
+        self.kwok_serving_cert = pki.issue("kwok-serving", "kwok", server=True, ips=["127.0.0.1"],
+                                           dns=["localhost"])
         self.to_cert = pki.issue("training-operator", "training-operator",
                                  orgs=["system:masters"], client=True)
         self.webhook_dir = self.workdir / "webhook-certs"
@@ -623,6 +647,8 @@ class Cluster(ClusterBase):
             "--allow-privileged=true",
             "--profiling=false",
             "--enable-priority-and-fairness=false",
+            # kubelet endpoints (KWOK's, for pod logs) by InternalIP: node names do not resolve
+            "--kubelet-preferred-address-types=InternalIP",
             f"--v={self.verbosity}",
         ])
         self.api = RestClient(self.server, self.ca, *self.admin_cert)
@@ -685,6 +711,8 @@ class Cluster(ClusterBase):
                                        f"pre-installed, found {doc.get('kind')}")
                 self.api.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", doc)
                 names.append(doc["metadata"]["name"])
+        self.api.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", KWOK_LOGS_CRD)
+        names.append(KWOK_LOGS_CRD["metadata"]["name"])
 
         def established():
             for n in names:
@@ -708,6 +736,12 @@ class Cluster(ClusterBase):
             "--node-lease-duration-seconds=40",
             "--cidr=10.244.0.1/16",
             "--node-ip=127.0.0.1",
+            # the nodes' kubelet endpoint is KWOK's server: `kubectl logs` reads the files that
+            # kwok.x-k8s.io/v1alpha1 Logs objects name (the pod executor creates them)
+            f"--node-port={self.kwok_port}",
+            f"--tls-cert-file={self.kwok_serving_cert[0]}",
+            f"--tls-private-key-file={self.kwok_serving_cert[1]}",
+            "--enable-crds=Logs",
             f"--server-address=127.0.0.1:{self.kwok_port}",
         ], env={**os.environ, "HOME": str(self.workdir)})  # no ~/.kwok config
 

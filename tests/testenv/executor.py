@@ -28,16 +28,18 @@ What the process gets (one per pod: the container named ``pytorch``, else the fi
   path in command, args or env values, by a local directory: per pod for emptyDir
   and other volumes, per namespace and claim for a PersistentVolumeClaim;
   configMap/secret volumes are filled with their keys;
-* cwd: a per-pod directory; stdout+stderr: ``log_path(ns, pod)``; its own process group.
+* cwd: a per-pod directory; stdout+stderr: ``log_path(ns, pod)`` (and a CRI-format copy that a
+  ``kwok.x-k8s.io/v1alpha1`` Logs object points KWOK at, so ``kubectl logs`` shows it);
+  its own process group.
 
 When the process exits the pod is annotated Succeeded (exit 0) or Failed with
 ``testenv.dlmctl.io/exit-code`` (128+N after signal N). When the pod gets a
 deletionTimestamp or disappears (eviction, job or namespace deletion) while its
 process runs, the process group gets SIGTERM and, after the pod's grace period
 (``deletionGracePeriodSeconds`` when the deletion is first seen, else
-``terminationGracePeriodSeconds``, else 30 s; at least 2 s, like the kubelet), SIGKILL. A pod whose namespace/name is still held
-by a running process (a recreated job's ``<job>-master-0``) starts only after that
-process exited. ``stop()`` kills every process group it started.
+``terminationGracePeriodSeconds``, else 30 s; at least 2 s, like the kubelet), SIGKILL.
+A pod whose namespace/name is still held by a running process (a recreated job's
+``<job>-master-0``) starts only after that process exited. ``stop()`` kills every process group it started.
 """
 
 from __future__ import annotations
@@ -49,7 +51,6 @@ import math
 import os
 import queue
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -187,10 +188,16 @@ class PodRun:
     signals: list[str] = field(default_factory=list)  # what the pod's termination sent, in order
     kill_deadline: float | None = None  # monotonic; SIGKILL after it
     exited: threading.Event = field(default_factory=threading.Event)
+    partial_line: bytes = b""  # output after the last newline, not yet in the CRI log
 
     @property
     def log_path(self) -> Path:
         return self.dir / "container.log"
+
+    @property
+    def cri_log_path(self) -> Path:
+        """The same output in the CRI log format, which KWOK serves to ``kubectl logs``."""
+        return self.dir / "container.cri.log"
 
     @property
     def cwd(self) -> Path:
@@ -210,6 +217,30 @@ class PodRun:
             os.killpg(self.proc.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def _cri_time() -> str:
+    now = time.time_ns()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now // 10**9)) + f".{now % 10**9:09d}Z"
+
+
+def _write_output(run: PodRun, chunk: bytes) -> None:
+    """Append to the plain log and, line by line, to the CRI log ("<time> stdout F <line>")."""
+    with open(run.log_path, "ab") as f:
+        f.write(chunk)
+    stamp = _cri_time()
+    data = run.partial_line + chunk
+    *lines, run.partial_line = data.split(b"\n")
+    with open(run.cri_log_path, "ab") as f:
+        for line in lines:
+            f.write(f"{stamp} stdout F ".encode() + line + b"\n")
+
+
+def _flush_partial_line(run: PodRun) -> None:
+    if run.partial_line:
+        with open(run.cri_log_path, "ab") as f:
+            f.write(f"{_cri_time()} stdout F ".encode() + run.partial_line + b"\n")
+        run.partial_line = b""
 
 
 def _child_setup():  # runs in the child before exec
@@ -515,26 +546,57 @@ class PodExecutor:
             self._retry_at.pop(uid, None)
             self._runs.setdefault((ns, name), []).append(run)
             self._active[(ns, name)] = run
-        with open(run.log_path, "ab") as out:
-            try:
-                if not run.argv:
-                    raise FileNotFoundError("the container has no command: the executor cannot run an "
-                                            "image's entrypoint")
-                run.proc = subprocess.Popen(run.argv, cwd=run.cwd, env=env, stdin=subprocess.DEVNULL,
-                                            stdout=out, stderr=subprocess.STDOUT, close_fds=True,
-                                            preexec_fn=_child_setup)
-            except OSError as e:  # what a runtime reports as a StartError, exit code 127/128
-                out.write(f"executor: cannot start {run.argv[:1]}: {e}\n".encode())
-                run.started_at = time.time()
-                run.exit_code = 127 if isinstance(e, FileNotFoundError) else 128
-                self._events.put(("exited", run))
-                return
+        run.log_path.touch()
+        run.cri_log_path.touch()
+        self._serve_logs(run, container["name"])
+        try:
+            if not run.argv:
+                raise FileNotFoundError("the container has no command: the executor cannot run an "
+                                        "image's entrypoint")
+            run.proc = subprocess.Popen(run.argv, cwd=run.cwd, env=env, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, close_fds=True,
+                                        preexec_fn=_child_setup)
+        except OSError as e:  # what a runtime reports as a StartError, exit code 127/128
+            _write_output(run, f"executor: cannot start {run.argv[:1]}: {e}\n".encode())
+            run.started_at = time.time()
+            run.exit_code = 127 if isinstance(e, FileNotFoundError) else 128
+            self._events.put(("exited", run))
+            return
         run.started_at = time.time()
         log.info("pod %s/%s: started pid %d: %s", ns, name, run.proc.pid, run.argv)
         threading.Thread(target=self._reap, args=(run,), name=f"reap-{name}", daemon=True).start()
 
+    def _serve_logs(self, run: PodRun, container: str) -> None:
+        """Point a kwok.x-k8s.io Logs object at the run's CRI log: ``kubectl logs`` then shows it."""
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        body = {"apiVersion": "kwok.x-k8s.io/v1alpha1", "kind": "Logs",
+                "metadata": {"name": run.name, "namespace": run.namespace},
+                "spec": {"logs": [{"containers": [container], "logsFile": str(run.cri_log_path)}]}}
+        co = client.CustomObjectsApi(self._api)
+        try:
+            try:
+                co.create_namespaced_custom_object("kwok.x-k8s.io", "v1alpha1", run.namespace, "logs", body)
+            except ApiException as e:
+                if e.status != 409:
+                    raise
+                co.patch_namespaced_custom_object("kwok.x-k8s.io", "v1alpha1", run.namespace, "logs", run.name,
+                                                  {"spec": body["spec"]})
+        except ApiException as e:  # a cluster without KWOK's Logs kind: the files are still there
+            log.debug("pod %s/%s: no kwok Logs object (%s)", run.namespace, run.name, e.status)
+
+    def _pump(self, run: PodRun) -> None:
+        with run.proc.stdout as pipe:  # until every process of the container closed its output
+            while chunk := pipe.read1(65536):
+                _write_output(run, chunk)
+        _flush_partial_line(run)
+
     def _reap(self, run: PodRun) -> None:
+        pump = threading.Thread(target=self._pump, args=(run,), name=f"output-{run.name}", daemon=True)
+        pump.start()
         rc = run.proc.wait()
+        pump.join(timeout=2)  # the output written before the exit; a leftover child may hold the pipe longer
         run.exit_code = 128 - rc if rc < 0 else rc
         self._events.put(("exited", run))
         if self._stop.is_set():
