@@ -1,7 +1,8 @@
 """A stand-in for `python -m dlmctl.trainer` that honours the trainer contract without torch.
 
-Reads the Run from $DLMCTL_RUN_SPEC (or --run FILE), writes <output>/metrics.jsonl events and a
-few log lines, exits 0. Knobs, from the environment:
+Reads the Run from $DLMCTL_RUN_SPEC (or --run FILE), writes <output>/metrics.jsonl events (built by
+the trainer's own writer from the spec.contracts models, so a renamed field breaks this too) and a few
+log lines, exits 0. Knobs, from the environment:
     FAKE_TRAINER_STEPS   optimizer steps to report (default 4)
     FAKE_TRAINER_SLEEP   seconds per step (default 0)
     FAKE_TRAINER_FAIL    an arm or run name that exits 3 halfway
@@ -16,6 +17,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from dlmctl.trainer.metrics import build_event, event_line
 
 
 def main() -> int:
@@ -39,8 +42,8 @@ def main() -> int:
     base = 5.0 if run["arm"] == "diffusion" else 4.5
     print(f"fake trainer: {run['name']} ({run['arm']}) for {steps} steps", flush=True)
     with open(args.output / "metrics.jsonl", "a") as metrics:
-        def emit(**event):
-            metrics.write(json.dumps({**event, "time": time.time()}) + "\n")
+        def emit(event, **fields):
+            metrics.write(event_line(build_event(event, **fields)))
             metrics.flush()
 
         for step in range(1, steps + 1):
@@ -52,13 +55,14 @@ def main() -> int:
                 print("fake trainer: simulated failure", file=sys.stderr, flush=True)
                 return 3
             loss = base / step
-            emit(event="train", step=step, total_steps=steps, epoch=epochs * step / steps,
+            emit("train", step=step, total_steps=steps, epoch=epochs * step / steps,
                  tokens=step * batch * seq_len, train_loss=loss, lr=1e-3)
             print(f"step {step}/{steps} loss {loss:.3f}", flush=True)
             time.sleep(pause)
-        emit(event="eval", step=steps, total_steps=steps, epoch=epochs, val_loss=base / steps + 0.1, val_loss_stderr=0.01)
-        emit(event="done", step=steps, total_steps=steps, epoch=epochs, tokens=steps * batch * seq_len,
-             train_loss=base / steps, val_loss=base / steps + 0.1)
+        emit("checkpoint", step=steps, epoch=epochs, uri=str(args.output / "checkpoints" / f"step-{steps:08d}"))
+        emit("eval", step=steps, total_steps=steps, epoch=epochs, tokens=steps * batch * seq_len,
+             val_loss=base / steps + 0.1, val_loss_stderr=0.01)
+        emit("done", step=steps, total_steps=steps, epoch=epochs, tokens=steps * batch * seq_len)
     print("fake trainer: done", flush=True)
     return 0
 

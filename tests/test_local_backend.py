@@ -15,6 +15,7 @@ from dlmctl.cli.backends.local import LocalBackend
 from dlmctl.cli.backends.local_state import pid_alive
 from dlmctl.cli.errors import NotFound, UserError
 from dlmctl.spec import Run, load_experiment
+from dlmctl.spec.contracts import is_terminal
 
 TESTS = Path(__file__).resolve().parent
 TIMEOUT = 60
@@ -35,7 +36,7 @@ def home(tmp_path, monkeypatch):
     yield path
     backend = LocalBackend()
     for summary in backend.list():  # never leave a supervisor behind
-        if summary.phase not in ("Succeeded", "Failed", "Cancelled"):
+        if not is_terminal(summary.phase):
             backend.cancel(summary.name)
 
 
@@ -180,6 +181,8 @@ def test_list_get_and_compare(capsys, home, tmp_path):
     got = json.loads(cli(capsys, "get", "tiny", "-o", "json")[1])
     assert got["status"]["phase"] == "Succeeded"
     assert [r["val_loss"] for r in got["status"]["runs"]] == [pytest.approx(1.35), pytest.approx(1.225)]
+    assert [(r["step"], r["train_loss"]) for r in got["status"]["runs"]] == [(4, 1.25), (4, 1.125)]
+    assert got["status"]["runs"][0]["last_checkpoint"].endswith("tiny-dlm/checkpoints/step-00000004")
     assert yaml.safe_load(cli(capsys, "get", "tiny", "-o", "yaml")[1]) == got
     assert "4/4" in cli(capsys, "get", "tiny")[1]
     assert "tokens seen" in cli(capsys, "compare", "tiny")[1]

@@ -1,7 +1,13 @@
-"""Training metrics: Prometheus exposition on rank 0 with base units, `_total` counters and run labels."""
+"""Training metrics: Prometheus exposition on rank 0 with base units, `_total` counters and run labels, and
+the same values as the typed events of spec.contracts in metrics.jsonl."""
 import json
 import urllib.request
 
+import pytest
+from pydantic import ValidationError
+
+from dlmctl.spec.contracts import CheckpointEvent, EvalEvent, TrainEvent, parse_event
+from dlmctl.trainer.checkpoints import CheckpointInfo
 from dlmctl.trainer.metrics import TrainMetrics
 from trainer_runs import free_port
 
@@ -27,6 +33,27 @@ def test_metrics_are_served_for_prometheus_and_written_to_jsonl(tmp_path, monkey
         assert line in page, line
     assert "step=" not in page, "step numbers never become labels"
 
-    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [e["event"] for e in events] == ["train", "train", "eval"]
-    assert events[-1]["val_loss"] == 4.5 and events[1]["train_loss"] == 3.0
+    events = [parse_event(json.loads(line)) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [type(e) for e in events] == [TrainEvent, TrainEvent, EvalEvent]
+    assert events[-1].val_loss == 4.5 and events[1].train_loss == 3.0 and events[1].mfu == 0.4
+
+
+def test_every_line_is_built_through_the_contract_so_a_renamed_field_breaks_the_writer(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    seen = []
+    metrics = TrainMetrics("exp", "exp-dlm", "diffusion", path, serve=False, on_event=seen.append)
+    with pytest.raises(TypeError, match="a train event has no field loss"):
+        metrics.write("train", step=1, total_steps=2, epoch=0.5, tokens=4096, loss=3.0)
+    with pytest.raises(ValidationError):
+        metrics.write("done", step=2)  # total_steps, epoch and tokens are required
+    with pytest.raises(ValueError, match="not a metrics event"):
+        metrics.write("progress", step=2)
+    assert not path.exists() and seen == [], "nothing written for an event the contract refuses"
+
+    metrics.write("train", step=1, total_steps=2, epoch=0.5, tokens=4096, train_loss=float("nan"))
+    metrics.checkpoint_saved(CheckpointInfo(1, 0.5, "step-00000001", "s3://b/r/step-00000001", 0.0, ()))
+    train, checkpoint = [json.loads(line) for line in path.read_text().splitlines()]
+    assert "train_loss" not in train and "lr" not in train, "non-finite and absent values are left out"
+    assert parse_event(checkpoint) == CheckpointEvent(event="checkpoint", time=checkpoint["time"], step=1, epoch=0.5,
+                                                      uri="s3://b/r/step-00000001")
+    assert seen == ["train", "checkpoint"]

@@ -5,7 +5,13 @@ One checkpoint folder:
     trainer_state.json       step, sampler state (samples consumed, pool fingerprint), world size
     rng/rank-<r>.pt          python, numpy, torch (and CUDA) RNG states of each rank (dropout);
                              the experiment's own randomness is keyed by (seed, step, sample), not kept here
+    metrics.jsonl            rank 0's metrics events up to this step, so a run resumed on an empty disk
+                             loses none even if the store's copy of the file lags behind
 The store (one, on rank 0) uploads the folder in the background and writes its manifest last.
+
+Next to the step folders, rank 0 keeps the run's own files in the store (a MetricsMirror): metrics.jsonl
+(the local file's bytes, kept current), and run.json, tokenizer.json and data.json (put there once at
+start), so a laptop can follow, sample and export a run whose pods have gone.
 """
 from __future__ import annotations
 
@@ -15,21 +21,26 @@ import os
 import random
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from dlmctl.spec import Run
+from dlmctl.spec.contracts import METRICS_FILE
 
-from .checkpoints import CheckpointStore
+from .checkpoints import CheckpointInfo, CheckpointStore, describe, retry_call
 from .engine import World
+from .metrics import MetricsMirror, build_event, event_line, events_until, last_step
 
 log = logging.getLogger("dlmctl.trainer")
 DS_TAG = "ds"
 STATE = "trainer_state.json"
+DATA_FILES = ("tokenizer.json", "data.json")  # written by the trainer into its output; put into the store with run.json
+METRICS_UPLOAD_SECONDS = float(os.environ.get("DLMCTL_METRICS_UPLOAD_SECONDS", 15))
 
 
 def run_store_uri(run: Run, output: Path) -> str:
@@ -40,14 +51,17 @@ def run_store_uri(run: Run, output: Path) -> str:
     return f"{base.rstrip('/')}/{run.name}"
 
 
-def open_store(run: Run, output: Path, world: World) -> Optional[CheckpointStore]:
-    """The store lives on rank 0 only: one writer per run URI."""
+def open_store(run: Run, output: Path, world: World,
+               on_saved: Optional[Callable[[CheckpointInfo], None]] = None) -> Optional[CheckpointStore]:
+    """The store lives on rank 0 only: one writer per run URI. `on_saved(info)` is called (on the
+    uploader thread) once a checkpoint's manifest is written."""
     if not world.is_main:
         return None
     c = run.spec.checkpoint
     return CheckpointStore(run_store_uri(run, output), keep_last=c.keep_last, keep_every_epochs=c.keep_every_epochs,
                            endpoint_url=c.endpoint_url, staging_root=_staging_root(output),
-                           max_staging_bytes=_staging_limit(), experiment=run.experiment, run=run.name)
+                           max_staging_bytes=_staging_limit(), experiment=run.experiment, run=run.name,
+                           on_saved=on_saved)
 
 
 def _staging_limit() -> Optional[int]:
@@ -65,7 +79,9 @@ def check_staging_is_reachable(engine, world: World) -> None:
         )
 
 
-def save(store: Optional[CheckpointStore], engine, batches, step: int, world: World) -> None:
+def save(store: Optional[CheckpointStore], engine, batches, step: int, world: World, metrics=None) -> None:
+    """Every rank writes its part of checkpoint `step`; rank 0 adds the trainer state and a copy of its
+    metrics events (`metrics.snapshot(path)`) and commits the folder to the store."""
     folder = _broadcast(str(store.staging_dir(step)) if store else None, world)
     engine.save_checkpoint(folder, tag=DS_TAG, save_latest=False)
     rng = Path(folder) / "rng"
@@ -76,23 +92,35 @@ def save(store: Optional[CheckpointStore], engine, batches, step: int, world: Wo
     if store:
         state = {"step": step, "world_size": world.world_size, "data": batches.state_dict()}
         (Path(folder) / STATE).write_text(json.dumps(state))
+        if metrics is not None:
+            metrics.snapshot(Path(folder) / METRICS_FILE)
         store.commit(step, batches.epoch_at(), folder)
 
 
-def resume(store: Optional[CheckpointStore], engine, batches, world: World, run: Run, output: Path) -> int:
-    """Load the newest verified checkpoint, if any; returns the step to continue from.
+@dataclass
+class Resumed:
+    """Where a run continues: `step` (0 for a fresh start), the checkpoint it resumed from, and on rank 0
+    the metrics events that checkpoint was saved with (None when it has none)."""
+
+    step: int = 0
+    checkpoint: Optional[CheckpointInfo] = None
+    events: Optional[bytes] = None
+
+
+def resume(store: Optional[CheckpointStore], engine, batches, world: World, run: Run, output: Path) -> Resumed:
+    """Load the newest verified checkpoint, if any; returns where to continue from.
 
     Rank 0 picks the checkpoint and downloads it; on other nodes (pods with their own disks) the first
     process of each node downloads the same one, so every rank reads it from a local folder."""
     folder = _staging_root(output) / "resume"
-    chosen = None
+    chosen, info = None, None
     if store:
         shutil.rmtree(folder, ignore_errors=True)
         found = store.restore_latest(folder)
-        chosen = found[0].name if found else None
+        chosen, info = (found[0].name, found[0]) if found else (None, None)
     chosen = _broadcast(chosen, world)
     if chosen is None:
-        return 0
+        return Resumed()
     if world.local_rank == 0 and not world.is_main and _own_disk(world):
         c = run.spec.checkpoint
         shutil.rmtree(folder, ignore_errors=True)
@@ -113,12 +141,61 @@ def resume(store: Optional[CheckpointStore], engine, batches, world: World, run:
     rng_file = local / "rng" / f"rank-{world.rank}.pt"
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))
+    events = (local / METRICS_FILE).read_bytes() if store and (local / METRICS_FILE).exists() else None
     if world.world_size > 1:
         dist.barrier()
     if world.local_rank == 0:
         shutil.rmtree(folder, ignore_errors=True)
     log.info("resumed from step %d (%s)", state["step"], chosen)
-    return state["step"]
+    return Resumed(state["step"], info, events)
+
+
+def restore_metrics(store: CheckpointStore, path: Path, resumed: Resumed) -> None:
+    """Rank 0, before this life of the run writes its first event: make `path` hold the run's events up
+    to the step it resumes from and none after (those steps are trained and logged again).
+
+    The events come from the first of these that reaches that step: the local file; the store's copy
+    (a pod recreated on an empty disk); the copy saved in the checkpoint (the store's copy lagged behind
+    a kill), followed by that checkpoint's own event."""
+    step = resumed.step
+    local = path.read_bytes() if path.exists() else None
+    chosen = local if local is not None and last_step(local) >= step else None
+    if chosen is None:
+        stored = _read_or_none(store, METRICS_FILE)
+        candidates = [data for data in (stored, resumed.events, local) if data is not None]
+        chosen = next((data for data in candidates if last_step(data) >= step),
+                      max(candidates, key=last_step, default=b""))
+        if chosen is resumed.events and resumed.checkpoint is not None:
+            c = resumed.checkpoint
+            chosen += event_line(build_event("checkpoint", time=c.created, step=c.step, epoch=c.epoch,
+                                             uri=c.uri)).encode()
+        if chosen and chosen is not local:
+            log.info("metrics events up to step %d restored from %s", step,
+                     f"{store.uri}/{METRICS_FILE}" if chosen is stored else "the checkpoint")
+    kept = events_until(chosen or b"", step)
+    if kept != local and (kept or local is not None):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(kept)
+        os.replace(tmp, path)
+
+
+def mirror_run(store: CheckpointStore, run: Run, output: Path) -> MetricsMirror:
+    """Start keeping `<store>/metrics.jsonl` current and put the run's files there (see the module doc)."""
+    once = {"run.json": run.model_dump_json().encode()}
+    once.update({name: (output / name).read_bytes() for name in DATA_FILES if (output / name).is_file()})
+    return MetricsMirror(output / METRICS_FILE, store.location, retry=store.retry, name=METRICS_FILE,
+                         interval=METRICS_UPLOAD_SECONDS, once=once)
+
+
+def _read_or_none(store: CheckpointStore, name: str) -> Optional[bytes]:
+    loc = store.location
+    try:
+        return retry_call(lambda: loc.read_bytes(loc.path(name)), what=f"reading {name}", policy=store.retry)
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # the copy in the checkpoint stands in for it
+        log.warning("%s/%s not read: %s", store.uri, name, describe(exc))
+        return None
 
 
 def _staging_root(output: Path) -> Path:

@@ -15,8 +15,8 @@ Saving: `staging_dir(step)` hands out a local folder (waiting first if the stagi
 the trainer writes into it, `commit(step, epoch)` queues it and returns. One uploader thread takes
 checkpoints in order; the files of a checkpoint are hashed and uploaded `max_concurrency` at a time,
 each retried with exponential backoff and jitter on transient errors. Then: sizes checked against a
-listing, manifest written, `latest` updated, retention applied, staging copy deleted. A checkpoint
-that cannot be uploaded is counted and logged, never raised into the training loop; the next one
+listing, manifest written, `latest` updated, `on_saved(info)` called (the moment the checkpoint
+exists), retention applied, staging copy deleted. A checkpoint that cannot be uploaded is counted and logged, never raised into the training loop; the next one
 starts afresh. Only one writer (one store, on the main rank) per run URI.
 """
 from __future__ import annotations
@@ -337,6 +337,7 @@ class CheckpointStore:
         experiment: str = "",
         run: str = "",
         location: Optional[Location] = None,
+        on_saved: Optional[Callable[[CheckpointInfo], None]] = None,
     ):
         if keep_last < 1:
             raise ValueError("keep_last must be >= 1")
@@ -352,6 +353,7 @@ class CheckpointStore:
         self.max_concurrency = max_concurrency
         self.retry = retry
         self.orphan_grace_seconds = orphan_grace_seconds
+        self.on_saved = on_saved  # called on the uploader thread once a manifest is written; must not block long
         if staging_root is None:
             digest = hashlib.sha1(self.uri.encode()).hexdigest()[:16]
             staging_root = Path(tempfile.gettempdir()) / "dlmctl-staging" / digest
@@ -564,12 +566,18 @@ class CheckpointStore:
             self._stats["last_saved_step"] = job.step
         log.info("checkpoint step %d saved to %s/%s (%.1f MB, %.1fs after commit)",
                  job.step, self.uri, name, job.size / 1e6, elapsed)
+        info = CheckpointInfo(job.step, job.epoch, name, f"{self.uri}/{name}", created, tuple(entries),
+                              dict(job.metadata))
+        if self.on_saved is not None:
+            try:
+                self.on_saved(info)
+            except Exception as exc:  # a listener's bug never fails a saved checkpoint
+                log.warning("on_saved for checkpoint step %d failed: %s", job.step, describe(exc))
         try:
             self.apply_retention()
         except Exception as exc:  # the checkpoint is safe; old ones go next time
             log.warning("retention at %s failed: %s", self.uri, describe(exc))
-        return CheckpointInfo(job.step, job.epoch, name, f"{self.uri}/{name}", created, tuple(entries),
-                              dict(job.metadata))
+        return info
 
     # --- retention ------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from dlmctl.spec import Run
+from dlmctl.spec.contracts import METRICS_FILE
 
 from . import checkpointing
 from .data import prepare_data
@@ -49,21 +50,26 @@ def train(run: Run, output: Path) -> int:
     engine, scheduler = build_engine(model, spec, world, total_steps)
     batches = data.train_batches()
     checkpointing.check_staging_is_reachable(engine, world)
-    store = checkpointing.open_store(run, output, world)
-    start_step = checkpointing.resume(store, engine, batches, world, run, output)
-
     metrics = TrainMetrics(run.experiment, run.name, run.arm.value,
-                           output / "metrics.jsonl" if world.is_main else None,
+                           output / METRICS_FILE if world.is_main else None,
                            port=spec.metrics.port if world.is_main else 0)
+    store = checkpointing.open_store(run, output, world, on_saved=metrics.checkpoint_saved)
+    resumed = checkpointing.resume(store, engine, batches, world, run, output)
+    start_step = resumed.step
+
     evaluator = Evaluator(run, data)
+    mirror = None
     if world.is_main:
         (output / "data.json").write_text(json.dumps(data.metadata, indent=2))
         data.tokenizer.save(output / "tokenizer.json")
+        checkpointing.restore_metrics(store, output / METRICS_FILE, resumed)
+        mirror = checkpointing.mirror_run(store, run, output)
+        metrics.on_event = mirror.event_written
         log.info("run %s: %s arm, %s parameters, %d steps of %d sequences x %d tokens, world size %d, resuming at %d",
                  run.name, run.arm.value, f"{model.num_params():,}", total_steps, spec.global_batch_sequences,
                  spec.data.seq_len, world.world_size, start_step)
         metrics.write("start", step=start_step, total_steps=total_steps, world_size=world.world_size,
-                      parameters=model.num_params(), **data.metadata)
+                      parameters=model.num_params(), unigram_entropy=data.metadata.get("unigram_entropy"))
 
     accumulation = spec.global_batch_sequences // (spec.batch.micro_batch_sequences * world.world_size)
     tokens_per_step = spec.global_batch_sequences * spec.data.seq_len
@@ -91,11 +97,17 @@ def train(run: Run, output: Path) -> int:
         if step % spec.eval.interval_steps == 0 or step == total_steps:
             _evaluate(evaluator, engine, metrics, step, total_steps, batches, spec, world)
         if step % spec.checkpoint.interval_steps == 0 or step == total_steps or stop_now:
-            checkpointing.save(store, engine, batches, step, world)
+            checkpointing.save(store, engine, batches, step, world, metrics if world.is_main else None)
 
-    if store:  # a preempted pod has a grace period; a finished run waits longer for its last upload
-        store.flush(timeout=FLUSH_AFTER_SIGNAL_SECONDS if stop_now else FLUSH_AT_END_SECONDS)
+    # A preempted pod has a grace period; a finished run waits longer for its last upload. The metrics
+    # file goes last (it holds the checkpoint events) and keeps a share of the time for itself.
+    budget = FLUSH_AFTER_SIGNAL_SECONDS if stop_now else FLUSH_AT_END_SECONDS
+    deadline = time.monotonic() + budget
+    reserve = min(5.0, budget / 4)
+    if store:
+        store.flush(timeout=budget - reserve)
     if step < total_steps:
+        _close_mirror(mirror, max(0.0, deadline - time.monotonic()))
         log.warning("stopped by signal at step %d; the last checkpoint resumes it", step)
         return 143
     with _gathered_parameters(engine):
@@ -103,8 +115,15 @@ def train(run: Run, output: Path) -> int:
     if world.is_main:
         metrics.write("done", export=exported, step=step, total_steps=total_steps, tokens=step * tokens_per_step,
                       epoch=batches.epoch_at())
+        _close_mirror(mirror, max(reserve, deadline - time.monotonic()))
     dist.barrier()
     return 0
+
+
+def _close_mirror(mirror, timeout: float) -> None:
+    if mirror is not None and not mirror.close(timeout):
+        log.warning("%s in the checkpoint store may lag behind the local file (upload unfinished after %.0fs)",
+                    METRICS_FILE, timeout)
 
 
 def _train_step(run: Run, engine, batches, mask_id: int, step: int, accumulation: int, world: World) -> float:

@@ -22,7 +22,6 @@ import yaml
 from ..errors import NotFound, UserError
 from .base import Backend, ExperimentSummary
 from .local_state import (
-    TERMINAL,
     ExperimentDir,
     descendants,
     experiments_dir,
@@ -48,6 +47,8 @@ class LocalBackend(Backend):
 
     # -- submit ---------------------------------------------------------------------------------
     def submit(self, experiment: "Experiment", replace: bool = False) -> list[str]:
+        from dlmctl.spec.contracts import RunPhase
+
         runs = experiment.runs()
         for run in runs:
             if run.spec.resources.nodes != 1:
@@ -64,7 +65,7 @@ class LocalBackend(Backend):
                     f"metadata.name: experiment {name!r} already exists ({phase}); "
                     f"pass --replace to start it again, or choose another name"
                 )
-            if self._status(ExperimentDir(target)).phase not in TERMINAL:
+            if not self._status(ExperimentDir(target)).phase.terminal:
                 self.cancel(name)
 
         experiments_dir().mkdir(parents=True, exist_ok=True)
@@ -77,7 +78,7 @@ class LocalBackend(Backend):
             for run in runs:
                 exp.run_dir(run.name).mkdir(parents=True)
                 exp.run_json(run.name).write_text(run.model_dump_json(indent=1))
-                exp.set_state(run.name, phase="Pending")
+                exp.set_state(run.name, phase=RunPhase.Pending.value)
             if target.exists():
                 old = target.with_name(f".{name}.replaced.{os.getpid()}")
                 os.rename(target, old)
@@ -93,6 +94,8 @@ class LocalBackend(Backend):
         return [r.name for r in runs]
 
     def _start_supervisor(self, exp: ExperimentDir) -> None:
+        from dlmctl.spec.contracts import RunPhase
+
         with open(exp.supervisor_log, "ab") as log:
             done = subprocess.run(
                 [sys.executable, "-m", SUPERVISOR, str(exp.root), "--detach"],
@@ -101,11 +104,13 @@ class LocalBackend(Backend):
             )
         if done.returncode != 0 or not read_json(exp.supervisor_json, {}).get("pid"):
             for run in exp.run_names():
-                exp.set_state(run, phase="Failed", end_time=now(), message=f"the supervisor did not start; see {exp.supervisor_log}")
+                exp.set_state(run, phase=RunPhase.Failed.value, end_time=now(), message=f"the supervisor did not start; see {exp.supervisor_log}")
             raise RuntimeError(f"the local supervisor did not start; see {exp.supervisor_log}")
 
     # -- list / get -----------------------------------------------------------------------------
     def list(self) -> list[ExperimentSummary]:
+        from dlmctl.spec.contracts import RunPhase
+
         summaries = []
         for exp in iter_experiment_dirs():
             status = self._status(exp)
@@ -113,7 +118,7 @@ class LocalBackend(Backend):
             summaries.append(
                 ExperimentSummary(
                     name=exp.name, phase=status.phase, runs=len(status.runs),
-                    succeeded=sum(r.phase == "Succeeded" for r in status.runs),
+                    succeeded=sum(r.phase is RunPhase.Succeeded for r in status.runs),
                     created=datetime.fromisoformat(submitted) if submitted else None,
                 )
             )
@@ -128,6 +133,7 @@ class LocalBackend(Backend):
 
     def _status(self, exp: ExperimentDir) -> "ExperimentStatus":
         from dlmctl.spec import ExperimentStatus, RunStatus
+        from dlmctl.spec.contracts import RunPhase, experiment_phase
 
         supervisor = read_json(exp.supervisor_json, {})
         supervisor_gone = bool(supervisor.get("pid")) and not pid_alive(supervisor.get("pid"))
@@ -135,9 +141,9 @@ class LocalBackend(Backend):
         runs = []
         for run, doc in run_docs.items():
             state = exp.state(run)
-            phase, message = state.get("phase", "Pending"), state.get("message")
-            if phase not in TERMINAL and supervisor_gone:
-                phase, message = "Failed", "the local supervisor exited before this run finished"
+            phase, message = RunPhase(state.get("phase", RunPhase.Pending)), state.get("message")
+            if not phase.terminal and supervisor_gone:
+                phase, message = RunPhase.Failed, "the local supervisor exited before this run finished"
             runs.append(
                 RunStatus(
                     name=run, arm=doc.get("arm", "diffusion"), phase=phase, message=message,
@@ -146,18 +152,13 @@ class LocalBackend(Backend):
                 )
             )
         phases = [r.phase for r in runs]
-        if all(p in TERMINAL for p in phases):
-            phase = "Cancelled" if "Cancelled" in phases else "Failed" if "Failed" in phases else "Succeeded"
-        elif all(p == "Pending" for p in phases):
-            phase = "Pending"
-        else:
-            phase = "Running"
+        phase = experiment_phase(phases)
         ends = [r.completionTime for r in runs if r.completionTime]
         return ExperimentStatus(
             phase=phase, runs=runs,
-            progress=f"{phases.count('Succeeded')}/{len(phases)}",
+            progress=f"{phases.count(RunPhase.Succeeded)}/{len(phases)}",
             startTime=supervisor.get("start_time"),
-            completionTime=max(ends) if ends and phase in TERMINAL else None,
+            completionTime=max(ends) if ends and phase.terminal else None,
         )
 
     # -- logs / cancel --------------------------------------------------------------------------
@@ -185,12 +186,14 @@ class LocalBackend(Backend):
             time.sleep(FOLLOW_POLL_SECONDS)
 
     def _finished(self, exp: ExperimentDir, run: str) -> bool:
-        if exp.state(run).get("phase") in TERMINAL:
+        if exp.finished(run):
             return True
         pid = read_json(exp.supervisor_json, {}).get("pid")
         return bool(pid) and not pid_alive(pid)
 
     def cancel(self, name: str) -> None:
+        from dlmctl.spec.contracts import RunPhase
+
         exp = self._dir(name)
         supervisor = read_json(exp.supervisor_json, {})
         pid, pgid = supervisor.get("pid"), supervisor.get("pgid")
@@ -207,8 +210,8 @@ class LocalBackend(Backend):
                 _kill(pid, pgid, signal.SIGKILL)
             kill_all(tree, signal.SIGKILL)  # torchrun workers live in their own sessions
         for run in exp.run_names():
-            if exp.state(run).get("phase") not in TERMINAL:
-                exp.set_state(run, phase="Cancelled", end_time=now(), message="cancelled")
+            if not exp.finished(run):
+                exp.set_state(run, phase=RunPhase.Cancelled.value, end_time=now(), message="cancelled")
 
     def artifacts(self, run: str) -> str:
         for exp in iter_experiment_dirs():
@@ -224,21 +227,16 @@ class LocalBackend(Backend):
         return exp
 
 
+PROGRESS_FIELDS = {"step", "total_steps", "epoch", "tokens", "train_loss", "val_loss", "val_loss_stderr",
+                   "choice_accuracy", "unigram_entropy", "last_checkpoint"}  # RunProgress -> RunStatus
+
+
 def _progress(metrics: Path) -> dict[str, Any]:
-    """The latest training position and losses from a run's metrics events."""
+    """The run's position, losses and newest checkpoint, folded from its metrics events."""
+    from dlmctl.spec.contracts import fold_progress
+
     events, _ = read_events(metrics)
-    out: dict[str, Any] = {}
-    for event in events:
-        kind = event.get("event")
-        if kind in ("train", "done"):
-            for key in ("step", "total_steps", "tokens", "epoch", "train_loss"):
-                if event.get(key) is not None:
-                    out[key] = event[key]
-        if kind in ("eval", "done"):
-            out.update({k: event[k] for k in ("val_loss", "choice_accuracy") if event.get(k) is not None})
-        if kind == "start" and event.get("unigram_entropy") is not None:
-            out["unigram_entropy"] = event["unigram_entropy"]
-    return out
+    return fold_progress(events).model_dump(include=PROGRESS_FIELDS)
 
 
 def _kill(pid: int, pgid: Optional[int], signum: int) -> None:

@@ -6,7 +6,10 @@
                                     runs/<run>/run.json       the Run (Run.model_dump_json())
                                     runs/<run>/state.json     phase, pid, exit code, start/end times
                                     runs/<run>/train.log      the trainer's stdout and stderr
-                                    runs/<run>/metrics.jsonl  the trainer's metrics events
+                                    runs/<run>/metrics.jsonl  the trainer's metrics events (spec.contracts)
+
+Phase names and their rules come from dlmctl.spec.contracts, imported inside the functions that use
+them: the CLI starts without pydantic.
 """
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 HOME_ENV = "DLMCTL_HOME"
-TERMINAL = ("Succeeded", "Failed", "Cancelled")
 
 
 def home() -> Path:
@@ -59,13 +61,21 @@ class ExperimentDir:
         return self.run_dir(run) / "train.log"
 
     def metrics(self, run: str) -> Path:
-        return self.run_dir(run) / "metrics.jsonl"
+        from dlmctl.spec.contracts import METRICS_FILE
+
+        return self.run_dir(run) / METRICS_FILE
 
     def run_names(self) -> list[str]:
         return list(read_json(self.supervisor_json, {}).get("runs", []))
 
     def state(self, run: str) -> dict[str, Any]:
         return read_json(self.state_json(run), {"phase": "Pending"})
+
+    def finished(self, run: str) -> bool:
+        """The run's recorded phase is terminal (Succeeded, Failed or Cancelled)."""
+        from dlmctl.spec.contracts import TERMINAL_RUN_PHASES
+
+        return self.state(run).get("phase") in TERMINAL_RUN_PHASES
 
     def set_state(self, run: str, **changes: Any) -> dict[str, Any]:
         state = {**self.state(run), **changes}
@@ -105,16 +115,19 @@ def read_lines(path: Path, offset: int = 0, final: bool = False) -> tuple[list[s
     return data[:end].decode("utf-8", errors="replace").splitlines(), offset + end
 
 
-def read_events(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
-    """Complete metrics lines from `offset`, parsed; returns the events and the offset to continue from."""
+def read_events(path: Path, offset: int = 0) -> tuple[list, int]:
+    """The metrics events (spec.contracts models) of the complete lines from `offset`; returns them and
+    the offset to continue from. Lines that are not events are skipped."""
+    from dlmctl.spec.contracts import parse_event
+
     lines, offset = read_lines(path, offset)
     events = []
     for line in lines:
         try:
-            event = json.loads(line)
+            event = parse_event(json.loads(line))
         except ValueError:
             continue
-        if isinstance(event, dict):
+        if event is not None:
             events.append(event)
     return events, offset
 

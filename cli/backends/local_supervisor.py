@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .local_state import TERMINAL, ExperimentDir, descendants, kill_all, now, read_json, write_json
+from dlmctl.spec.contracts import RUN_SPEC_ENV, RunPhase
+
+from .local_state import ExperimentDir, descendants, kill_all, now, read_json, write_json
 
 POLL_SECONDS = 0.2
-RUN_SPEC_ENV = "DLMCTL_RUN_SPEC"
 
 
 def grace_seconds() -> float:
@@ -65,7 +66,7 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
-        pending = [r for r in self.exp.run_names() if self.exp.state(r).get("phase") not in TERMINAL]
+        pending = [r for r in self.exp.run_names() if not self.exp.finished(r)]
         while (pending or self.running) and not self.cancelled:
             while pending and len(self.running) < self.parallel and not self.cancelled:
                 self.start(pending.pop(0))
@@ -74,7 +75,8 @@ class Supervisor:
         if self.cancelled:
             self.stop_all()
             for run in pending:
-                self.exp.set_state(run, phase="Cancelled", end_time=now(), message="cancelled before it started")
+                self.exp.set_state(run, phase=RunPhase.Cancelled.value, end_time=now(),
+                                   message="cancelled before it started")
         return 0
 
     def start(self, run: str) -> None:
@@ -89,10 +91,11 @@ class Supervisor:
                     env=trainer_env(self.exp.run_json(run)),
                 )
         except (OSError, ValueError, KeyError) as err:
-            self.exp.set_state(run, phase="Failed", start_time=now(), end_time=now(), message=f"could not start: {err}")
+            self.exp.set_state(run, phase=RunPhase.Failed.value, start_time=now(), end_time=now(),
+                               message=f"could not start: {err}")
             return
         self.running[run] = proc
-        self.exp.set_state(run, phase="Running", pid=proc.pid, start_time=now(), command=cmd)
+        self.exp.set_state(run, phase=RunPhase.Running.value, pid=proc.pid, start_time=now(), command=cmd)
 
     def reap(self) -> None:
         for run, proc in list(self.running.items()):
@@ -101,11 +104,12 @@ class Supervisor:
                 continue
             del self.running[run]
             if code == 0:
-                self.exp.set_state(run, phase="Succeeded", exit_code=0, end_time=now())
+                self.exp.set_state(run, phase=RunPhase.Succeeded.value, exit_code=0, end_time=now())
             elif self.cancelled:  # the cancel signal reached the trainer first
-                self.exp.set_state(run, phase="Cancelled", exit_code=code, end_time=now(), message="cancelled")
+                self.exp.set_state(run, phase=RunPhase.Cancelled.value, exit_code=code, end_time=now(),
+                                   message="cancelled")
             else:
-                self.exp.set_state(run, phase="Failed", exit_code=code, end_time=now(),
+                self.exp.set_state(run, phase=RunPhase.Failed.value, exit_code=code, end_time=now(),
                                    message=f"trainer exited with code {code}; see `dlmctl logs {self.exp.name} --run {run}`")
 
     def stop_all(self) -> None:
@@ -121,7 +125,8 @@ class Supervisor:
             if proc.poll() is None:
                 _signal(proc, signal.SIGKILL)
             proc.wait()
-            self.exp.set_state(run, phase="Cancelled", exit_code=proc.returncode, end_time=now(), message="cancelled")
+            self.exp.set_state(run, phase=RunPhase.Cancelled.value, exit_code=proc.returncode, end_time=now(),
+                               message="cancelled")
         self.running.clear()
 
 
