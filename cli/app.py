@@ -47,16 +47,16 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def root(
     ctx: typer.Context,
-    backend: Annotated[
-        Optional[str],
-        typer.Option("--backend", envvar="DLMCTL_BACKEND", show_envvar=True,
-                     help="local, kubernetes or service (default: a configured cluster, else local)"),
-    ] = None,
+    backend: Annotated[Optional[str], typer.Option(
+        "--backend", envvar="DLMCTL_BACKEND", show_envvar=True, help=run_commands.BACKEND_HELP)] = None,
+    context: Annotated[Optional[str], typer.Option("--context", help=run_commands.CONTEXT_HELP)] = None,
+    namespace: Annotated[Optional[str], typer.Option("--namespace", "-n", help=run_commands.NAMESPACE_HELP)] = None,
     show_version: Annotated[
         bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Show the version and exit.")
     ] = False,
 ) -> None:
-    ctx.obj = {"backend": backend}
+    # The commands that use a backend accept these options after their name too (run_commands.backend_options).
+    ctx.obj = {"backend": backend, "context": context, "namespace": namespace}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

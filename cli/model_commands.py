@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from .errors import UserError
+from .run_commands import backend, backend_options
 
 app = typer.Typer()
 
@@ -40,12 +41,11 @@ def run_dir(ctx: typer.Context, run: str) -> Path:
     path = Path(run)
     if path.is_dir():
         return path
-    from .backends import get_backend
-
-    return Path(get_backend((ctx.obj or {}).get("backend")).artifacts(run))
+    return Path(backend(ctx).artifacts(run))
 
 
 @app.command()
+@backend_options
 def sample(
     ctx: typer.Context,
     run: RunArg,
@@ -62,6 +62,7 @@ def sample(
 
 
 @app.command()
+@backend_options
 def export(
     ctx: typer.Context,
     run: RunArg,

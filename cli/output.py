@@ -73,12 +73,13 @@ def runs_plan_table(experiment: "Experiment", runs: list["Run"]) -> Table:
     return table
 
 
-def summaries_table(summaries: list["ExperimentSummary"]) -> Table:
+def summaries_table(summaries: list["ExperimentSummary"], namespaces: bool = False) -> Table:
     table = Table()
-    for col in ("NAME", "PHASE", "RUNS", "AGE"):
+    for col in ("NAMESPACE",) * namespaces + ("NAME", "PHASE", "RUNS", "AGE"):
         table.add_column(col)
     for s in summaries:
-        table.add_row(s.name, s.phase, f"{s.succeeded}/{s.runs}", age(s.created))
+        table.add_row(*(s.namespace or "-",) * namespaces, s.name, str(s.phase), f"{s.succeeded}/{s.runs}",
+                      age(s.created))
     return table
 
 
@@ -86,12 +87,13 @@ def status_table(experiment: "Experiment") -> Table:
     status = experiment.status
     title = f"{experiment.metadata.name}: {status.phase} ({status.progress or '-'} runs succeeded)"
     table = Table(title=title, title_justify="left")
-    for col in ("run", "arm", "phase", "step", "epoch", "train loss", "val loss", "message"):
-        table.add_column(col, justify="right" if col in ("step", "epoch", "train loss", "val loss") else "left")
+    numeric = ("step", "epoch", "train loss", "val loss", "restarts")
+    for col in ("run", "arm", "phase", "reason", "step", "epoch", "train loss", "val loss", "restarts", "message"):
+        table.add_column(col, justify="right" if col in numeric else "left")
     for r in status.runs:
         step = f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step)
-        table.add_row(r.name, r.arm.value, r.phase, step, fmt(r.epoch, 2), fmt(r.train_loss), fmt(r.val_loss),
-                      r.message or "")
+        table.add_row(r.name, r.arm.value, str(r.phase), r.reason or "", step, fmt(r.epoch, 2), fmt(r.train_loss),
+                      fmt(r.val_loss), str(r.restarts), r.message or "")
     return table
 
 
@@ -107,7 +109,7 @@ def comparison_table(experiment: "Experiment") -> Table:
     for col in ("run", "arm", "phase", "train loss", "val loss", "choice acc", "tokens seen", "epochs", "wall time"):
         table.add_column(col, justify="left" if col in ("run", "arm", "phase") else "right")
     for r in runs:
-        table.add_row(r.name, r.arm.value, r.phase, fmt(r.train_loss), fmt(r.val_loss), fmt(r.choice_accuracy, 2),
+        table.add_row(r.name, r.arm.value, str(r.phase), fmt(r.train_loss), fmt(r.val_loss), fmt(r.choice_accuracy, 2),
                       fmt_tokens(r.tokens), fmt(r.epoch, 2), fmt_duration(wall_time(r)))
     return table
 
@@ -121,7 +123,7 @@ def progress_line(r: "RunStatus") -> str:
         parts.append(f"loss {r.train_loss:.4f}")
     if r.val_loss is not None:
         parts.append(f"val {r.val_loss:.4f}")
-    if r.message and r.phase in ("Failed", "Cancelled"):
+    if r.message and r.phase in ("Failed", "Cancelled", "Unschedulable", "Restarting", "Preempted"):
         parts.append(r.message)
     return "  ".join(parts)
 

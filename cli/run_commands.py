@@ -1,11 +1,13 @@
 """submit, list, get, logs, cancel, compare: experiments on a backend."""
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
 import time
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
 
@@ -15,7 +17,37 @@ if TYPE_CHECKING:
 app = typer.Typer()
 
 NameArg = Annotated[str, typer.Argument(metavar="NAME", help="the experiment's metadata.name")]
-TERMINAL = ("Succeeded", "Failed", "Cancelled")
+
+BACKEND_HELP = "local, kubernetes or service (default: a configured cluster, else local)"
+CONTEXT_HELP = "the kubeconfig context to use (default: the current context); implies --backend kubernetes"
+NAMESPACE_HELP = "the Kubernetes namespace (default: the context's, else default); implies --backend kubernetes"
+# The same options as the root's, accepted after the command's name as well: `dlmctl submit x.yaml --backend
+# kubernetes`. No envvar here: $DLMCTL_BACKEND is read by the root option, and one given here wins.
+TARGET_OPTIONS = {
+    "backend": Annotated[Optional[str], typer.Option("--backend", help=BACKEND_HELP)],
+    "context": Annotated[Optional[str], typer.Option("--context", help=CONTEXT_HELP)],
+    "namespace": Annotated[Optional[str], typer.Option("--namespace", "-n", help=NAMESPACE_HELP)],
+}
+
+
+def backend_options(command: Callable) -> Callable:
+    """Give a command --backend, --context and --namespace/-n, so that they work after its name as they do
+    before it; what is given here overrides the root's (in `ctx.obj`, which `backend(ctx)` reads)."""
+    signature = inspect.signature(command, eval_str=True)
+    names = {f"target_{key}": key for key in TARGET_OPTIONS}
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=TARGET_OPTIONS[key])
+             for name, key in names.items()]
+
+    @functools.wraps(command)
+    def with_target(*args, **kwargs):
+        chosen = {key: kwargs.pop(name, None) for name, key in names.items()}
+        ctx = kwargs.get("ctx") or next(a for a in args if isinstance(a, typer.Context))
+        ctx.obj = {**(ctx.obj or {}), **{k: v for k, v in chosen.items() if v is not None}}
+        return command(*args, **kwargs)
+
+    with_target.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
+    with_target.__annotations__ = {p.name: p.annotation for p in with_target.__signature__.parameters.values()}
+    return with_target
 
 
 class GetFormat(str, Enum):
@@ -27,10 +59,12 @@ class GetFormat(str, Enum):
 def backend(ctx: typer.Context) -> "Backend":
     from .backends import get_backend
 
-    return get_backend((ctx.obj or {}).get("backend"))
+    chosen = ctx.obj or {}
+    return get_backend(chosen.get("backend"), context=chosen.get("context"), namespace=chosen.get("namespace"))
 
 
 @app.command()
+@backend_options
 def submit(
     ctx: typer.Context,
     spec: Annotated[str, typer.Argument(metavar="SPEC", help="the experiment YAML file, or - for standard input")],
@@ -43,9 +77,10 @@ def submit(
 
     experiment = load(spec)  # before the backend is touched: a bad spec leaves no trace
     target = backend(ctx)
-    names = target.submit(experiment, replace=replace)
     name = experiment.metadata.name
-    console.print(f"experiment {name}: {len(names)} runs submitted to the {target.name} backend: {', '.join(names)}")
+    console.print(f"submitting experiment {name} to {target.where(experiment)}")
+    names = target.submit(experiment, replace=replace)
+    console.print(f"experiment {name}: {len(names)} runs submitted: {', '.join(names)}")
     if wait:
         raise typer.Exit(follow(target, name))
     console.print(f"follow it with `dlmctl get {name}`, `dlmctl logs {name} -f` or `dlmctl compare {name}`")
@@ -53,6 +88,8 @@ def submit(
 
 def follow(target: "Backend", name: str) -> int:
     """One line whenever a run moves on; at the end the comparison table. 0 only if every run succeeded."""
+    from dlmctl.spec.contracts import is_terminal
+
     from .output import comparison_table, console, progress_line
 
     interval = float(os.environ.get("DLMCTL_WATCH_INTERVAL", "1"))
@@ -65,13 +102,13 @@ def follow(target: "Backend", name: str) -> int:
                 if seen.get(run.name) != key:
                     seen[run.name] = key
                     print(progress_line(run), flush=True)
-            if experiment.status.phase in TERMINAL:
+            if is_terminal(experiment.status.phase):
                 break
             time.sleep(interval)
     except KeyboardInterrupt:
         print(f"stopped following; {name} keeps running (dlmctl logs {name} -f, dlmctl cancel {name})", file=sys.stderr)
         return 130
-    console.print(comparison_table(experiment))
+    console.print(comparison_table(target.compare(name)))
     if experiment.status.phase != "Succeeded":
         print(f"experiment {name} {experiment.status.phase.lower()}: "
               f"{experiment.status.progress} runs succeeded (dlmctl logs {name} --run RUN)", file=sys.stderr)
@@ -80,19 +117,26 @@ def follow(target: "Backend", name: str) -> int:
 
 
 @app.command("list")
+@backend_options
 def list_(
     ctx: typer.Context,
     output: Annotated[GetFormat, typer.Option("--output", "-o", help="table, yaml or json")] = GetFormat.table,
+    all_namespaces: Annotated[bool, typer.Option(
+        "--all-namespaces", "-A", help="every namespace of the cluster (kubernetes backend)")] = False,
 ) -> None:
     """List experiments."""
     from dataclasses import asdict
 
+    from .errors import UserError
     from .output import console, dump, summaries_table
 
-    summaries = backend(ctx).list()
+    target = backend(ctx)
+    if all_namespaces and not target.namespaced:
+        raise UserError(f"--all-namespaces: the {target.name} backend has no namespaces")
+    summaries = target.list(all_namespaces=True) if all_namespaces else target.list()
     if output is GetFormat.table:
         if summaries:
-            console.print(summaries_table(summaries))
+            console.print(summaries_table(summaries, namespaces=all_namespaces))
         else:
             console.print("no experiments yet; start one with `dlmctl submit SPEC`")
         return
@@ -101,6 +145,7 @@ def list_(
 
 
 @app.command()
+@backend_options
 def get(
     ctx: typer.Context,
     name: NameArg,
@@ -117,6 +162,7 @@ def get(
 
 
 @app.command()
+@backend_options
 def logs(
     ctx: typer.Context,
     name: NameArg,
@@ -134,13 +180,16 @@ def logs(
 
 
 @app.command()
+@backend_options
 def cancel(ctx: typer.Context, name: NameArg) -> None:
-    """Stop every unfinished run of an experiment."""
+    """Stop every unfinished run of an experiment (their checkpoints are kept)."""
+    from dlmctl.spec.contracts import is_terminal
+
     from .output import console
 
     target = backend(ctx)
     phase = target.get(name).status.phase
-    if phase in TERMINAL:
+    if is_terminal(phase):
         console.print(f"experiment {name} already finished ({phase})")
         return
     target.cancel(name)
@@ -148,8 +197,9 @@ def cancel(ctx: typer.Context, name: NameArg) -> None:
 
 
 @app.command()
+@backend_options
 def compare(ctx: typer.Context, name: NameArg) -> None:
     """The comparison table: per run its arm, train and validation loss, tokens seen, epochs, wall time."""
     from .output import comparison_table, console
 
-    console.print(comparison_table(backend(ctx).get(name)))
+    console.print(comparison_table(backend(ctx).compare(name)))

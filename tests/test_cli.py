@@ -89,7 +89,7 @@ def test_no_arguments_shows_the_help(capsys):
         (["cancel", "nope"], ["no experiment named 'nope'"]),
         (["compare", "nope"], ["no experiment named 'nope'"]),
         (["--backend", "cloud", "list"], ["unknown backend 'cloud'; choose one of local, kubernetes, service"]),
-        (["--backend", "kubernetes", "list"], ["the kubernetes backend is not available"]),
+        (["--backend", "kubernetes", "list"], ["no kubeconfig", "--backend local"]),
         (["sample", "nope", "--max-new-tokens", "0", "-p", "x"], ["--max-new-tokens"]),
         (["export", "nope", "-o", "out", "--format", "onnx"], ["No such option: --format"]),
     ],
@@ -197,6 +197,27 @@ def test_list_without_experiments(capsys, home):
     assert code == 0 and "no experiments yet" in out
     assert run(capsys, "list", "-o", "json")[1].strip() == "[]"
     assert not home.exists()
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["list", "--backend", "cloud"], ["unknown backend 'cloud'"]),
+    (["get", "x", "--backend", "kubernetes"], ["no kubeconfig"]),
+    (["logs", "x", "-n", "team"], ["no kubeconfig"]),  # a namespace or context means the cluster
+    (["compare", "x", "--context", "prod"], ["no kubeconfig"]),
+    (["submit", QUICKSTART, "--backend", "local", "-n", "team"], ["--namespace: the local backend has no"]),
+    (["--backend", "local", "cancel", "x", "--context", "prod"], ["--context: the local backend has no"]),
+    (["list", "-A"], ["--all-namespaces: the local backend has no namespaces"]),
+])
+def test_backend_context_and_namespace_work_after_the_command_too(capsys, home, argv, fragments):
+    code, _, err = run(capsys, *argv)
+    assert_user_error(code, err, *fragments)
+    assert not home.exists()
+
+
+def test_a_backend_option_after_the_command_wins_over_the_environment(capsys, monkeypatch, home):
+    monkeypatch.setenv("DLMCTL_BACKEND", "kubernetes")
+    code, out, _ = run(capsys, "list", "--backend", "local")
+    assert code == 0 and "no experiments yet" in out
 
 
 def test_sample_and_export_explain_a_missing_trainer_entry_point(capsys, monkeypatch, tmp_path):

@@ -37,16 +37,24 @@ def default_backend() -> str:
     return "local"
 
 
-def get_backend(name: Optional[str] = None) -> Backend:
+def get_backend(name: Optional[str] = None, *, context: Optional[str] = None,
+                namespace: Optional[str] = None) -> Backend:
+    """The backend by name; `context` and `namespace` pick the cluster and namespace of the kubernetes
+    backend (given without a backend name, they choose it)."""
     from dlmctl.cli.errors import UserError
 
-    name = name or os.environ.get("DLMCTL_BACKEND") or default_backend()
+    cluster_options = {k: v for k, v in (("context", context), ("namespace", namespace)) if v}
+    name = name or os.environ.get("DLMCTL_BACKEND") or ("kubernetes" if cluster_options else default_backend())
     if name not in BACKENDS:
         raise UserError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if not available(name):
         raise UserError(f"the {name} backend is not available in this version of dlmctl; use --backend local")
+    if cluster_options and name != "kubernetes":
+        given = " and ".join(f"--{k}" for k in cluster_options)
+        raise UserError(f"{given}: the {name} backend has no Kubernetes contexts or namespaces "
+                        "(use --backend kubernetes)")
     module, _, cls = BACKENDS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)()
+    return getattr(importlib.import_module(module), cls)(**cluster_options)
 
 
 def _cluster_configured() -> bool:

@@ -9,8 +9,6 @@ from typing import TYPE_CHECKING, Iterator, Optional
 if TYPE_CHECKING:  # the spec (pydantic) is imported by the commands that need it, not by --help
     from dlmctl.spec import Experiment
 
-TERMINAL_PHASES = ("Succeeded", "Failed", "Cancelled")
-
 
 @dataclass(frozen=True)
 class ExperimentSummary:
@@ -26,6 +24,11 @@ class Backend(abc.ABC):
     """submit / list / get / logs / cancel. Errors the user can fix raise `dlmctl.cli.errors.UserError`."""
 
     name: str = "abstract"
+    namespaced: bool = False  # whether `list` can show every namespace (`dlmctl list -A`)
+
+    def where(self, experiment: Optional["Experiment"] = None) -> str:
+        """Where this backend runs experiments, for the line `submit` prints before it starts any."""
+        return "the local backend (this machine)" if self.name == "local" else f"the {self.name} backend"
 
     @abc.abstractmethod
     def submit(self, experiment: "Experiment", replace: bool = False) -> list[str]:
@@ -36,7 +39,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def list(self) -> list[ExperimentSummary]:
-        """Every experiment this backend knows, oldest first."""
+        """Every experiment this backend knows, oldest first. A `namespaced` backend also takes
+        `all_namespaces=True`."""
 
     @abc.abstractmethod
     def get(self, name: str) -> "Experiment":
@@ -52,6 +56,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def cancel(self, name: str) -> None:
         """Stop every run that has not finished; they end Cancelled."""
+
+    def compare(self, name: str) -> "Experiment":
+        """The experiment with each run's freshest metrics, for the comparison table."""
+        return self.get(name)
 
     def artifacts(self, run: str) -> str:
         """Where a run's outputs (checkpoints, metrics) are: a local path or a URI. For sample/export."""
