@@ -46,6 +46,8 @@ def _run(args) -> int:
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for noisy in ("kubernetes", "urllib3", "botocore", "aiobotocore", "s3fs", "asyncio", "kopf.objects"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         config = OperatorConfig()
     except ValidationError as err:

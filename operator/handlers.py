@@ -39,7 +39,10 @@ def api_client():
 
 
 def register(registry: kopf.OperatorRegistry, config: OperatorConfig, metrics: OperatorMetrics) -> None:
-    @kopf.on.startup(registry=registry)
+    # kopf authenticates like the Kubernetes client: in-cluster ServiceAccount, else the kubeconfig.
+    kopf.on.login(registry=registry)(kopf.login_via_client)
+
+    @kopf.on.startup(id="configure", registry=registry)
     def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         # Replicas need distinct priorities: kopf pauses every operator that sees a peer of the same
         # priority, and the one with the highest priority is the active one.
@@ -56,15 +59,18 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig, metrics: O
         memo.jobs = jobs
         memo.reconciler = Reconciler(config, jobs, metrics, adopt=lambda child, owner: kopf.adopt(child, owner=owner))
 
-    @kopf.index(JOB_GROUP, JOB_VERSION, JOB_PLURAL, labels={LABEL_EXPERIMENT: kopf.PRESENT}, registry=registry)
+    @kopf.index(JOB_GROUP, JOB_VERSION, JOB_PLURAL, labels={LABEL_EXPERIMENT: kopf.PRESENT},
+                id="jobs_by_experiment", registry=registry)
     def jobs_by_experiment(namespace: str, labels: Any, body: Any, **_: Any):
         return {(namespace, labels[LABEL_EXPERIMENT]): {**summarize_job(body), "run": labels.get(LABEL_RUN)}}
 
-    @kopf.index("pods", labels={LABEL_EXPERIMENT: kopf.PRESENT, LABEL_RUN: kopf.PRESENT}, registry=registry)
+    @kopf.index("pods", labels={LABEL_EXPERIMENT: kopf.PRESENT, LABEL_RUN: kopf.PRESENT},
+                id="pods_by_experiment", registry=registry)
     def pods_by_experiment(namespace: str, labels: Any, body: Any, **_: Any):
         return {(namespace, labels[LABEL_EXPERIMENT]): {**summarize_pod(body), "run": labels[LABEL_RUN]}}
 
-    @kopf.timer(GROUP, VERSION, PLURAL, interval=config.reconcile_interval, registry=registry)
+    @kopf.timer(GROUP, VERSION, PLURAL, interval=config.reconcile_interval, backoff=config.reconcile_interval,
+                id="reconcile", registry=registry)
     def reconcile(body: Any, namespace: str, name: str, patch: kopf.Patch, memo: kopf.Memo,
                   jobs_by_experiment: kopf.Index, pods_by_experiment: kopf.Index, **_: Any) -> None:
         key = (namespace, name)
@@ -78,7 +84,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig, metrics: O
         return pod_disruption(summarize_pod(body)) is not None
 
     @kopf.on.event("pods", labels={LABEL_RUN: kopf.PRESENT, JOB_NAME_LABEL: kopf.PRESENT}, when=disrupted,
-                   registry=registry)
+                   id="note_disruption", registry=registry)
     def note_disruption(body: Any, name: str, namespace: str, labels: Any, memo: kopf.Memo, **_: Any) -> None:
         pod = summarize_pod(body)
         reason, message = pod_disruption(pod)

@@ -2,7 +2,8 @@
 
 `dlmctl render` prints them and the operator creates them (through `job_manifests`), so what a user
 reviews is exactly what a cluster receives. Restarts belong to the dlmctl operator, not to the
-training-operator: a job's pods never restart in place (`restartPolicy: Never`, `backoffLimit: 0`);
+training-operator: a job's pods never restart in place (`restartPolicy: Never`, no `backoffLimit`: the
+training-operator counts only in-place restarts against it, so a limit of 0 would fail every job at once);
 the operator decides from why a run stopped whether to recreate its job (it resumes from its newest
 verified checkpoint) or to fail it.
 """
@@ -84,7 +85,6 @@ def pytorch_job(run: Run, extra_labels: dict[str, str] | None = None) -> k.Kubef
             nproc_per_node=str(res.procs_per_node),
             pytorch_replica_specs=replicas,
             run_policy=k.KubeflowOrgV1RunPolicy(
-                backoff_limit=0,  # the dlmctl operator recreates the job, up to spec.scheduling.max_restarts
                 clean_pod_policy="None",
                 scheduling_policy=scheduling,
             ),

@@ -29,6 +29,7 @@ class Seen(str, Enum):
     Disrupted = "Disrupted"  # evicted, preempted, lost with its node
     FailedPermanently = "FailedPermanently"  # a retry would fail the same way
     Failed = "Failed"  # anything else; worth a retry
+    FailedUnexplained = "FailedUnexplained"  # the job says Failed, no pod says why (yet: events race)
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def observe(job: Optional[dict], pods: list[dict], disrupted: Optional[str] = No
         code = f" with code {codes[0]}" if codes else ""
         return Observation(Seen.Failed, pod["reason"] or "Error", f"pod {pod['name']} failed{code}")
     if conditions.get("Failed", (None,))[0] == "True":
-        return Observation(Seen.Failed, conditions["Failed"][1] or "JobFailed", conditions["Failed"][2])
+        return Observation(Seen.FailedUnexplained, conditions["Failed"][1] or "JobFailed", conditions["Failed"][2])
     unschedulable = [p for p in pods if p["unschedulable"] and not p["node"]]
     if unschedulable:
         return Observation(Seen.Unschedulable, "Unschedulable",

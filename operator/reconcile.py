@@ -24,11 +24,12 @@ from .jobs import (
 )
 from .config import OperatorConfig
 from .metrics import OperatorMetrics
-from .observe import Seen, observe
+from .observe import Observation, Seen, observe
 from .progress import ProgressReader
 
 log = logging.getLogger("dlmctl.operator")
 ANNOTATION_DISRUPTED = "dlmctl.io/disrupted"  # on a job: "<reason>: <message>" of a pod taken away
+UNEXPLAINED_FAILURE_GRACE = 15.0  # seconds to wait for the failed pod's own status before acting on the job's
 PROGRESS_FIELDS = ("step", "total_steps", "epoch", "tokens", "train_loss", "val_loss", "val_loss_stderr",
                    "choice_accuracy", "unigram_entropy", "last_checkpoint")
 
@@ -115,6 +116,7 @@ class Reconciler:
         self._recreate_after: dict[tuple[str, str], float] = {}
         self._progress_read_at: dict[tuple[str, str], float] = {}
         self._deleted: set[str] = set()  # uids of jobs deleted here, until the index shows them going
+        self._unexplained_since: dict[str, float] = {}  # job uid -> when it was first seen Failed without a why
 
     # -- the whole experiment -------------------------------------------------------------------
     def reconcile(self, body: dict, jobs: Iterable[dict], pods: Iterable[dict]) -> Optional[dict]:
@@ -205,7 +207,15 @@ class Reconciler:
                 return status  # our delete is on its way; the index has not seen it yet
             self._deleted.discard(job["uid"])
         obs = observe(job, pods, (job or {}).get("annotations", {}).get(ANNOTATION_DISRUPTED))
+        if obs.seen not in (Seen.Running, Seen.Pending, Seen.NoJob):
+            log.info("run %s/%s: %s %s: %s (job %s, pods %s)", namespace, run.name, obs.seen.value, obs.reason,
+                     obs.message, job, pods)
         max_restarts = run.spec.scheduling.max_restarts
+        if obs.seen is Seen.FailedUnexplained:
+            since = self._unexplained_since.setdefault(job["uid"], self.clock())
+            if self.clock() - since < UNEXPLAINED_FAILURE_GRACE:
+                return status  # the pod's failure (and its exit code) is usually a moment behind the job's
+            obs = Observation(Seen.Failed, obs.reason, obs.message)
         if obs.seen is Seen.NoJob:
             if phase in (RunPhase.Preempted, RunPhase.Restarting):
                 if self.clock() < self._recreate_after.get(key, 0) or not may_create:

@@ -102,7 +102,8 @@ class OperatorProcess:
         return float(found.group(1)) if found else 0.0
 
 
-def wait_until(what: str, fn: Callable, timeout: float = 60, interval: float = 0.25, check: Callable = lambda: None):
+def wait_until(what: str, fn: Callable, timeout: float = 60, interval: float = 0.25, check: Callable = lambda: None,
+               describe: Callable = lambda: None):
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -111,7 +112,7 @@ def wait_until(what: str, fn: Callable, timeout: float = 60, interval: float = 0
         if last:
             return last
         time.sleep(interval)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+    pytest.fail(f"timed out after {timeout}s waiting for {what}; last value: {last!r}; {describe()}")
 
 
 class Experiments:
@@ -156,8 +157,15 @@ class Experiments:
 
     def wait_run(self, experiment: str, run: str, phase: str, timeout: float = 60, check=lambda: None) -> dict:
         return wait_until(f"run {run} {phase}", lambda: (
-            r if (r := self.runs(experiment).get(run)) and r.get("phase") == phase else None), timeout, check=check)
+            r if (r := self.runs(experiment).get(run)) and r.get("phase") == phase else None), timeout, check=check,
+            describe=lambda: f"run status: {self.runs(experiment).get(run)}; pods: {self._pod_states(run)}")
 
     def wait_phase(self, experiment: str, phase: str, timeout: float = 60, check=lambda: None) -> dict:
         return wait_until(f"experiment {experiment} {phase}", lambda: (
-            s if (s := self.status(experiment)).get("phase") == phase else None), timeout, check=check)
+            s if (s := self.status(experiment)).get("phase") == phase else None), timeout, check=check,
+            describe=lambda: f"status: {self.status(experiment)}")
+
+    def _pod_states(self, run: str) -> list:
+        return [(p.metadata.name, p.status.phase, p.status.reason,
+                 [(c.state.to_dict() if c.state else None) for c in p.status.container_statuses or []])
+                for p in self.pods(run)]

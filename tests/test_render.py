@@ -111,10 +111,10 @@ def test_s3_credentials_are_only_a_secret_reference():
 
 def test_run_policy_leaves_restarts_to_the_dlmctl_operator_and_schedules_from_spec_scheduling():
     assert sweep_jobs()[0]["spec"]["runPolicy"] == {
-        "backoffLimit": 0, "cleanPodPolicy": "None",
+        "cleanPodPolicy": "None",
         "schedulingPolicy": {"priorityClass": "preemptible", "queue": "research"},
     }
-    assert jobs()[0]["spec"]["runPolicy"] == {"backoffLimit": 0, "cleanPodPolicy": "None"}
+    assert jobs()[0]["spec"]["runPolicy"] == {"cleanPodPolicy": "None"}
 
 
 def test_prometheus_scrapes_the_metrics_port_when_it_is_enabled():
