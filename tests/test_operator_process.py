@@ -6,10 +6,10 @@ import time
 
 import pytest
 from kubernetes import client
-from kubernetes.client.rest import ApiException
+import yaml
 
 from dlmctl.operator import manifests
-from operator_harness import OPERATOR_NAMESPACE, Experiments, OperatorProcess, install_operator_rbac, wait_until
+from operator_harness import Experiments, OperatorProcess, install_operator_rbac, wait_until
 from test_operator import spec
 
 pytestmark = pytest.mark.cluster
@@ -91,37 +91,21 @@ def test_the_operator_role_grants_nothing_beyond_what_it_uses(cluster):
             assert not allowed(verb, resource, group), f"the operator may {verb} {resource}"
 
 
-def test_the_install_manifests_are_accepted_by_the_api_server(cluster):
-    with cluster.api_client() as api:
-        dynamic_ok = []
-        for doc in manifests.install_manifests(OPERATOR_NAMESPACE):
-            kind = doc["kind"]
-            if kind == "Namespace":
-                continue
-            try:
-                _create_dry_run(api, doc)
-            except ApiException as err:
-                pytest.fail(f"{kind} {doc['metadata']['name']} refused: {err.body}")
-            dynamic_ok.append(kind)
-        assert set(dynamic_ok) == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering",
-                                   "Deployment"}
+def test_the_install_manifests_are_accepted_by_the_api_server(cluster, tmp_path):
+    """What `python -m dlmctl.operator manifests` prints, applied as a user would (server-side dry run)."""
+    import subprocess
+    import sys
 
-
-def _create_dry_run(api, doc: dict) -> None:
-    kind, ns = doc["kind"], doc["metadata"].get("namespace")
-    if kind == "ServiceAccount":
-        client.CoreV1Api(api).create_namespaced_service_account(ns, doc, dry_run="All")
-    elif kind == "ClusterRole":
-        client.RbacAuthorizationV1Api(api).create_cluster_role(doc, dry_run="All")
-    elif kind == "ClusterRoleBinding":
-        client.RbacAuthorizationV1Api(api).create_cluster_role_binding(doc, dry_run="All")
-    elif kind == "Deployment":
-        client.AppsV1Api(api).create_namespaced_deployment(ns, doc, dry_run="All")
-    elif kind == "ClusterKopfPeering":
-        group, version = doc["apiVersion"].split("/")
-        try:
-            client.CustomObjectsApi(api).create_cluster_custom_object(group, version, "clusterkopfpeerings", doc,
-                                                                      dry_run="All")
-        except ApiException as err:
-            if err.status != 409:
-                raise
+    printed = subprocess.run([sys.executable, "-m", "dlmctl.operator", "manifests"], check=True,
+                             capture_output=True, text=True).stdout
+    documents = [d for d in yaml.safe_load_all(printed) if d]
+    assert [d["kind"] for d in documents] == ["CustomResourceDefinition", "Namespace", "ServiceAccount", "ClusterRole",
+                                              "ClusterRoleBinding", "ClusterKopfPeering", "Deployment"]
+    (role,) = [d for d in documents if d["kind"] == "ClusterRole"]
+    assert role["rules"] == manifests.CLUSTER_ROLE_RULES, "the role the tests prove is the one installed"
+    kubectl = [str(cluster.binary("kubectl")), "--kubeconfig", str(cluster.kubeconfig)]
+    subprocess.run([*kubectl, "create", "namespace", "dlmctl-system"], capture_output=True)  # may exist already
+    done = subprocess.run([*kubectl, "apply", "--server-side", "--dry-run=server", "-f", "-"], input=printed,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("(server dry run)") == len(documents), done.stdout

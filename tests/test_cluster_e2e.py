@@ -1,0 +1,154 @@
+"""End to end on the test cluster, with nothing faked but the nodes: `dlmctl submit` → Experiment →
+the dlmctl operator → PyTorchJobs → the real training-operator → pods on KWOK nodes, whose containers
+the test's pod executor runs as local processes → torchrun → the real trainer, two nodes per run over
+gloo, checkpoints and metrics to SeaweedFS → `dlmctl get` and `dlmctl compare` read them back.
+An evicted pod's run is preempted, recreated, resumes from S3 and ends exactly where an uninterrupted
+run ends."""
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import yaml
+from kubernetes import client
+
+from dlmctl.cli.app import main
+from operator_harness import Experiments, OperatorProcess, install_operator_rbac, wait_until
+from testenv.executor import PodExecutor
+from trainer_runs import TINY, merge
+
+pytestmark = [pytest.mark.cluster, pytest.mark.s3, pytest.mark.slow]
+
+TRAINING_TIMEOUT = 600
+
+
+def cluster_spec(s3_uri: str, endpoint: str, **overrides) -> dict:
+    """The tests' tiny trainer spec, on two one-process nodes (world size 2), with S3 checkpoints."""
+    return merge(merge(TINY, {
+        "data": {"epochs": 6},
+        "resources": {"nodes": 2, "gpus_per_node": 0, "cpu": "1", "memory": "2Gi"},
+        "checkpoint": {"uri": s3_uri, "interval_steps": 8, "endpoint_url": endpoint,
+                       "credentials_secret": "s3-credentials"},
+        "scheduling": {"max_restarts": 2},
+    }), overrides)
+
+
+def metrics_events(s3_server, s3_uri: str, run: str) -> list[dict]:
+    with s3_server.filesystem().open(f"{s3_uri}/{run}/metrics.jsonl", "rb") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def curve(events: list[dict]) -> list[tuple]:
+    """What must not depend on how the run was interrupted: every step's loss and every evaluation."""
+    return [(e["event"], e["step"], e.get("train_loss"), e.get("val_loss"), e.get("choice_accuracy"))
+            for e in events if e["event"] in ("train", "eval")]
+
+
+@pytest.fixture(scope="module")
+def site(cluster, s3_server, tmp_path_factory):
+    """A namespace with the S3 credentials Secret, the operator, and the pod executor running its pods."""
+    namespace = f"e2e-{uuid.uuid4().hex[:6]}"
+    workdir = tmp_path_factory.mktemp("e2e")
+    with cluster.api_client() as api:
+        core = client.CoreV1Api(api)
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
+        core.create_namespaced_secret(namespace, client.V1Secret(
+            metadata=client.V1ObjectMeta(name="s3-credentials"),
+            string_data={k: v for k, v in s3_server.env().items() if k.startswith("AWS_")}))
+    operator = OperatorProcess(install_operator_rbac(cluster), workdir / "operator.log",
+                               env=s3_server.env()).start()
+    executor = PodExecutor(cluster, namespaces={namespace}, workdir=workdir / "pods")
+    with executor:
+        yield {"namespace": namespace, "operator": operator, "executor": executor, "workdir": workdir}
+    operator.stop()
+    with cluster.api_client() as api:
+        client.CoreV1Api(api).delete_namespace(namespace)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, site, s3_server, tmp_path_factory):
+    """A 2-arm experiment submitted with `dlmctl submit` and trained to the end."""
+    import os
+
+    s3_uri = f"s3://{s3_server.bucket}/e2e-{uuid.uuid4().hex[:8]}"
+    spec_file = tmp_path_factory.mktemp("spec") / "tiny.yaml"
+    spec_file.write_text(yaml.safe_dump({
+        "apiVersion": "dlmctl.io/v1alpha1", "kind": "Experiment", "metadata": {"name": "tiny"},
+        "spec": {"arms": ["diffusion", "autoregressive"], **cluster_spec(s3_uri, s3_server.endpoint_url)}}))
+    env = {"KUBECONFIG": str(cluster.kubeconfig), **s3_server.env()}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        assert main(["submit", str(spec_file), "--backend", "kubernetes", "-n", site["namespace"]]) == 0
+        with cluster.api_client() as api:
+            experiments = Experiments(api, site["namespace"])
+            status = wait_until("tiny Succeeded", lambda: (
+                s if (s := experiments.status("tiny")).get("phase") in ("Succeeded", "Failed") else None),
+                timeout=TRAINING_TIMEOUT, interval=1, check=site["operator"].check_alive)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1) + _pod_logs(site)
+    return {"s3_uri": s3_uri, "status": status, "env": env}
+
+
+def _pod_logs(site) -> str:
+    return "\n".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((site["workdir"] / "pods").rglob("*.log")))
+
+
+def test_a_submitted_experiment_trains_on_the_cluster_and_succeeds(uninterrupted, s3_server):
+    status = uninterrupted["status"]
+    assert status["progress"] == "2/2"
+    for run in status["runs"]:
+        events = metrics_events(s3_server, uninterrupted["s3_uri"], run["name"])
+        done = [e for e in events if e["event"] == "done"]
+        assert done and done[-1]["step"] == run["total_steps"] == run["step"], run
+        starts = [e for e in events if e["event"] == "start"]
+        assert starts[0]["world_size"] == 2, "two pods, one process each"
+        assert run["val_loss"] == [e for e in events if e["event"] == "eval"][-1]["val_loss"]
+        assert run["last_checkpoint"].startswith(f"{uninterrupted['s3_uri']}/{run['name']}/")
+        assert run["restarts"] == 0
+
+
+def test_compare_prints_the_table_from_the_store(uninterrupted, site, s3_server, capsys, monkeypatch):
+    for k, v in uninterrupted["env"].items():
+        monkeypatch.setenv(k, v)
+    capsys.readouterr()
+    assert main(["compare", "tiny", "--backend", "kubernetes", "-n", site["namespace"]]) == 0
+    out = capsys.readouterr().out
+    for run in ("tiny-dlm", "tiny-ar"):
+        events = metrics_events(s3_server, uninterrupted["s3_uri"], run)
+        val = [e for e in events if e["event"] == "eval"][-1]["val_loss"]
+        line = next(line for line in out.splitlines() if line.strip().startswith(run))
+        assert f"{val:.3f}" in line and "Succeeded" in line, line
+
+
+def test_an_evicted_run_is_preempted_recreated_and_ends_exactly_like_an_uninterrupted_one(
+        uninterrupted, site, cluster, s3_server):
+    s3_uri = f"s3://{s3_server.bucket}/e2e-preempt-{uuid.uuid4().hex[:8]}"
+    with cluster.api_client() as api:
+        experiments = Experiments(api, site["namespace"])
+        experiments.create("evicted", {"arms": ["diffusion"], **cluster_spec(s3_uri, s3_server.endpoint_url)})
+        check = site["operator"].check_alive
+        run = wait_until("a verified checkpoint", lambda: (
+            r if (r := experiments.runs("evicted").get("evicted-dlm")) and r.get("last_checkpoint") else None),
+            timeout=TRAINING_TIMEOUT, interval=0.5, check=check)
+        assert run["phase"] == "Running" and run["step"] < run["total_steps"], "evicted mid-training"
+        worker = next(p for p in experiments.pods("evicted-dlm") if "worker" in p.metadata.name)
+        experiments.core.create_namespaced_pod_eviction(worker.metadata.name, site["namespace"], client.V1Eviction(
+            metadata=client.V1ObjectMeta(name=worker.metadata.name, namespace=site["namespace"])))
+        experiments.wait_run("evicted", "evicted-dlm", "Preempted", timeout=60, check=check)
+        status = wait_until("evicted finished", lambda: (
+            s if (s := experiments.status("evicted")).get("phase") in ("Succeeded", "Failed") else None),
+            timeout=TRAINING_TIMEOUT, interval=1, check=check)
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1) + _pod_logs(site)
+    (run,) = status["runs"]
+    assert run["restarts"] == 1
+    events = metrics_events(s3_server, s3_uri, "evicted-dlm")
+    assert sum(e["event"] == "start" for e in events) == 2, "trained, stopped, resumed"
+    reference = metrics_events(s3_server, uninterrupted["s3_uri"], "tiny-dlm")
+    assert curve(events) == curve(reference), "the resumed run's losses equal the uninterrupted run's, bitwise"
