@@ -18,7 +18,7 @@ $(VENV)/.all: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.train
 
 quickstart: $(VENV)/.train
-	$(BIN)/dlmctl submit examples/quickstart.yaml --wait --replace
+	$(BIN)/dlmctl submit examples/quickstart.yaml --backend local --wait --replace
 
 testenv: $(VENV)/.all
 	tests/testenv/build

@@ -123,7 +123,7 @@ def test_compare_prints_the_table_from_the_store(uninterrupted, site, s3_server,
     for run in ("tiny-dlm", "tiny-ar"):
         events = metrics_events(s3_server, uninterrupted["s3_uri"], run)
         val = [e for e in events if e["event"] == "eval"][-1]["val_loss"]
-        line = next(line for line in out.splitlines() if line.strip().startswith(run))
+        line = next((line for line in out.splitlines() if f" {run} " in f" {line} "), out)
         assert f"{val:.3f}" in line and "Succeeded" in line, line
 
 

@@ -20,7 +20,7 @@ def curve(run_dir: Path, event: str, field: str) -> list[float]:
 def test_the_quickstart_trains_both_arms_and_prints_the_comparison(isolated_home):
     dlmctl = Path(sys.executable).parent / "dlmctl"
     env = {k: v for k, v in os.environ.items() if k not in ("DLMCTL_BACKEND", "KUBERNETES_SERVICE_HOST")}
-    done = subprocess.run([str(dlmctl), "submit", "examples/quickstart.yaml", "--wait"], cwd=ROOT, env=env,
+    done = subprocess.run([str(dlmctl), "submit", "examples/quickstart.yaml", "--backend", "local", "--wait"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "quickstart: DLM vs AR" in done.stdout
