@@ -279,16 +279,16 @@ class Reconciler:
         when the run has finished)."""
         key = (run.namespace or "", run.name)
         last = self._progress_read_at.get(key)
-        if final and last == float("inf"):
+        if last == float("inf") or (last is not None and self.clock() - last < self.config.progress_interval):
             return status
-        if not final and last is not None and self.clock() - last < self.config.progress_interval:
-            return status
+        self._progress_read_at[key] = self.clock()  # failures wait for the next interval too
         try:
             progress = self.progress.read(run)
         except Exception as err:  # the store is down or the credentials are wrong: say so, keep going
             log.warning("run %s: cannot read progress from its store: %s", run.name, err)
             return status
-        self._progress_read_at[key] = float("inf") if final else self.clock()
+        if final:
+            self._progress_read_at[key] = float("inf")
         if progress is not None:
             values = progress.model_dump()
             status.update({k: values[k] for k in PROGRESS_FIELDS if values.get(k) is not None})

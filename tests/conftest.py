@@ -11,6 +11,8 @@ def isolated_home(tmp_path_factory, monkeypatch):
     """Every test gets its own $DLMCTL_HOME; the token cache is shared by the session (it is content-keyed)."""
     home = tmp_path_factory.mktemp("dlmctl-home")
     monkeypatch.setenv("DLMCTL_HOME", str(home))
+    # No AWS client of a test may look for credentials at the cloud's instance-metadata address.
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("DLMCTL_CACHE", os.environ.get("DLMCTL_TEST_CACHE", str(_session_cache(tmp_path_factory))))
     return home
 
