@@ -129,6 +129,11 @@ def progress_line(r: "RunStatus") -> str:
 
 
 def dump(data, output: str) -> str:
+    """`data` as JSON or YAML, with anything secret-looking masked (dlmctl.spec.redact): printed specs and
+    Kubernetes objects end up in terminals, CI logs and bug reports."""
+    from dlmctl.spec.redact import redact
+
+    data = redact(data)
     if output == "json":
         return json.dumps(data, indent=2)
     import yaml

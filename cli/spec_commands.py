@@ -36,11 +36,12 @@ def validate(spec: SpecArg) -> None:
 def render(spec: SpecArg, output: FormatOpt = Format.yaml) -> None:
     """Print the Kubernetes objects `submit` would create on a cluster: one PyTorchJob per run."""
     from dlmctl.operator.jobs import job_manifests, to_yaml
+    from dlmctl.spec.redact import redact
 
     from .output import dump
     from .specfile import load
 
-    documents = job_manifests(load(spec))
+    documents = redact(job_manifests(load(spec)))  # a valid spec holds no secrets; printed objects never do
     if output is Format.json:
         typer.echo(dump({"apiVersion": "v1", "kind": "List", "items": documents}, "json"))
     else:

@@ -21,4 +21,4 @@ def load(path: str) -> "Experiment":
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise SpecError("<stdin>: not UTF-8 text") from None
-    return experiment_from_dict(parse_yaml(text, "<stdin>"), "<stdin>")
+    return experiment_from_dict(parse_yaml(text, "<stdin>"), "<stdin>", require_header=True)

@@ -11,12 +11,13 @@ from .experiment import (
     Run,
     RunStatus,
 )
-from .load import SpecError, experiment_from_dict, load_experiment, parse_yaml
+from .load import SpecError, check_local_paths, experiment_from_dict, load_experiment, parse_yaml
 from .model import PRESETS, ModelShape, ModelSpec
+from .redact import redact
 from .sections import Arm
 
 __all__ = [
     "API_VERSION", "GROUP", "KIND", "PLURAL", "VERSION", "Arm", "Experiment", "ExperimentSpec",
     "ExperimentStatus", "ModelShape", "ModelSpec", "PRESETS", "Run", "RunStatus", "SpecError",
-    "experiment_from_dict", "load_experiment", "parse_yaml",
+    "check_local_paths", "experiment_from_dict", "load_experiment", "parse_yaml", "redact",
 ]

@@ -21,6 +21,7 @@ from pydantic_core import PydanticUndefined
 
 from .experiment import (
     API_VERSION,
+    DEFAULT_MAX_RUNS,
     DISTINCT_ARMS,
     DNS_1123_LABEL,
     GROUP,
@@ -31,24 +32,28 @@ from .experiment import (
     PLURAL,
     SWEEP_KEYS,
     SWEEPABLE,
+    TOO_MANY_RUNS,
     VERSION,
     Experiment,
+    ExperimentSpec,
 )
 from .model import PRESETS
 from .sections import (
     DEFAULT_GLOBAL_SEQUENCES,
+    DEFAULT_VOCAB_SIZE,
     ONE_BATCH_SIZE,
     SCHEDULE_PHASES_FIT,
     TOKENIZER_PATH_FORBIDDEN,
     TOKENIZER_PATH_REQUIRED,
-    UNSUPPORTED_URI,
-    URI_SCHEMES,
+    VOCAB_SIZE_NOT_BYTE,
     BatchSpec,
+    ChoiceTaskSpec,
     DataSpec,
     ResourcesSpec,
     ScheduleSpec,
     TokenizerSpec,
 )
+from .uris import ENDPOINT_CHECKS, LOCATION_CHECKS, Check
 
 SHORT_NAMES = ["dlmx"]
 CRD_NAME = f"{PLURAL}.{GROUP}"
@@ -258,6 +263,8 @@ def validation_rules() -> dict[str, list[dict[str, str]]]:
     warmup = _or("self.?warmup_fraction", _default(ScheduleSpec, "warmup_fraction"))
     decay = _or("self.?decay_fraction", _default(ScheduleSpec, "decay_fraction"))
     schedule_kind = _or("self.?kind", _default(ScheduleSpec, "kind"))
+    data_validation = _or("self.?validation_tokens", _default(DataSpec, "validation_tokens"))
+    vocab_size = _or("self.?vocab_size", DEFAULT_VOCAB_SIZE)
     presets = list(PRESETS)
     return {
         "": [  # the API server allows dots in a custom resource's name; a run's pods and services do not
@@ -279,6 +286,8 @@ def validation_rules() -> dict[str, list[dict[str, str]]]:
                   ["spec.batch: global batch of ", (sequences,), " sequences is not divisible by micro_batch_sequences (",
                    (micro,), ") x world size (", (world,), ")"],
                   field=".batch"),
+            *_choice_task_rules(seq_len),
+            _run_count_rule(),
             {"rule": "self == oldSelf", "message": IMMUTABLE_SPEC},
         ],
         "spec.arms": [_rule("self.all(a, self.exists_one(b, b == a))", f"spec.arms: {DISTINCT_ARMS}")],
@@ -292,12 +301,21 @@ def validation_rules() -> dict[str, list[dict[str, str]]]:
             _rule(f"{unique} >= {data_seq_len}", "spec.data.unique_tokens: must hold at least one sequence of data.seq_len tokens",
                   ["spec.data.unique_tokens: ", (unique,), " is less than one sequence (seq_len=", (data_seq_len,), ")"],
                   field=".unique_tokens"),
+            _rule(f"{data_validation} >= {data_seq_len}",
+                  "spec.data.validation_tokens: must hold at least one sequence of data.seq_len tokens",
+                  ["spec.data.validation_tokens: ", (data_validation,), " is less than one sequence (seq_len=",
+                   (data_seq_len,), ")"],
+                  field=".validation_tokens"),
+            *(_checks_rule("spec.data", name, LOCATION_CHECKS) for name in ("train", "validation", "cache")),
         ],
         "spec.data.tokenizer": [
             _rule(f"{kind} != {_cel('file')} || {path} != {_cel('')}", f"spec.data.tokenizer.{TOKENIZER_PATH_REQUIRED}",
                   field=".path", reason="FieldValueRequired"),
             _rule(f"{kind} == {_cel('file')} || {path} == {_cel('')}", f"spec.data.tokenizer.{TOKENIZER_PATH_FORBIDDEN}",
                   field=".path", reason="FieldValueForbidden"),
+            _rule(f"{kind} != {_cel('byte')} || {vocab_size} == {DEFAULT_VOCAB_SIZE}",
+                  f"spec.data.tokenizer.{VOCAB_SIZE_NOT_BYTE}", field=".vocab_size", reason="FieldValueForbidden"),
+            _checks_rule("spec.data.tokenizer", "path", LOCATION_CHECKS),
         ],
         "spec.schedule": [
             _rule(f"{schedule_kind} != {_cel('wsd')} || {warmup} + {decay} <= 1.0", f"spec.schedule: {SCHEDULE_PHASES_FIT}"),
@@ -306,9 +324,8 @@ def validation_rules() -> dict[str, list[dict[str, str]]]:
             _rule("!has(self.global_sequences) || !has(self.global_tokens)", f"spec.batch: {ONE_BATCH_SIZE}"),
         ],
         "spec.checkpoint": [
-            _rule(f"!has(self.uri) || !self.uri.contains({_cel('://')}) || {_cel(list(URI_SCHEMES))}.exists(s, self.uri.startsWith(s))",
-                  f"spec.checkpoint.uri: {UNSUPPORTED_URI}",
-                  ["spec.checkpoint.uri: '", ("self.uri", str), f"': {UNSUPPORTED_URI}"], field=".uri"),
+            _checks_rule("spec.checkpoint", "uri", LOCATION_CHECKS),
+            _checks_rule("spec.checkpoint", "endpoint_url", ENDPOINT_CHECKS),
         ],
         "spec.sweep": [
             # Unknown keys are kept (x-kubernetes-preserve-unknown-fields) but invisible to CEL; the map's
@@ -317,6 +334,76 @@ def validation_rules() -> dict[str, list[dict[str, str]]]:
                   f"spec.sweep: {SWEEP_KEYS}"),
         ],
     }
+
+
+def _choice_task_rules(seq_len: str) -> list[dict[str, str]]:
+    """spec.eval.choice_task against spec.data: one example's window fits a sequence, and the validation set
+    holds a window for every example and every choice (ExperimentSpec._choice_task_fits)."""
+    task = "self.?eval.?choice_task"
+    examples = _or(f"{task}.?examples", _default(ChoiceTaskSpec, "examples"))
+    choices = _or(f"{task}.?choices", _default(ChoiceTaskSpec, "choices"))
+    context = _or(f"{task}.?context_tokens", _default(ChoiceTaskSpec, "context_tokens"))
+    continuation = _or(f"{task}.?continuation_tokens", _default(ChoiceTaskSpec, "continuation_tokens"))
+    validation = _or("self.?data.?validation_tokens", _default(DataSpec, "validation_tokens"))
+    window = f"({context} + {continuation})"
+    needed = f"({examples} > {choices} ? {examples} : {choices})"
+    return [
+        _rule(f"{examples} == 0 || {window} <= {seq_len}",
+              "spec.eval.choice_task: context_tokens + continuation_tokens must be <= data.seq_len",
+              ["spec.eval.choice_task: context_tokens + continuation_tokens (", (context,), " + ", (continuation,),
+               ") must be <= data.seq_len (", (seq_len,), ")"],
+              field=".eval.choice_task"),
+        _rule(f"{examples} == 0 || {window} > {seq_len} || {validation} / {window} >= {needed}",
+              "spec.eval.choice_task.examples: the validation set must hold a window of context_tokens + "
+              "continuation_tokens for each example and each choice",
+              ["spec.eval.choice_task.examples: ", (examples,), " examples of ", (window,), " tokens with ", (choices,),
+               " choices need ", (needed,), " windows, but data.validation_tokens (", (validation,), ") holds ",
+               (f"{validation} / {window}",), "; raise data.validation_tokens or lower the examples"],
+              field=".eval.choice_task.examples"),
+    ]
+
+
+def _run_count_rule() -> dict[str, str]:
+    """arms x sweep points <= max_runs. Counted as a double: 16 keys of 64 values overflow an int64."""
+    arms = f"self.?arms.orValue({_cel([a.value for a in ExperimentSpec().arms])}).size()"
+    sizes = " * ".join(f"(has(self.sweep.{_escape(p)}) ? double(size(self.sweep.{_escape(p)})) : 1.0)" for p in SWEEPABLE)
+    points = f"(has(self.sweep) ? {sizes} : 1.0)"
+    limit = _or("self.?max_runs", DEFAULT_MAX_RUNS)
+    before, after = TOO_MANY_RUNS.split("{max_runs}")
+    return _rule(f"double({arms}) * {points} <= double({limit})",
+                 "spec.sweep: expands into more runs (arms x sweep points) than spec.max_runs; "
+                 "narrow the sweep or raise spec.max_runs",
+                 ["spec.sweep: expands into ", (f"int(double({arms}) * {points})",), " runs (", (arms,), " arms x ",
+                  (f"int({points})",), " sweep points), ", before, (limit,), after],
+                 field=".sweep")
+
+
+def _checks_rule(path: str, name: str, checks: tuple[Check, ...]) -> dict[str, str]:
+    """One rule for a string field of the object at `path`: every check of spec/uris.py passes; the message is
+    the first failing check's, in the models' words."""
+    value = f"self.{name}"
+    conditions = []
+    for check in checks:
+        found = f"{value}.matches({_cel(check.pattern)})"
+        ok = found if check.must_match else f"!{found}"
+        conditions.append(f"(!{value}.matches({_cel(check.when)}) || {ok})" if check.when else ok)
+    prefix = f"{path}.{name}: "
+
+    def message(check: Check) -> str:
+        text = _cel(prefix + check.message)
+        if not check.echo:
+            return text
+        assert "%" not in prefix + check.message, "a message is a CEL format string here"
+        template = json.dumps(f"{prefix}'%s': {check.message}")
+        return f"({value}.contains({_cel('@')}) ? {text} : {template}.format([{value}]))"  # never echo a key
+
+    expression = message(checks[-1])
+    for check, condition in zip(reversed(checks[:-1]), reversed(conditions[:-1])):
+        expression = f"!{condition} ? {message(check)} : {expression}"
+    summary = ("must be http(s)://HOST[:PORT][/PATH], without credentials" if checks is ENDPOINT_CHECKS
+               else "must be a local path or an s3://BUCKET[/KEY] URI, without credentials")
+    return {"rule": f"!has({value}) || ({' && '.join(conditions)})", "message": prefix + summary,
+            "messageExpression": expression, "fieldPath": f".{name}"}
 
 
 def _rule(rule: str, message: str, parts: list | None = None, field: str | None = None,

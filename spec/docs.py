@@ -16,12 +16,23 @@ A spec file is the `{KIND}` custom resource (`apiVersion: {API_VERSION}`): `meta
 `spec` describes the study. Unknown fields are errors. `dlmctl validate SPEC` checks a file and lists the
 runs it expands into; `dlmctl schema` prints the JSON Schema for editors.
 
+A spec file must start with `apiVersion: {API_VERSION}` and `kind: {KIND}`. Numbers are taken strictly:
+`true` is not a number, `"4"` is not 4, `.inf` and `.nan` are refused, and an integer field takes `1e6` but not
+`2.5`. Locations (`data.train`, `data.validation`, `data.cache`, `data.tokenizer.path`, `checkpoint.uri`) are
+local paths or `s3://BUCKET[/KEY]` URIs with a valid bucket name and no empty or `..` key segments; no URI (nor
+`checkpoint.endpoint_url`) may carry credentials: they belong in the Secret named by
+`checkpoint.credentials_secret`, or in the environment.
+
 Cross-field rules: the global batch (sequences) must be divisible by `batch.micro_batch_sequences` x world
-size (`resources.nodes` x processes per node); `data.unique_tokens` must hold at least one `data.seq_len`
-sequence; without `model.preset`, `n_layer`, `d_model`, `n_head` and `d_ff` are required; `d_model` must be
-divisible by `n_head` and `n_head` by `n_kv_head`; run names (`<metadata.name>-<dlm|ar>[-<sweep point>]`)
-must be unique DNS labels of at most 63 characters including the replica suffix `-worker-<i>`. A sweep key is
-the dotted path of a field of the spec (`data.epochs`), any field but `arms` and `sweep`.
+size (`resources.nodes` x processes per node); `data.unique_tokens` and `data.validation_tokens` must each hold
+at least one `data.seq_len` sequence; a `kind: byte` tokenizer takes no `data.tokenizer.vocab_size`; a choice-task example
+(`eval.choice_task.context_tokens` + `continuation_tokens`) must fit one `data.seq_len` sequence, and
+`data.validation_tokens` must hold one such window for each example and each choice; without `model.preset`,
+`n_layer`, `d_model`, `n_head` and `d_ff` are required; `d_model` must be divisible by `n_head` and `n_head` by
+`n_kv_head`; run names (`<metadata.name>-<dlm|ar>[-<sweep point>]`) must be unique DNS labels of at most 63
+characters including the replica suffix `-worker-<i>`. A sweep key is the dotted path of a field of the spec
+(`data.epochs`), any field but `arms`, `sweep` and `max_runs`; the runs a spec expands into (arms x sweep
+points) may not exceed `max_runs`.
 
 Server-set metadata (`uid`, `resourceVersion`, `generation`, `managedFields`, `finalizers`, ...) is ignored, so
 an Experiment read back from a cluster (`kubectl get experiment NAME -o yaml`) is a valid spec file.

@@ -6,11 +6,11 @@ import itertools
 import math
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Iterator, Literal, Optional
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .base import Strict
+from .base import SpecModel, Strict
 from .contracts import ExperimentPhase, RunPhase
 from .model import ModelSpec
 from .sections import (
@@ -39,15 +39,31 @@ DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 REPLICA_SUFFIX = "-worker-"
 MAX_LABEL = 63
 NAME_RULE = "lowercase letters, digits and '-', starting and ending alphanumeric"
-UNSWEEPABLE = ("arms", "sweep")
+UNSWEEPABLE = ("arms", "sweep", "max_runs")
 # The largest integer every JSON reader keeps exactly. The API server holds schema bounds as float64 and
 # refuses an integer bound it cannot read back as an int64 (2**63 - 1 is 2**63 as a float64).
 MAX_SEED = 2**53 - 1
 MAX_SWEEP_FIELDS = 16
 MAX_SWEEP_VALUES = 64
-SWEEP_KEYS = "a sweep key is the dotted path of a field of the spec, e.g. data.epochs (arms and sweep cannot be swept)"
+DEFAULT_MAX_RUNS = 1000
+MAX_RUNS_LIMIT = 100_000  # expanding a run costs about 0.1 ms: 10 s for `validate`, and a machine's worth of processes
+SWEEP_KEYS = ("a sweep key is the dotted path of a field of the spec, e.g. data.epochs (arms and sweep cannot be swept, "
+              "nor max_runs)")
+TOO_MANY_RUNS = "more than spec.max_runs ({max_runs}); narrow the sweep or raise spec.max_runs"
 DISTINCT_ARMS = "each arm may be listed once"
 IMMUTABLE_SPEC = "spec is immutable: runs cannot change once submitted; resubmit with `dlmctl submit --replace`"
+# Label keys and values as Kubernetes accepts them (a run's labels are copied onto its PyTorchJob and pods).
+LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
+LABEL_KEY = re.compile(rf"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?{LABEL_NAME}$")
+LABEL_VALUE = re.compile(rf"^({LABEL_NAME})?$")
+MAX_LABEL_PREFIX = 253
+LABEL_KEY_RULE = ("[PREFIX/]NAME: NAME at most 63 letters, digits, '-', '_' and '.', starting and ending alphanumeric; "
+                  "PREFIX a DNS subdomain of at most 253 characters")
+# Choice-task rules: each example is cut from context_tokens + continuation_tokens of validation text (one
+# sequence for the model), and every example and every choice needs a window of its own.
+CHOICE_FITS_SEQUENCE = "eval.choice_task: context_tokens + continuation_tokens must be <= data.seq_len"
+CHOICE_WINDOWS = "eval.choice_task.examples: the validation set must hold one window of context_tokens + " \
+    "continuation_tokens for each example and each choice"
 # What the API server and controllers write into an object's metadata. An Experiment read back from the
 # cluster (`kubectl get experiment X -o yaml`) carries them; they mean nothing to the spec and are dropped.
 SERVER_SET_METADATA = (
@@ -69,6 +85,19 @@ class Metadata(Strict):
             return {k: v for k, v in data.items() if k not in SERVER_SET_METADATA}
         return data
 
+    @field_validator("labels", "annotations")
+    @classmethod
+    def _label_keys(cls, v, info):
+        for key, value in v.items():
+            prefix, _, name = key.rpartition("/")
+            if not LABEL_KEY.match(key) or len(name) > MAX_LABEL or len(prefix) > MAX_LABEL_PREFIX:
+                raise ValueError(f"{_short(key)!r} is not a valid {info.field_name[:-1]} key ({LABEL_KEY_RULE})")
+            if info.field_name == "labels" and (len(value) > MAX_LABEL or not LABEL_VALUE.match(value)):
+                raise ValueError(
+                    f"{_short(key)}: {_short(value)!r} is not a valid label value (at most {MAX_LABEL} letters, digits, "
+                    "'-', '_' and '.', starting and ending alphanumeric, or empty)")
+        return v
+
     @field_validator("name", "namespace")
     @classmethod
     def _dns_label(cls, v):
@@ -79,7 +108,7 @@ class Metadata(Strict):
         return v
 
 
-class ExperimentSpec(Strict):
+class ExperimentSpec(SpecModel):
     arms: list[Arm] = Field(default_factory=lambda: [Arm.diffusion, Arm.autoregressive], min_length=1, max_length=len(Arm))
     seed: int = Field(default=1234, ge=0, le=MAX_SEED)
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -101,6 +130,11 @@ class ExperimentSpec(Strict):
         description="grid over spec fields by dotted path, e.g. data.unique_tokens: [1e6, 1e7]; expands into runs",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
+    max_runs: int = Field(
+        default=DEFAULT_MAX_RUNS, ge=1, le=MAX_RUNS_LIMIT,
+        description="the most runs (arms x sweep points) the experiment may expand into: a guard against a sweep "
+        "far larger than meant; raise it for a bigger study",
+    )
 
     @field_validator("arms")
     @classmethod
@@ -119,6 +153,28 @@ class ExperimentSpec(Strict):
                 f"({self.batch.micro_batch_sequences}) x world size ({self.resources.world_size})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _choice_task_fits(self):
+        task, data = self.eval.choice_task, self.data
+        if task.examples == 0:
+            return self
+        if task.window > data.seq_len:
+            raise ValueError(
+                f"eval.choice_task: context_tokens + continuation_tokens ({task.context_tokens} + "
+                f"{task.continuation_tokens}) must be <= data.seq_len ({data.seq_len})")
+        needed, windows = max(task.examples, task.choices), data.validation_tokens // task.window
+        if windows < needed:
+            raise ValueError(
+                f"eval.choice_task.examples: {task.examples} examples of {task.window} tokens with {task.choices} "
+                f"choices need {needed} windows, but data.validation_tokens ({data.validation_tokens}) holds "
+                f"{windows}; raise data.validation_tokens or lower the examples")
+        return self
+
+    @property
+    def run_count(self) -> int:
+        """Runs the spec expands into (arms x sweep points), counted without expanding them."""
+        return len(self.arms) * math.prod(len(values) for values in self.sweep.values())
 
     @property
     def global_batch_sequences(self) -> int:
@@ -200,6 +256,9 @@ class Run(Strict):
 
 
 class Experiment(Strict):
+    # A spec file must say what it is (load.py checks that it does); objects built in code may leave both out.
+    model_config = ConfigDict(json_schema_extra={"required": ["apiVersion", "kind", "metadata"]})
+
     apiVersion: Literal["dlmctl.io/v1alpha1"] = API_VERSION
     kind: Literal["Experiment"] = KIND
     metadata: Metadata
@@ -208,13 +267,23 @@ class Experiment(Strict):
 
     @model_validator(mode="after")
     def _runs_expand(self):
-        self.runs()  # every sweep point must be a valid spec with a valid, unique run name
+        for _ in self.iter_runs():  # every sweep point must be a valid spec with a valid, unique run name
+            pass
         return self
 
     def runs(self) -> list[Run]:
-        points = _grid(self.spec.sweep)
-        runs, seen = [], set()
-        for point in points:
+        return list(self.iter_runs())
+
+    def iter_runs(self) -> Iterator[Run]:
+        """The runs one at a time, in a fixed order; the sweep's keys and size are checked before the first."""
+        _check_sweep_keys(self.spec.sweep)
+        count, limit = self.spec.run_count, self.spec.max_runs
+        if count > limit:
+            raise ValueError(
+                f"spec.sweep: expands into {count} runs ({len(self.spec.arms)} arms x {count // len(self.spec.arms)} "
+                f"sweep points), {TOO_MANY_RUNS.format(max_runs=limit)}")
+        seen = set()
+        for point in _points(self.spec.sweep):
             spec = _apply(self.spec, point)
             for arm in self.spec.arms:
                 name = run_name(self.metadata.name, arm, point)
@@ -222,14 +291,11 @@ class Experiment(Strict):
                     raise ValueError(f"spec.sweep: two runs would both be named {name!r}")
                 _check_run_name(name, spec.resources.world_size)
                 seen.add(name)
-                runs.append(
-                    Run(name=name, experiment=self.metadata.name, namespace=self.metadata.namespace,
-                        arm=arm, point=point, spec=spec)
-                )
-        return runs
+                yield Run(name=name, experiment=self.metadata.name, namespace=self.metadata.namespace,
+                          arm=arm, point=point, spec=spec)
 
 
-def _grid(sweep: dict[str, list[Any]]) -> list[dict[str, Any]]:
+def _check_sweep_keys(sweep: dict[str, list[Any]]) -> None:
     for path, values in sweep.items():
         if path.split(".")[0] in UNSWEEPABLE:
             raise ValueError(f"spec.sweep.{path}: {path.split('.')[0]} cannot be swept")
@@ -239,8 +305,11 @@ def _grid(sweep: dict[str, list[Any]]) -> list[dict[str, Any]]:
             raise ValueError(f"spec.sweep.{path}: needs at least one value")
         if len({repr(v) for v in values}) != len(values):
             raise ValueError(f"spec.sweep.{path}: values must be distinct")
+
+
+def _points(sweep: dict[str, list[Any]]) -> Iterator[dict[str, Any]]:
     keys = list(sweep)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(sweep[k] for k in keys))]
+    return (dict(zip(keys, combo)) for combo in itertools.product(*(sweep[k] for k in keys)))
 
 
 def _apply(spec: ExperimentSpec, point: dict[str, Any]) -> ExperimentSpec:
@@ -265,6 +334,10 @@ class SweepPointError(ValueError):
     def __init__(self, point: dict[str, Any], cause: Exception):
         self.point, self.cause = point, cause
         super().__init__(f"sweep point {point}: {cause}")
+
+
+def _short(value: str, limit: int = 80) -> str:
+    return value if len(value) <= limit else value[: limit - 3] + "..."
 
 
 def _check_run_name(name: str, world_size: int) -> None:

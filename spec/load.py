@@ -1,17 +1,22 @@
 """Reading a user's spec file safely, and turning every mistake into one line that names the field."""
 from __future__ import annotations
 
+import os
 import re
+import sysconfig
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 from pydantic import ValidationError
 
-from .experiment import Experiment, SweepPointError
+from .experiment import API_VERSION, KIND, Experiment, SweepPointError
+from .redact import redact, redact_text
 
 MAX_SPEC_BYTES = 1 << 20
 MAX_DEPTH = 32
+MAX_INTEGER_CHARS = 100  # a spec's largest integers have 16 digits; Python refuses to read more than 4300
+MAX_SHOWN = 120  # characters of a value an error message shows
 
 
 class SpecError(ValueError):
@@ -36,11 +41,31 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                kind = "list" if isinstance(key_node, yaml.SequenceNode) else "mapping"
+                raise SpecError(f"line {key_node.start_mark.line + 1}: a key must be a plain name, not a {kind}")
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise SpecError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+                raise SpecError(f"line {key_node.start_mark.line + 1}: duplicate key {_shown(key)}")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):
+        if len(node.value) > MAX_INTEGER_CHARS:
+            raise SpecError(f"line {node.start_mark.line + 1}: an integer of {len(node.value)} characters is too long "
+                            f"(at most {MAX_INTEGER_CHARS})")
+        return super().construct_yaml_int(node)
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep=deep)
+        except (SpecError, yaml.YAMLError):
+            raise
+        except (ValueError, OverflowError, TypeError) as err:  # e.g. a timestamp that is no date: 2024-13-45
+            raise SpecError(f"line {node.start_mark.line + 1}: cannot read {_shown(node.value)}: {err}") from None
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
 
 
 # YAML 1.1 reads `1e6` as a string; researchers write token budgets that way, so accept YAML 1.2 numbers.
@@ -84,18 +109,26 @@ def read_spec_file(path: str | Path) -> Any:
 
 
 def load_experiment(path: str | Path) -> Experiment:
-    return experiment_from_dict(read_spec_file(path), str(path))
+    """A spec file: it must say what it is (apiVersion and kind), and must be a valid Experiment."""
+    return experiment_from_dict(read_spec_file(path), str(path), require_header=True)
 
 
-def experiment_from_dict(data: Any, source: str = "spec") -> Experiment:
+def experiment_from_dict(data: Any, source: str = "spec", require_header: bool = False) -> Experiment:
+    """An Experiment from a parsed document, or a SpecError naming the field. `require_header`: a document a user
+    wrote (a spec file) must carry apiVersion and kind; objects built in code may leave them out."""
     if not isinstance(data, dict):
         raise SpecError(f"{source}: expected a mapping with apiVersion, kind, metadata and spec")
+    if require_header:
+        for field, value in (("apiVersion", API_VERSION), ("kind", KIND)):
+            if field not in data:
+                raise SpecError(f"{source}: {field}: required field is missing (a spec file starts with "
+                                f"apiVersion: {API_VERSION} and kind: {KIND})")
     try:
         return Experiment.model_validate(data)
     except ValidationError as err:
-        raise SpecError(f"{source}: {describe(err)}") from None
+        raise SpecError(f"{source}: {redact_text(describe(err))}") from None
     except (ValueError, TypeError) as err:
-        raise SpecError(f"{source}: {err}") from None
+        raise SpecError(f"{source}: {redact_text(str(err))}") from None
 
 
 def describe(err: ValidationError) -> str:
@@ -141,7 +174,7 @@ def _describe_one(e: dict) -> str:
     path = ".".join(str(p) for p in e["loc"])
     cause = (e.get("ctx") or {}).get("error")
     if isinstance(cause, SweepPointError):
-        point = ", ".join(f"{k}={v!r}" for k, v in cause.point.items())
+        point = _point(cause.point)
         inner = describe(cause.cause) if isinstance(cause.cause, ValidationError) else str(cause.cause)
         return f"spec.sweep ({point}): {_join('spec', inner)}"
     if e["type"] == "value_error":
@@ -155,6 +188,12 @@ def _describe_one(e: dict) -> str:
     else:
         msg = e["msg"]
     return _join(path, msg)
+
+
+def _shown(value: Any, limit: int = MAX_SHOWN) -> str:
+    """`repr(value)` as an error message may show it: secrets masked, cut to `limit` characters."""
+    text = redact_text(repr(redact(value)))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _plain(value):
@@ -171,3 +210,95 @@ def _join(path: str, msg: str) -> str:
             return f"{field}: {rest}"
         return f"{path}.{field}: {rest}"
     return f"{path}: {msg}" if path else msg
+
+
+# ---- what a local run needs on this machine ---------------------------------------------------------------
+
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".jsonl")  # the files trainer/corpus.py reads from a folder
+
+
+def check_local_paths(experiment: Experiment) -> None:
+    """What a run on *this* machine reads must be here: `spec.data.train`, `spec.data.validation` and
+    `spec.data.tokenizer.path` when they are local paths (relative ones from the current directory), and
+    the text must be large enough for the tokens asked of it. The local backend calls this before it writes
+    anything; a cluster's pods see other disks, so `validate` and `render` do not. Raises SpecError naming
+    the field."""
+    checked: set[tuple] = set()
+    for run in experiment.iter_runs():
+        data = run.spec.data
+        key = (data.train, data.validation, data.tokenizer.kind, data.tokenizer.path, data.unique_tokens,
+               data.validation_tokens)
+        if key in checked:
+            continue
+        checked.add(key)
+        where = f" (sweep point {_point(run.point)})" if run.point else ""
+        train = _local_text_bytes(data.train, "spec.data.train", where)
+        validation = _local_text_bytes(data.validation, "spec.data.validation", where)
+        if data.tokenizer.kind == "file" and _is_local(data.tokenizer.path):
+            path = _local_path(data.tokenizer.path)
+            if not (path / "tokenizer.json" if path.is_dir() else path).is_file():
+                raise SpecError(f"spec.data.tokenizer.path: {_shown_path(data.tokenizer.path)} does not exist"
+                                f"{' (a folder without tokenizer.json)' if path.is_dir() else ''}{where}")
+        if data.tokenizer.kind != "file":  # byte-level: at most one token per byte, plus one per document
+            _check_enough_text(data, train, validation, where)
+
+
+def _check_enough_text(data, train: Optional[int], validation: Optional[int], where: str) -> None:
+    if train is not None and data.unique_tokens > 2 * train:
+        raise SpecError(f"spec.data.unique_tokens: {data.unique_tokens:,} tokens asked but {_shown_path(data.train)} "
+                        f"has {train:,} bytes of text (at most {2 * train:,} tokens){where}")
+    if data.validation is not None:
+        if validation is not None and data.validation_tokens > 2 * validation:
+            raise SpecError(
+                f"spec.data.validation_tokens: {data.validation_tokens:,} tokens asked but "
+                f"{_shown_path(data.validation)} has {validation:,} bytes of text (at most {2 * validation:,} tokens)"
+                f"{where}")
+    elif train is not None and data.unique_tokens + data.validation_tokens > 2 * train:
+        raise SpecError(
+            f"spec.data.validation_tokens: {data.validation_tokens:,} validation tokens are held out of "
+            f"{_shown_path(data.train)} besides {data.unique_tokens:,} unique tokens, but it has {train:,} bytes of "
+            f"text (at most {2 * train:,} tokens); lower one of them or set spec.data.validation{where}")
+
+
+def _is_local(uri: Optional[str]) -> bool:
+    return uri is not None and not uri.startswith(("s3://", "builtin:"))
+
+
+def _local_path(uri: str) -> Path:
+    return Path(uri.removeprefix("file://")).expanduser()
+
+
+def _local_text_bytes(uri: Optional[str], field: str, where: str) -> Optional[int]:
+    """Bytes of the text files a local source holds (an upper bound: what the trainer reads is a subset);
+    None for a source that is not on this machine."""
+    if uri == "builtin:python-stdlib":
+        return _tree_bytes(Path(sysconfig.get_paths()["stdlib"]), (".py",))
+    if not _is_local(uri):
+        return None
+    path = _local_path(uri)
+    if not path.exists():
+        raise SpecError(f"{field}: {_shown_path(uri)} does not exist{where}")
+    if path.is_file():
+        return path.stat().st_size
+    return _tree_bytes(path, TEXT_SUFFIXES)
+
+
+def _tree_bytes(root: Path, suffixes: tuple[str, ...]) -> int:
+    total = 0
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            if not name.startswith(".") and name.lower().endswith(suffixes):
+                try:
+                    total += os.stat(os.path.join(folder, name)).st_size
+                except OSError:
+                    pass
+    return total
+
+
+def _shown_path(uri: str) -> str:
+    return redact_text(uri) if len(uri) <= MAX_SHOWN else redact_text(uri)[: MAX_SHOWN - 3] + "..."
+
+
+def _point(point: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_shown(v, 60)}" for k, v in point.items())  # keys are fields of the spec: short

@@ -5,7 +5,7 @@ from typing import Optional
 
 from pydantic import Field, ValidationError, model_validator
 
-from .base import Strict
+from .base import SpecModel
 
 # Tiny presets train on a laptop CPU; the large ones are the published DLM-vs-AR shapes.
 PRESETS: dict[str, dict] = {
@@ -23,7 +23,7 @@ PRESETS: dict[str, dict] = {
 SHAPE_DEFAULTS = dict(tie_embeddings=True, qk_norm=False, rope_theta=10000.0, norm_eps=1e-5)
 
 
-class ModelShape(Strict):
+class ModelShape(SpecModel):
     """A fully resolved backbone: every field set. The trainer builds its model from this."""
 
     n_layer: int = Field(ge=1, le=512)
@@ -55,7 +55,7 @@ class ModelShape(Strict):
         return self
 
 
-class ModelSpec(Strict):
+class ModelSpec(SpecModel):
     """`spec.model`: a preset, optionally with fields overridden, or a fully custom shape."""
 
     preset: Optional[str] = Field(default="micro", description=f"one of: {', '.join(PRESETS)}")

@@ -7,9 +7,10 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from .base import Strict
+from .base import SpecModel
+from .redact import redact_text
+from .uris import ENDPOINT_CHECKS, LOCATION_CHECKS, MAX_URI_LENGTH, URI_SCHEMES, first_failure
 
-URI_SCHEMES = ("s3://", "file://", "/", "./", "../", "~")
 BUILTIN_CORPORA = ("python-stdlib",)
 
 # Rules the models check beyond single fields. The CRD's CEL rules (spec/crd.py) say the same words.
@@ -17,7 +18,9 @@ TOKENIZER_PATH_REQUIRED = "path: required when kind is 'file'"
 TOKENIZER_PATH_FORBIDDEN = "path: only allowed when kind is 'file'"
 SCHEDULE_PHASES_FIT = "warmup_fraction + decay_fraction must be <= 1"
 ONE_BATCH_SIZE = "set global_sequences or global_tokens, not both"
-UNSUPPORTED_URI = "only s3:// and local paths are supported"
+VOCAB_SIZE_NOT_BYTE = ("vocab_size: not allowed when kind is 'byte' (a byte tokenizer has 256 byte tokens and its "
+                       "special tokens)")
+DEFAULT_VOCAB_SIZE = 4096
 DEFAULT_GLOBAL_SEQUENCES = 32  # when neither batch.global_sequences nor batch.global_tokens is set
 
 # A pod's CPU and memory when the spec does not say: a share per GPU that leaves headroom on a typical
@@ -26,6 +29,48 @@ CPU_PER_GPU = 10
 MEMORY_GI_PER_GPU = 100
 CPU_WITHOUT_GPUS = 4
 MEMORY_GI_WITHOUT_GPUS = 16
+
+
+# Kubernetes quantities and names, as the API server (and the kubelet) will check them. RE2 syntax, ASCII classes.
+POSITIVE_NUMBER = r"([0-9]*[1-9][0-9]*(\.[0-9]+)?|[0-9]+\.[0-9]*[1-9][0-9]*)"
+CPU_PATTERN = rf"^{POSITIVE_NUMBER}m?$"
+MEMORY_PATTERN = rf"^{POSITIVE_NUMBER}(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# An image reference, [REGISTRY[:PORT]/]REPOSITORY[:TAG][@DIGEST], as container runtimes parse it.
+_HOST_PART = r"[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?"
+_PATH_PART = r"[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*"
+# The first part is a registry only when it looks like a host: it has a '.' or a port, or is localhost.
+_REGISTRY = rf"((localhost|{_HOST_PART}(\.{_HOST_PART})+)(:[0-9]+)?|{_HOST_PART}:[0-9]+)"
+IMAGE_PATTERN = (
+    rf"^({_REGISTRY}/)?{_PATH_PART}(/{_PATH_PART})*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@[A-Za-z][A-Za-z0-9]*([-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$"
+)
+
+
+def _check_location(value: Optional[str]) -> Optional[str]:
+    if value is not None:
+        failed = first_failure(value, LOCATION_CHECKS)
+        if failed is not None:
+            raise ValueError(f"{_shown(value)!r}: {failed.message}" if failed.echo else failed.message)
+    return value
+
+
+def _shown(value: str, limit: int = 120) -> str:
+    """A value as an error message may show it: secrets masked, cut to `limit` characters."""
+    value = redact_text(value)
+    return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
+def _matching(pattern: str, message: str):
+    """A before-validator refusing strings that do not match `pattern` with `message` (the field's `pattern`
+    says the same to the API server, in its own words)."""
+
+    def check(value):
+        if isinstance(value, str) and not re.search(pattern, value):
+            raise ValueError(message.format(value=_shown(value)))
+        return value
+
+    return check
 
 
 class Arm(str, Enum):
@@ -41,18 +86,24 @@ def _check_source(value: str) -> str:
     if value.startswith("builtin:"):
         name = value.removeprefix("builtin:")
         if name not in BUILTIN_CORPORA:
-            raise ValueError(f"unknown built-in corpus {name!r}; choose one of {', '.join(BUILTIN_CORPORA)}")
-    elif not value.startswith(URI_SCHEMES) and not re.match(r"^[\w.-]+(/[\w.-]*)*$", value):
-        raise ValueError(f"{value!r} is not a local path, s3:// URI or builtin:<corpus>")
+            raise ValueError(f"unknown built-in corpus {_shown(name)!r}; choose one of {', '.join(BUILTIN_CORPORA)}")
+        return value
+    _check_location(value)
+    if not value.startswith(URI_SCHEMES) and not re.match(r"^[\w.-]+(/[\w.-]*)*$", value):
+        raise ValueError(f"{_shown(value)!r} is not a local path, s3:// URI or builtin:<corpus>")
     return value
 
 
-class TokenizerSpec(Strict):
+class TokenizerSpec(SpecModel):
     kind: Literal["bpe", "byte", "file"] = Field(
         default="bpe", description="bpe: byte-level BPE trained on the unique data; byte: raw bytes; file: tokenizer.json"
     )
-    vocab_size: int = Field(default=4096, ge=260, le=1_048_576, description="BPE vocabulary size")
-    path: Optional[str] = Field(default=None, description="tokenizer.json, for kind: file")
+    vocab_size: int = Field(default=DEFAULT_VOCAB_SIZE, ge=260, le=1_048_576,
+                            description="BPE vocabulary size (kind: bpe)")
+    path: Optional[str] = Field(default=None, max_length=MAX_URI_LENGTH,
+                                description="tokenizer.json (a local file or an s3:// URI), for kind: file")
+
+    _path = field_validator("path")(_check_location)
 
     @model_validator(mode="after")
     def _path_iff_file(self):
@@ -60,16 +111,19 @@ class TokenizerSpec(Strict):
             raise ValueError(TOKENIZER_PATH_REQUIRED)
         if self.kind != "file" and self.path:
             raise ValueError(TOKENIZER_PATH_FORBIDDEN)
+        if self.kind == "byte" and self.vocab_size != DEFAULT_VOCAB_SIZE:  # the default is no choice of the user
+            raise ValueError(VOCAB_SIZE_NOT_BYTE)
         return self
 
 
-class DataSpec(Strict):
+class DataSpec(SpecModel):
     train: str = Field(
-        default="builtin:python-stdlib",
+        default="builtin:python-stdlib", max_length=MAX_URI_LENGTH,
         description="training text: a local file or folder, an s3:// URI, or builtin:python-stdlib",
     )
     validation: Optional[str] = Field(
-        default=None, description="validation text; when unset, held-out documents of the training source"
+        default=None, max_length=MAX_URI_LENGTH,
+        description="validation text; when unset, held-out documents of the training source",
     )
     validation_tokens: int = Field(default=65536, ge=1, le=10**10, description="size of the validation set")
     unique_tokens: int = Field(
@@ -78,16 +132,17 @@ class DataSpec(Strict):
     epochs: float = Field(default=4, gt=0, le=100_000, description="passes over the unique tokens (may be fractional)")
     seq_len: int = Field(default=256, ge=8, le=1_048_576, description="tokens per training sequence")
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
-    cache: Optional[str] = Field(default=None, description="token shard cache: local dir or s3:// prefix")
+    cache: Optional[str] = Field(default=None, max_length=MAX_URI_LENGTH,
+                                 description="token shard cache: local dir or s3:// prefix")
 
     _source = field_validator("train", "validation")(lambda v: v if v is None else _check_source(v))
+    _cache = field_validator("cache")(_check_location)
 
     @model_validator(mode="after")
     def _at_least_one_sequence(self):
-        if self.unique_tokens < self.seq_len:
-            raise ValueError(
-                f"unique_tokens: {self.unique_tokens} is less than one sequence (seq_len={self.seq_len})"
-            )
+        for name in ("unique_tokens", "validation_tokens"):
+            if getattr(self, name) < self.seq_len:
+                raise ValueError(f"{name}: {getattr(self, name)} is less than one sequence (seq_len={self.seq_len})")
         return self
 
     @property
@@ -95,7 +150,7 @@ class DataSpec(Strict):
         return self.unique_tokens // self.seq_len
 
 
-class DiffusionSpec(Strict):
+class DiffusionSpec(SpecModel):
     mask_schedule: Literal["linear"] = Field(
         default="linear",
         description="mask probability as a function of t: linear p=t, the schedule for which dividing by p(t) is the ELBO",
@@ -110,13 +165,13 @@ class DiffusionSpec(Strict):
     )
 
 
-class AutoregressiveSpec(Strict):
+class AutoregressiveSpec(SpecModel):
     input_mask_ratio: float = Field(
         default=0.0, ge=0, lt=1, description="fraction of input tokens replaced by [MASK] (targets untouched)"
     )
 
 
-class ObjectiveSpec(Strict):
+class ObjectiveSpec(SpecModel):
     diffusion: DiffusionSpec = Field(default_factory=DiffusionSpec)
     autoregressive: AutoregressiveSpec = Field(default_factory=AutoregressiveSpec)
 
@@ -124,7 +179,7 @@ class ObjectiveSpec(Strict):
 Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
-class OptimizerSpec(Strict):
+class OptimizerSpec(SpecModel):
     lr: float = Field(default=3e-3, gt=0, le=10)
     betas: tuple[Beta, Beta] = Field(default=(0.9, 0.95), description="Adam's beta1 and beta2, each in [0, 1)")
     weight_decay: float = Field(default=0.1, ge=0, le=10)
@@ -132,7 +187,7 @@ class OptimizerSpec(Strict):
     grad_clip: float = Field(default=1.0, ge=0, description="global gradient-norm clip; 0 disables")
 
 
-class ScheduleSpec(Strict):
+class ScheduleSpec(SpecModel):
     kind: Literal["wsd", "cosine", "constant"] = Field(default="wsd", description="warmup-stable-decay or cosine")
     warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
     decay_fraction: float = Field(default=0.2, ge=0, le=1, description="wsd: final fraction spent decaying")
@@ -145,7 +200,7 @@ class ScheduleSpec(Strict):
         return self
 
 
-class BatchSpec(Strict):
+class BatchSpec(SpecModel):
     global_sequences: Optional[int] = Field(
         default=None, ge=1, le=10**8, description=f"default {DEFAULT_GLOBAL_SEQUENCES} when no size is set"
     )
@@ -166,27 +221,36 @@ class BatchSpec(Strict):
         return self.global_tokens // seq_len
 
 
-class DeepSpeedSpec(Strict):
+class DeepSpeedSpec(SpecModel):
     zero_stage: int = Field(default=0, ge=0, le=3)
     activation_checkpointing: bool = False
 
 
-class ResourcesSpec(Strict):
+class ResourcesSpec(SpecModel):
     nodes: int = Field(default=1, ge=1, le=4096)
     gpus_per_node: int = Field(default=0, ge=0, le=64)
     processes_per_node: Optional[int] = Field(
         default=None, ge=1, le=256, description="defaults to gpus_per_node, or 1 without GPUs"
     )
-    image: str = Field(default="ghcr.io/dlmctl/trainer:0.1.0", min_length=1, max_length=512)
+    image: str = Field(default="ghcr.io/dlmctl/trainer:0.1.0", min_length=1, max_length=512, pattern=IMAGE_PATTERN,
+                       description="the trainer's container image: [REGISTRY/]REPOSITORY[:TAG][@DIGEST]")
     cpu: Optional[str] = Field(
-        default=None, pattern=r"^\d+(\.\d+)?m?$",
+        default=None, pattern=CPU_PATTERN,
         description=f"CPU request (and limit) of each pod; default {CPU_PER_GPU} per GPU, {CPU_WITHOUT_GPUS} without GPUs",
     )
     memory: Optional[str] = Field(
-        default=None, pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$",
+        default=None, pattern=MEMORY_PATTERN,
         description=f"memory request (and limit) of each pod; default {MEMORY_GI_PER_GPU}Gi per GPU, "
         f"{MEMORY_GI_WITHOUT_GPUS}Gi without GPUs",
     )
+
+    _image = field_validator("image", mode="before")(_matching(
+        IMAGE_PATTERN, "{value!r} is not an image reference: [REGISTRY[:PORT]/]REPOSITORY[:TAG][@DIGEST], "
+        "the repository in lowercase"))
+    _cpu = field_validator("cpu", mode="before")(_matching(
+        CPU_PATTERN, "{value!r} is not a positive CPU quantity, e.g. 8, 0.5 or 500m"))
+    _memory = field_validator("memory", mode="before")(_matching(
+        MEMORY_PATTERN, "{value!r} is not a positive memory quantity, e.g. 16Gi, 512Mi or 2G"))
 
     @property
     def cpu_request(self) -> str:
@@ -211,35 +275,49 @@ class ResourcesSpec(Strict):
         return self.nodes * self.procs_per_node
 
 
-class CheckpointSpec(Strict):
+class CheckpointSpec(SpecModel):
     uri: Optional[str] = Field(
-        default=None, description="s3://bucket/prefix or a local path; default: the run's local output"
+        default=None, max_length=MAX_URI_LENGTH,
+        description="s3://bucket/prefix or a local path; default: the run's local output",
     )
     interval_steps: int = Field(default=200, ge=1, le=10**9)
     keep_last: int = Field(default=3, ge=1, le=10000)
     keep_every_epochs: Optional[float] = Field(default=None, gt=0, description="also keep one checkpoint every K epochs")
-    endpoint_url: Optional[str] = Field(default=None, pattern=r"^https?://[^\s]+$", description="S3-compatible endpoint")
+    endpoint_url: Optional[str] = Field(default=None, max_length=MAX_URI_LENGTH, pattern=r"^https?://[^\s]+$",
+                                        description="S3-compatible endpoint: http(s)://HOST[:PORT][/PATH]")
     credentials_secret: Optional[str] = Field(
         default=None, pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$",
         description="Kubernetes Secret holding AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (never the keys themselves)",
     )
+    retry_deadline_seconds: int = Field(
+        default=3600, ge=1, le=10**9,
+        description="how long checkpoint uploads retry an unreachable store before the run fails",
+    )
 
-    @field_validator("uri")
+    _uri = field_validator("uri")(_check_location)
+
+    @field_validator("endpoint_url")
     @classmethod
-    def _uri(cls, v):
-        if v is not None and not v.startswith(URI_SCHEMES) and "://" in v:
-            raise ValueError(f"{v!r}: {UNSUPPORTED_URI}")
+    def _endpoint(cls, v):
+        failed = None if v is None else first_failure(v, ENDPOINT_CHECKS)
+        if failed is not None:
+            raise ValueError(failed.message)
         return v
 
 
-class ChoiceTaskSpec(Strict):
+class ChoiceTaskSpec(SpecModel):
     examples: int = Field(default=64, ge=0, le=100_000, description="0 disables the continuation-choice task")
     choices: int = Field(default=4, ge=2, le=64)
-    context_tokens: int = Field(default=48, ge=1)
-    continuation_tokens: int = Field(default=16, ge=1)
+    context_tokens: int = Field(default=48, ge=1, le=1_048_576)
+    continuation_tokens: int = Field(default=16, ge=1, le=1_048_576)
+
+    @property
+    def window(self) -> int:
+        """Tokens of validation text one example is cut from: its context and its true continuation."""
+        return self.context_tokens + self.continuation_tokens
 
 
-class EvalSpec(Strict):
+class EvalSpec(SpecModel):
     interval_steps: int = Field(default=100, ge=1, le=10**9)
     batches: int = Field(default=8, ge=1, le=100_000, description="validation micro-batches per evaluation")
     elbo_samples: int = Field(default=4, ge=1, le=1024, description="Monte-Carlo draws of t for the DLM ELBO")
@@ -247,12 +325,17 @@ class EvalSpec(Strict):
     choice_task: ChoiceTaskSpec = Field(default_factory=ChoiceTaskSpec)
 
 
-class MetricsSpec(Strict):
+class MetricsSpec(SpecModel):
     port: int = Field(default=9400, ge=0, le=65535, description="Prometheus exposition port on rank 0; 0 disables")
-    log_interval_steps: int = Field(default=10, ge=1)
+    log_interval_steps: int = Field(default=10, ge=1, le=10**9)
 
 
-class SchedulingSpec(Strict):
+class SchedulingSpec(SpecModel):
     queue: Optional[str] = Field(default=None, max_length=253)
-    priority_class: Optional[str] = Field(default=None, max_length=253)
+    priority_class: Optional[str] = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN,
+                                          description="a PriorityClass of the cluster")
     max_restarts: int = Field(default=3, ge=0, le=1000)
+
+    _priority_class = field_validator("priority_class", mode="before")(_matching(
+        DNS_SUBDOMAIN, "{value!r} is not a valid PriorityClass name (lowercase letters, digits, '-' and '.', "
+        "starting and ending alphanumeric)"))

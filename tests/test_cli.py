@@ -123,10 +123,19 @@ def bad_specs(tmp_path) -> dict[str, Path]:
         "wrong-type": text.replace("epochs: 4", "epochs: four"),
         "negative": text.replace("epochs: 4", "epochs: -4"),
         "absurd": text.replace("unique_tokens: 131072", "unique_tokens: 100000000000000000"),
-        "duplicate-runs": text + "  sweep:\n    data.epochs: [1.5, '1.5']\n",
+        "duplicate-runs": text + "  sweep:\n    data.unique_tokens: [131072, 131072.0]\n",
         "bad-name": text.replace("name: quickstart", "name: Quick_Start"),
         "duplicate-key": text.replace("  seed: 1234", "  seed: 1234\n  seed: 5"),
         "multi-node-locally": text.replace("  metrics: {port: 0}", "  metrics: {port: 0}\n  resources: {nodes: 2}"),
+        "list-as-key": text.replace("  seed: 1234", "  seed: 1234\n  ? [a, b]\n  : 1"),
+        "huge-integer": text.replace("seed: 1234", "seed: " + "9" * 5000),
+        "no-api-version": text.replace("apiVersion: dlmctl.io/v1alpha1\n", ""),
+        "infinite": text.replace("  seed: 1234", "  seed: 1234\n  optimizer: {grad_clip: .inf}"),
+        "boolean-seed": text.replace("seed: 1234", "seed: true"),
+        "too-many-runs": text + "  sweep:\n    seed: [" + ", ".join(map(str, range(40))) + "]\n    data.epochs: ["
+                         + ", ".join(map(str, range(1, 31))) + "]\n",
+        "keys-in-uri": text.replace("  metrics: {port: 0}", "  metrics: {port: 0}\n  checkpoint: {uri: "
+                                                              "'s3://AKIAIOSFODNN7EXAMPLE:not-for-print@bucket/x'}"),
     }
     paths = {}
     for name, content in specs.items():
@@ -146,11 +155,18 @@ EXPECTED = {
     "wrong-type": "spec.data.epochs: must be a number",
     "negative": "spec.data.epochs: must be > 0",
     "absurd": "spec.data.unique_tokens: must be <= 10000000000000",
-    "duplicate-runs": "two runs would both be named 'quickstart-dlm-e1p5'",
+    "duplicate-runs": "two runs would both be named 'quickstart-dlm-ut131072'",
     "bad-name": "metadata.name: 'Quick_Start' is not a valid Kubernetes name",
     "duplicate-key": "duplicate key 'seed'",
     "multi-node-locally": "spec.resources.nodes: the local backend runs on this machine only",
     "100-mb": "larger than 1024 KiB",
+    "list-as-key": "line 7: a key must be a plain name, not a list",
+    "huge-integer": "line 6: an integer of 5000 characters is too long",
+    "no-api-version": "apiVersion: required field is missing",
+    "infinite": "spec.optimizer.grad_clip: must be a finite number",
+    "boolean-seed": "spec.seed: must be an integer",
+    "too-many-runs": "spec.sweep: expands into 2400 runs (2 arms x 1200 sweep points), more than spec.max_runs (1000)",
+    "keys-in-uri": "spec.checkpoint.uri: credentials do not belong in a spec",
 }
 
 
@@ -158,6 +174,7 @@ EXPECTED = {
 def test_bad_input_to_submit_is_one_line_exit_2_and_writes_nothing(capsys, home, tmp_path, case):
     code, _, err = run(capsys, "submit", bad_specs(tmp_path)[case], "--wait")
     assert_user_error(code, err, EXPECTED[case])
+    assert "not-for-print" not in err and "AKIA" not in err, "a key is never printed"
     assert not home.exists(), "nothing is written under $DLMCTL_HOME"
 
 

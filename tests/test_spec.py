@@ -51,7 +51,7 @@ def test_an_empty_spec_means_both_arms_with_defaults():
         ({"arms": ["diffusion", "autoregressive", "diffusion"]}, "spec.arms: must have at most 2 items"),
         ({"model": {"dropout": 1.0}}, "spec.model.dropout: must be < 1"),
         ({"data": {"tokenizer": {"vocab_size": 10}}}, "spec.data.tokenizer.vocab_size: must be >= 260"),
-        ({"resources": {"memory": "lots"}}, "spec.resources.memory: does not match the pattern"),
+        ({"resources": {"memory": "lots"}}, "spec.resources.memory: 'lots' is not a positive memory quantity"),
     ],
 )
 def test_out_of_range_values_name_the_field_and_the_bound(spec, message):
@@ -163,7 +163,7 @@ def test_colliding_sweep_abbreviations_fall_back_to_longer_names():
          | {f"checkpoint.{f}": [1] for f in ("interval_steps", "keep_last", "keep_every_epochs", "endpoint_url")},
          "spec.sweep: must have at most 16 items"),
         ({"data.epochs": [1, 1]}, "spec.sweep.data.epochs: values must be distinct"),
-        ({"data.epochs": [1.5, "1.5"]}, "spec.sweep: two runs would both be named 'x-dlm-e1p5'"),
+        ({"data.unique_tokens": [1_000_000, 1e6]}, "spec.sweep: two runs would both be named 'x-dlm-ut1m'"),
     ],
 )
 def test_bad_sweeps_and_duplicate_run_names_are_refused(sweep, message):
