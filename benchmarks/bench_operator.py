@@ -53,7 +53,8 @@ def measure(cluster: Cluster, s3: SeaweedS3, count: int, workdir: Path) -> dict:
     # Production intervals; runs' progress is looked up in a real S3 server (no run writes metrics here).
     operator = OperatorProcess(kubeconfig, workdir / f"operator-{count}.log",
                                env={"DLMCTL_OPERATOR_RECONCILE_INTERVAL": "5", "DLMCTL_OPERATOR_PROGRESS_INTERVAL": "15",
-                                    "AWS_EC2_METADATA_DISABLED": "true", **s3.env()}).start()
+                                    "AWS_EC2_METADATA_DISABLED": "true", "MALLOC_ARENA_MAX": "2",  # as deployed
+                                    **s3.env()}).start()
     try:
         time.sleep(2)
         baseline = peak_rss_mb(operator.proc.pid, "VmRSS")

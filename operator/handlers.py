@@ -80,6 +80,10 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig, metrics: O
             for field, value in status.items():
                 patch.status[field] = value
 
+    @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True, id="forget", registry=registry)
+    def forget(uid: str, memo: kopf.Memo, **_: Any) -> None:
+        memo.reconciler.forget(uid)
+
     def disrupted(body: Any, **_: Any) -> bool:
         return pod_disruption(summarize_pod(body)) is not None
 

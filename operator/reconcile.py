@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Optional
 
 from dlmctl.spec import Experiment, Run, SpecError, experiment_from_dict
-from dlmctl.spec.contracts import RunPhase, experiment_phase
+from dlmctl.spec.contracts import ExperimentPhase, RunPhase, experiment_phase
 
 from .jobs import (
     ANNOTATION_CANCEL,
@@ -117,28 +117,54 @@ class Reconciler:
         self._progress_read_at: dict[tuple[str, str], float] = {}
         self._deleted: set[str] = set()  # uids of jobs deleted here, until the index shows them going
         self._unexplained_since: dict[str, float] = {}  # job uid -> when it was first seen Failed without a why
+        # A look whose inputs are what the last one saw, before anything it waits for is due, changes nothing:
+        # experiment uid -> (inputs, when the next look must happen anyway). Keeps 1000 idle experiments cheap.
+        self._last_look: dict[str, tuple[str, float]] = {}
+        self._due: list[float] = []
+        self._parsed: dict[tuple, object] = {}
 
     # -- the whole experiment -------------------------------------------------------------------
     def reconcile(self, body: dict, jobs: Iterable[dict], pods: Iterable[dict]) -> Optional[dict]:
         """The experiment's new status, or None when nothing changed."""
+        jobs, pods, meta = list(jobs), list(pods), body["metadata"]
+        inputs = repr((meta.get("generation"), meta.get("labels"), meta.get("annotations"), jobs, pods,
+                       (body.get("status") or {}).get("phase")))
+        last = self._last_look.get(meta.get("uid"))
+        if last is not None and last[0] == inputs and self.clock() < last[1]:
+            return None
         started = time.perf_counter()
+        self._due = [self.clock() + self.config.progress_interval]
         try:
-            status = self._reconcile(body, list(jobs), list(pods))
+            status = self._reconcile(body, jobs, pods)
         except Exception:
             self.metrics.reconcile_errors.inc()
+            self._last_look.pop(meta.get("uid"), None)
             raise
         finally:
             self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+        settled = status.get("phase") in {p.value for p in ExperimentPhase if p.terminal}
+        self._last_look[meta.get("uid")] = (inputs, float("inf") if settled else min(self._due))
         old = body.get("status") or {}
         return None if _same(status, old) else status
+
+    def forget(self, uid: str) -> None:
+        """The experiment is gone."""
+        self._last_look.pop(uid, None)
 
     def _reconcile(self, body: dict, jobs: list[dict], pods: list[dict]) -> dict:
         meta, old = body["metadata"], dict(body.get("status") or {})
         generation = meta.get("generation")
-        try:
-            experiment = parse_experiment(body)
-        except SpecError as err:
-            return self._invalid(old, str(err), generation)
+        key = (meta.get("uid"), generation, repr(meta.get("labels")), repr(meta.get("annotations")))
+        if key not in self._parsed:
+            if len(self._parsed) > 4096:
+                self._parsed.clear()
+            try:
+                self._parsed[key] = parse_experiment(body)
+            except SpecError as err:
+                self._parsed[key] = err
+        experiment = self._parsed[key]
+        if isinstance(experiment, SpecError):
+            return self._invalid(old, str(experiment), generation)
         accepted = old.get("observedGeneration") or generation
         spec_changed = generation is not None and accepted is not None and generation != accepted
         cancel = (meta.get("annotations") or {}).get(ANNOTATION_CANCEL)
@@ -214,11 +240,13 @@ class Reconciler:
         if obs.seen is Seen.FailedUnexplained:
             since = self._unexplained_since.setdefault(job["uid"], self.clock())
             if self.clock() - since < UNEXPLAINED_FAILURE_GRACE:
+                self._due.append(since + UNEXPLAINED_FAILURE_GRACE)
                 return status  # the pod's failure (and its exit code) is usually a moment behind the job's
             obs = Observation(Seen.Failed, obs.reason, obs.message)
         if obs.seen is Seen.NoJob:
             if phase in (RunPhase.Preempted, RunPhase.Restarting):
                 if self.clock() < self._recreate_after.get(key, 0) or not may_create:
+                    self._due.append(self._recreate_after.get(key, 0))
                     return status
                 self._create(body, experiment, run, restarts)
                 self.metrics.jobs_recreated.inc()
