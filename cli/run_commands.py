@@ -70,6 +70,8 @@ def submit(
     spec: Annotated[str, typer.Argument(metavar="SPEC", help="the experiment YAML file, or - for standard input")],
     wait: Annotated[bool, typer.Option("--wait", "-w", help="follow progress, then print the comparison")] = False,
     replace: Annotated[bool, typer.Option("--replace", help="replace an experiment of the same name")] = False,
+    fresh: Annotated[bool, typer.Option(
+        "--fresh", help="start every run over at step 0 (by default a run resumes from its newest checkpoint)")] = False,
 ) -> None:
     """Start every run of an experiment (validated first; nothing is created on error)."""
     from .output import console
@@ -79,7 +81,7 @@ def submit(
     target = backend(ctx)
     name = experiment.metadata.name
     console.print(f"submitting experiment {name} to {target.where(experiment)}")
-    names = target.submit(experiment, replace=replace)
+    names = target.submit(experiment, replace=replace, fresh=fresh)
     console.print(f"experiment {name}: {len(names)} runs submitted: {', '.join(names)}")
     if wait:
         raise typer.Exit(follow(target, name))

@@ -30,8 +30,11 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("DLMCTL_LOCAL_LAUNCHER", "python")
     monkeypatch.setenv("DLMCTL_WATCH_INTERVAL", "0.1")
     monkeypatch.setenv("DLMCTL_CANCEL_GRACE", "2")
+    monkeypatch.setenv("DLMCTL_RESTART_BACKOFF", "0.1")
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
-    for knob in ("DLMCTL_BACKEND", "DLMCTL_LOCAL_PARALLEL", "KUBERNETES_SERVICE_HOST", "FAKE_TRAINER_FAIL", "FAKE_TRAINER_HANG"):
+    for knob in ("DLMCTL_BACKEND", "DLMCTL_LOCAL_PARALLEL", "KUBERNETES_SERVICE_HOST", "DLMCTL_FRESH", "FAKE_TRAINER_FAIL",
+                 "FAKE_TRAINER_HANG", "FAKE_TRAINER_FAIL_CODE", "FAKE_TRAINER_CHECKPOINTS", "FAKE_TRAINER_KILL_AT",
+                 "FAKE_TRAINER_KILL_LIVES", "FAKE_TRAINER_SLEEP", "FAKE_TRAINER_STEPS"):
         monkeypatch.delenv(knob, raising=False)
     yield path
     backend = LocalBackend()
@@ -49,6 +52,13 @@ def write_spec(tmp_path, name="tiny", **spec) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(document))
     return path
+
+
+def other_folder(tmp_path) -> Path:
+    """For a second spec of the same name beside the first."""
+    folder = tmp_path / "other"
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 def cli(capsys, *argv):
@@ -107,7 +117,7 @@ def test_by_default_runs_are_launched_by_torchrun(capsys, home, tmp_path, monkey
 
 def test_a_failed_run_fails_the_experiment_but_not_the_other_runs(capsys, home, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_TRAINER_FAIL", "diffusion")
-    code, out, err = cli(capsys, "submit", write_spec(tmp_path), "--wait")
+    code, out, err = cli(capsys, "submit", write_spec(tmp_path, scheduling={"max_restarts": 0}), "--wait")
     assert code == 1
     assert "experiment tiny failed: 1/2 runs succeeded" in err
     status = LocalBackend().get("tiny").status
@@ -142,7 +152,7 @@ def test_a_dead_supervisor_fails_the_unfinished_runs(capsys, home, tmp_path, mon
     wait_for(lambda: not pid_alive(supervisor["pid"]), "the supervisor to die")
     status = LocalBackend().get("tiny").status
     assert {r.phase for r in status.runs} == {"Failed"}
-    assert status.runs[0].message == "the local supervisor exited before this run finished"
+    assert status.runs[0].message.startswith("the local supervisor exited before this run finished")
 
 
 def test_runs_can_run_in_parallel(capsys, home, tmp_path, monkeypatch):
@@ -192,8 +202,10 @@ def test_an_existing_experiment_is_only_replaced_on_request(capsys, home, tmp_pa
     spec = write_spec(tmp_path)
     assert cli(capsys, "submit", spec, "--wait")[0] == 0
     first = (home / "experiments" / "tiny" / "supervisor.json").read_text()
+    code, _, err = cli(capsys, "submit", write_spec(other_folder(tmp_path), arms=["diffusion"]))
+    assert code == 2 and "experiment 'tiny' already exists (Succeeded) with a different spec; pass --replace" in err
     code, _, err = cli(capsys, "submit", spec)
-    assert code == 2 and "experiment 'tiny' already exists (Succeeded); pass --replace" in err
+    assert code == 0 and "experiment tiny already succeeded with this spec; nothing to do" in err, "idempotent"
     assert (home / "experiments" / "tiny" / "supervisor.json").read_text() == first
     assert cli(capsys, "submit", spec, "--replace", "--wait")[0] == 0
     assert (home / "experiments" / "tiny" / "supervisor.json").read_text() != first
@@ -222,8 +234,9 @@ def test_the_backend_interface_directly(home, tmp_path):
     assert list(backend.logs("tiny", run="tiny-ar"))[-1] == "fake trainer: done"
     with pytest.raises(NotFound):
         backend.get("other")
-    with pytest.raises(UserError):
-        backend.submit(experiment)
+    assert backend.submit(experiment) == ["tiny-dlm", "tiny-ar"], "the same spec again: nothing to do"
+    with pytest.raises(UserError, match="with a different spec"):
+        backend.submit(load_experiment(write_spec(other_folder(tmp_path), arms=["diffusion"])))
 
 
 def test_nothing_is_written_before_a_submit_is_known_to_be_good(home, tmp_path):

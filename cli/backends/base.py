@@ -31,10 +31,11 @@ class Backend(abc.ABC):
         return "the local backend (this machine)" if self.name == "local" else f"the {self.name} backend"
 
     @abc.abstractmethod
-    def submit(self, experiment: "Experiment", replace: bool = False) -> list[str]:
+    def submit(self, experiment: "Experiment", replace: bool = False, fresh: bool = False) -> list[str]:
         """Start every run of a validated experiment; return the run names. Nothing is created on error.
 
         `replace` replaces an existing experiment of the same name (cancelling it if it still runs).
+        `fresh` starts every run over at step 0 instead of resuming from its checkpoints.
         """
 
     @abc.abstractmethod

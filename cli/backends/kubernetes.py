@@ -80,10 +80,13 @@ class KubernetesBackend(Backend):
         return f"the kubernetes backend: context {self.context}, namespace {namespace} ({self.server})"
 
     # -- submit ---------------------------------------------------------------------------------
-    def submit(self, experiment: "Experiment", replace: bool = False) -> list[str]:
+    def submit(self, experiment: "Experiment", replace: bool = False, fresh: bool = False) -> list[str]:
         from dlmctl.operator.jobs import check_cluster_ready
         from dlmctl.spec import SpecError
 
+        if fresh:
+            raise UserError("--fresh: the kubernetes backend cannot start runs over yet (they resume from the "
+                            "checkpoints under spec.checkpoint.uri); choose a new checkpoint URI or experiment name")
         try:
             check_cluster_ready(experiment)  # before the cluster is touched: nothing is created on error
         except SpecError as err:

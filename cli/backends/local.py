@@ -1,18 +1,26 @@
 """Runs on this machine: a detached supervisor executes each run as a real `torchrun` subprocess.
 
-State lives under $DLMCTL_HOME (layout in local_state.py). submit() checks everything before it
-writes anything, builds the experiment in a hidden staging folder and renames it into place, so
-a failed submit leaves nothing behind.
+State lives under $DLMCTL_HOME (layout in local_state.py). Every command that changes an experiment
+holds its lock, so concurrent submits of one name cannot both start it: one wins, the other is told
+which experiment is busy. submit() checks everything before it writes anything; a new experiment is
+built in a hidden staging folder and renamed into place, so a failed submit leaves nothing behind.
+
+Submitting is idempotent and never throws work away: submitting the spec an experiment already has
+resumes its unfinished runs from their newest checkpoints (nothing happens while it runs or once every
+run has succeeded); `--replace` swaps in a different spec, and its runs too resume from the checkpoints
+in their run folders; only `--fresh` starts runs over at step 0 (their previous outputs are set aside
+under previous/, and the trainer is told DLMCTL_FRESH=1 to ignore checkpoints stored elsewhere).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
@@ -22,33 +30,45 @@ import yaml
 from ..errors import NotFound, UserError
 from .base import Backend, ExperimentSummary
 from .local_state import (
+    EXPERIMENT_ENV,
+    FRESH_ENV,
+    MARKERS,
+    RUN_ENV,
+    CorruptState,
     ExperimentDir,
-    descendants,
+    LockBusy,
+    corrupt,
+    experiment_lock,
     experiments_dir,
+    find_process,
+    home,
     iter_experiment_dirs,
-    kill_all,
     now,
-    pid_alive,
     read_events,
-    read_lines,
     read_json,
+    read_lines,
+    running,
+    terminate,
+    wait_gone,
     write_json,
+    write_text,
 )
 
 if TYPE_CHECKING:
+    import psutil
+
     from dlmctl.spec import Experiment, ExperimentStatus
 
 FOLLOW_POLL_SECONDS = 0.2
 SUPERVISOR = "dlmctl.cli.backends.local_supervisor"
+UNKNOWN_PHASE = "Unknown"  # `list` for an experiment whose state cannot be read
 
 
 class LocalBackend(Backend):
     name = "local"
 
     # -- submit ---------------------------------------------------------------------------------
-    def submit(self, experiment: "Experiment", replace: bool = False) -> list[str]:
-        from dlmctl.spec.contracts import RunPhase
-
+    def submit(self, experiment: "Experiment", replace: bool = False, fresh: bool = False) -> list[str]:
         runs = experiment.runs()
         for run in runs:
             if run.spec.resources.nodes != 1:
@@ -57,109 +77,210 @@ class LocalBackend(Backend):
                     f"(run {run.name} asks for {run.spec.resources.nodes}); submit to a cluster instead"
                 )
         name = experiment.metadata.name
-        target = experiments_dir() / name
-        if target.exists():
-            if not replace:
-                phase = self._status(ExperimentDir(target)).phase
-                raise UserError(
-                    f"metadata.name: experiment {name!r} already exists ({phase}); "
-                    f"pass --replace to start it again, or choose another name"
-                )
-            if not self._status(ExperimentDir(target)).phase.terminal:
-                self.cancel(name)
-
-        experiments_dir().mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=experiments_dir(), prefix=f".{name}."))
         try:
-            exp = ExperimentDir(staging)
-            document = experiment.model_dump(mode="json", exclude={"status"})
-            exp.experiment_yaml.write_text(yaml.safe_dump(document, sort_keys=False))
-            write_json(exp.supervisor_json, {"runs": [r.name for r in runs], "submitted": now()})
-            for run in runs:
-                exp.run_dir(run.name).mkdir(parents=True)
-                exp.run_json(run.name).write_text(run.model_dump_json(indent=1))
-                exp.set_state(run.name, phase=RunPhase.Pending.value)
-            if target.exists():
-                old = target.with_name(f".{name}.replaced.{os.getpid()}")
-                os.rename(target, old)
-                shutil.rmtree(old, ignore_errors=True)
-            try:
-                os.rename(staging, target)
-            except OSError:  # another submit of the same name got there first
-                raise UserError(f"metadata.name: experiment {name!r} was just created by another submit") from None
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        self._start_supervisor(ExperimentDir(target))
+            with experiment_lock(name, "submit", wait=2.0):
+                self._submit(ExperimentDir(experiments_dir() / name), experiment, replace, fresh)
+        except LockBusy as busy:
+            raise UserError(
+                f"metadata.name: experiment {name!r} is being changed by another dlmctl command right now "
+                f"({busy.holder}); see `dlmctl get {name}`, or try again when that command has finished"
+            ) from None
         return [r.name for r in runs]
+
+    def _submit(self, exp: ExperimentDir, experiment: "Experiment", replace: bool, fresh: bool) -> None:
+        from dlmctl.spec.contracts import RunPhase
+
+        if not exp.root.exists():
+            self._create(exp, experiment, fresh)
+            self._start_supervisor(exp)
+            return
+        name = exp.name
+        try:
+            same = _spec_of(self._load_experiment(exp)) == _spec_of(experiment)
+            phase, damage = self._status(exp, _Processes()).phase, None
+        except CorruptState as err:
+            same, phase, damage = False, UNKNOWN_PHASE, err
+        if not same and not replace:
+            if damage is not None:
+                problem = str(damage).removeprefix(f"experiment {name!r}: ")
+                raise UserError(f"metadata.name: experiment {name!r} already exists, but {problem}")
+            raise UserError(
+                f"metadata.name: experiment {name!r} already exists ({phase}) with a different spec; pass --replace "
+                f"to replace it (runs of the same name resume from their checkpoints; --fresh starts them over), "
+                f"or choose another name"
+            )
+        if same and not replace and not fresh:
+            if all(exp.state(r.name).get("phase") == RunPhase.Succeeded.value for r in experiment.runs()):
+                _note(f"experiment {name} already succeeded with this spec; nothing to do "
+                      f"(`dlmctl submit --fresh` trains it again from step 0)")
+                return
+            supervisor = find_process(exp.supervisor(), cmdline=str(exp.root))
+            if supervisor is not None:
+                if not all(exp.finished(r) for r in exp.run_names()):
+                    _note(f"experiment {name} already runs this spec; nothing to change")
+                    return
+                wait_gone([supervisor], 10)  # its runs have ended; it is on its way out
+        self._stop(exp)
+        self._resubmit(exp, experiment, fresh)
+        self._start_supervisor(exp)
+
+    def _create(self, exp: ExperimentDir, experiment: "Experiment", fresh: bool) -> None:
+        exp.root.parent.mkdir(parents=True, exist_ok=True)
+        staging = ExperimentDir(Path(tempfile.mkdtemp(dir=exp.root.parent, prefix=f".{exp.name}.")))
+        try:
+            runs = experiment.runs()
+            for run in runs:
+                staging.run_dir(run.name).mkdir(parents=True)
+                staging.run_json(run.name).write_text(run.model_dump_json(indent=1))
+                write_json(staging.state_json(run.name), _pending_state(fresh))
+            staging.experiment_yaml.write_text(_document(experiment))
+            write_json(staging.supervisor_json, _submission(experiment, fresh))
+            os.rename(staging.root, exp.root)
+        except BaseException:
+            shutil.rmtree(staging.root, ignore_errors=True)
+            raise
+
+    def _resubmit(self, exp: ExperimentDir, experiment: "Experiment", fresh: bool) -> None:
+        """Give an existing, stopped experiment its new (or same) spec. A run keeps its folder -- its log,
+        metrics and checkpoints -- and so resumes, unless `fresh`; one that succeeded with the same run spec
+        stays succeeded."""
+        import json
+
+        from dlmctl.spec.contracts import RunPhase
+
+        stamp = datetime.now().strftime("%Y%m%dT%H%M%S%f")
+        previous = set(exp.run_names())
+        for run in experiment.runs():
+            folder, text = exp.run_dir(run.name), run.model_dump_json(indent=1)
+            state = exp.state(run.name)
+            unchanged = read_json(exp.run_json(run.name)) == json.loads(text) and run.name in previous
+            if unchanged and not fresh and state.get("phase") == RunPhase.Succeeded.value:
+                continue
+            if fresh and folder.exists():
+                aside = exp.previous_dir / f"{run.name}.{stamp}"
+                aside.parent.mkdir(exist_ok=True)
+                os.rename(folder, aside)
+                _note(f"{run.name} starts over at step 0; its previous output is kept in {aside}")
+            folder.mkdir(parents=True, exist_ok=True)
+            if not fresh:
+                step = _progress(exp.metrics(run.name)).get("last_checkpoint_step")
+                if step is not None:
+                    _note(f"{run.name} resumes from its checkpoint at step {step} (`--fresh` starts it over)")
+            write_text(exp.run_json(run.name), text)
+            write_json(exp.state_json(run.name), _pending_state(fresh or bool(state.get("fresh"))))
+        write_text(exp.experiment_yaml, _document(experiment))
+        write_json(exp.supervisor_json, _submission(experiment, fresh))
 
     def _start_supervisor(self, exp: ExperimentDir) -> None:
         from dlmctl.spec.contracts import RunPhase
 
+        env = {k: v for k, v in os.environ.items() if k not in (*MARKERS, FRESH_ENV)}
         with open(exp.supervisor_log, "ab") as log:
             done = subprocess.run(
                 [sys.executable, "-m", SUPERVISOR, str(exp.root), "--detach"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, timeout=60,
+                start_new_session=True, timeout=60, env=env,
             )
-        if done.returncode != 0 or not read_json(exp.supervisor_json, {}).get("pid"):
+        if done.returncode != 0 or not exp.supervisor().get("pid"):
             for run in exp.run_names():
-                exp.set_state(run, phase=RunPhase.Failed.value, end_time=now(), message=f"the supervisor did not start; see {exp.supervisor_log}")
+                if not exp.finished(run):
+                    exp.set_state(run, phase=RunPhase.Failed.value, end_time=now(),
+                                  message=f"the supervisor did not start; see {exp.supervisor_log}")
             raise RuntimeError(f"the local supervisor did not start; see {exp.supervisor_log}")
 
     # -- list / get -----------------------------------------------------------------------------
     def list(self) -> list[ExperimentSummary]:
         from dlmctl.spec.contracts import RunPhase
 
-        summaries = []
+        summaries, processes = [], _Processes()
         for exp in iter_experiment_dirs():
-            status = self._status(exp)
-            submitted = read_json(exp.supervisor_json, {}).get("submitted")
-            summaries.append(
-                ExperimentSummary(
-                    name=exp.name, phase=status.phase, runs=len(status.runs),
-                    succeeded=sum(r.phase is RunPhase.Succeeded for r in status.runs),
-                    created=datetime.fromisoformat(submitted) if submitted else None,
-                )
-            )
+            try:
+                self._load_experiment(exp)
+                status = self._status(exp, processes)
+                phase, runs = status.phase, len(status.runs)
+                succeeded = sum(r.phase is RunPhase.Succeeded for r in status.runs)
+            except CorruptState as err:
+                print(f"warning: {err}", file=sys.stderr)
+                names = exp.run_names()
+                phase, runs = UNKNOWN_PHASE, len(names)
+                succeeded = sum(exp.state(r).get("phase") == RunPhase.Succeeded.value for r in names)
+            submitted = exp.supervisor().get("submitted")
+            try:
+                created = datetime.fromisoformat(submitted) if isinstance(submitted, str) else None
+            except ValueError:
+                created = None
+            summaries.append(ExperimentSummary(name=exp.name, phase=phase, runs=runs, succeeded=succeeded,
+                                               created=created))
         return sorted(summaries, key=lambda s: (s.created is None, s.created or 0, s.name))
 
     def get(self, name: str) -> "Experiment":
-        from dlmctl.spec import experiment_from_dict
-
         exp = self._dir(name)
-        experiment = experiment_from_dict(yaml.safe_load(exp.experiment_yaml.read_text()), str(exp.experiment_yaml))
-        return experiment.model_copy(update={"status": self._status(exp)})
+        experiment = self._load_experiment(exp)
+        return experiment.model_copy(update={"status": self._status(exp, _Processes())})
 
-    def _status(self, exp: ExperimentDir) -> "ExperimentStatus":
+    def _load_experiment(self, exp: ExperimentDir) -> "Experiment":
+        from dlmctl.spec import SpecError, experiment_from_dict
+        from dlmctl.spec.load import read_spec_file
+
+        path = exp.experiment_yaml
+        try:
+            experiment = experiment_from_dict(read_spec_file(path), str(path))
+        except SpecError as err:
+            problem = str(err).removeprefix(f"{path}: ")
+            raise corrupt(exp.name, path, f"is not a valid experiment ({problem})") from None
+        if experiment.metadata.name != exp.name:
+            raise corrupt(exp.name, path, f"describes experiment {experiment.metadata.name!r}")
+        return experiment
+
+    def _status(self, exp: ExperimentDir, processes: "_Processes") -> "ExperimentStatus":
+        """The experiment's state as its files and its live processes tell it; CorruptState if a file
+        cannot be read (never a guess: a damaged experiment must not look finished)."""
         from dlmctl.spec import ExperimentStatus, RunStatus
         from dlmctl.spec.contracts import RunPhase, experiment_phase
 
-        supervisor = read_json(exp.supervisor_json, {})
-        supervisor_gone = bool(supervisor.get("pid")) and not pid_alive(supervisor.get("pid"))
-        run_docs = {r: read_json(exp.run_json(r), {}) for r in exp.run_names()}
+        from .local_supervisor import SUPERVISOR_LOST
+
+        supervisor = exp.load_supervisor()
+        if supervisor.get("pid"):
+            gone = find_process(supervisor, cmdline=str(exp.root)) is None
+        else:  # the submit that wrote supervisor.json is starting it, or died before it could
+            gone = not _lock_held(home() / "locks" / f"{exp.name}.lock")
         runs = []
-        for run, doc in run_docs.items():
-            state = exp.state(run)
-            phase, message = RunPhase(state.get("phase", RunPhase.Pending)), state.get("message")
-            if not phase.terminal and supervisor_gone:
-                phase, message = RunPhase.Failed, "the local supervisor exited before this run finished"
-            runs.append(
-                RunStatus(
-                    name=run, arm=doc.get("arm", "diffusion"), phase=phase, message=message,
-                    startTime=state.get("start_time"), completionTime=state.get("end_time"),
-                    **_progress(exp.metrics(run)),
-                )
-            )
+        for run in supervisor["runs"]:
+            state, doc = exp.load_state(run), exp.load_run(run)
+            progress = _progress(exp.metrics(run), exp.name)
+            phase, reason, message = RunPhase(state["phase"]), state.get("reason"), state.get("message")
+            if not phase.terminal and gone:
+                left = processes.of(exp.key, run)
+                if left:
+                    phase, reason = RunPhase.Running, "SupervisorLost"
+                    message = (f"the local supervisor is gone, but this run still has {len(left)} processes "
+                               f"(pid {', '.join(str(p) for p in left)}); `dlmctl cancel {exp.name}` stops them")
+                elif supervisor.get("pid"):
+                    phase, reason, message = RunPhase.Failed, "SupervisorLost", SUPERVISOR_LOST
+                else:
+                    phase, reason = RunPhase.Failed, "SupervisorLost"
+                    message = f"the local supervisor never started; see {exp.supervisor_log}"
+            try:
+                runs.append(RunStatus(
+                    name=run, arm=doc["arm"], phase=phase, reason=reason, message=message,
+                    restarts=state.get("restarts", 0), startTime=state.get("start_time"),
+                    completionTime=state.get("end_time"), **progress,
+                ))
+            except ValueError as err:
+                raise corrupt(exp.name, exp.state_json(run), f"does not describe a run ({str(err).splitlines()[0]})") from None
         phases = [r.phase for r in runs]
         phase = experiment_phase(phases)
         ends = [r.completionTime for r in runs if r.completionTime]
-        return ExperimentStatus(
-            phase=phase, runs=runs,
-            progress=f"{phases.count(RunPhase.Succeeded)}/{len(phases)}",
-            startTime=supervisor.get("start_time"),
-            completionTime=max(ends) if ends and phase.terminal else None,
-        )
+        try:
+            return ExperimentStatus(
+                phase=phase, runs=runs,
+                progress=f"{phases.count(RunPhase.Succeeded)}/{len(phases)}",
+                startTime=supervisor.get("start_time"),
+                completionTime=max(ends) if ends and phase.terminal else None,
+            )
+        except ValueError as err:
+            raise corrupt(exp.name, exp.supervisor_json, f"is not valid ({str(err).splitlines()[0]})") from None
 
     # -- logs / cancel --------------------------------------------------------------------------
     def logs(self, name: str, run: Optional[str] = None, follow: bool = False) -> Iterator[str]:
@@ -188,30 +309,55 @@ class LocalBackend(Backend):
     def _finished(self, exp: ExperimentDir, run: str) -> bool:
         if exp.finished(run):
             return True
-        pid = read_json(exp.supervisor_json, {}).get("pid")
-        return bool(pid) and not pid_alive(pid)
+        supervisor = exp.supervisor()
+        return bool(supervisor.get("pid")) and find_process(supervisor, cmdline=str(exp.root)) is None
 
     def cancel(self, name: str) -> None:
         from dlmctl.spec.contracts import RunPhase
 
-        exp = self._dir(name)
-        supervisor = read_json(exp.supervisor_json, {})
-        pid, pgid = supervisor.get("pid"), supervisor.get("pgid")
-        if pid_alive(pid):
-            tree = descendants(pid)
-            _kill(pid, pgid, signal.SIGTERM)
-            from .local_supervisor import grace_seconds
+        from .local_supervisor import grace_seconds
 
-            deadline = time.monotonic() + grace_seconds() + 5  # the supervisor itself waits `grace` for its runs
-            while pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if pid_alive(pid):
-                tree.update(descendants(pid))
-                _kill(pid, pgid, signal.SIGKILL)
-            kill_all(tree, signal.SIGKILL)  # torchrun workers live in their own sessions
-        for run in exp.run_names():
-            if not exp.finished(run):
-                exp.set_state(run, phase=RunPhase.Cancelled.value, end_time=now(), message="cancelled")
+        exp = self._dir(name)
+        try:
+            with experiment_lock(name, "cancel", wait=2 * grace_seconds() + 60):
+                self._stop(exp)
+                for run in _run_names(exp):
+                    if not exp.finished(run):
+                        exp.set_state(run, phase=RunPhase.Cancelled.value, end_time=now(), reason=None,
+                                      message="cancelled")
+        except LockBusy as busy:
+            raise UserError(f"experiment {name!r} is being changed by another dlmctl command ({busy.holder}); "
+                            f"try again when it has finished") from None
+
+    def _stop(self, exp: ExperimentDir) -> None:
+        """Stop every process of the experiment this can find: its supervisor (which stops its runs, each
+        trainer checkpointing where it is), then whatever still carries the experiment's marker -- orphans
+        of an earlier supervisor included -- and the trainers its state files name. Reads damaged files as
+        missing: stopping must work when nothing else does."""
+        import psutil
+
+        from .local_supervisor import grace_seconds
+
+        grace = grace_seconds()
+        info = exp.supervisor()
+        supervisor = find_process(info, cmdline=str(exp.root))
+        tree: list[psutil.Process] = []
+        if supervisor is not None:
+            tree = _children(supervisor)
+            with contextlib.suppress(psutil.Error):
+                supervisor.terminate()
+            if wait_gone([supervisor], grace + 5):  # it waits `grace` for its runs itself
+                tree += _children(supervisor)
+                with contextlib.suppress(psutil.Error):
+                    supervisor.kill()
+                wait_gone([supervisor], 10)
+        left = {p.pid: p for p in tree if running(p)}
+        left.update({p.pid: p for p in _experiment_processes(exp)})
+        for run in _run_names(exp):
+            trainer = find_process(exp.state(run), cmdline=str(exp.run_dir(run)))
+            if trainer is not None:
+                left[trainer.pid] = trainer
+        terminate(left.values(), grace)
 
     def artifacts(self, run: str) -> str:
         for exp in iter_experiment_dirs():
@@ -227,23 +373,104 @@ class LocalBackend(Backend):
         return exp
 
 
+class _Processes:
+    """The processes of local experiments by experiment and run, read from their environments once and
+    only if some experiment needs them (its supervisor is gone but a run was not finished)."""
+
+    def __init__(self):
+        self._found: Optional[dict[tuple[str, str], list[int]]] = None
+
+    def of(self, experiment: str, run: str) -> list[int]:
+        if self._found is None:
+            import psutil
+
+            self._found = {}
+            for process in psutil.process_iter():
+                try:
+                    env = process.environ()
+                except (psutil.Error, OSError):
+                    continue
+                if EXPERIMENT_ENV in env and process.pid != os.getpid():
+                    self._found.setdefault((env[EXPERIMENT_ENV], env.get(RUN_ENV, "")), []).append(process.pid)
+        return sorted(self._found.get((experiment, run), []))
+
+
 PROGRESS_FIELDS = {"step", "total_steps", "epoch", "tokens", "train_loss", "val_loss", "val_loss_stderr",
                    "choice_accuracy", "unigram_entropy", "last_checkpoint"}  # RunProgress -> RunStatus
 
 
-def _progress(metrics: Path) -> dict[str, Any]:
-    """The run's position, losses and newest checkpoint, folded from its metrics events."""
+def _progress(metrics: Path, experiment: Optional[str] = None) -> dict[str, Any]:
+    """The run's position, losses and newest checkpoint, folded from its metrics events (with
+    `experiment`, a damaged line raises CorruptState; without, it is skipped). Includes
+    last_checkpoint_step only when read without `experiment` (not a RunStatus field)."""
     from dlmctl.spec.contracts import fold_progress
 
-    events, _ = read_events(metrics)
-    return fold_progress(events).model_dump(include=PROGRESS_FIELDS)
+    events, _ = read_events(metrics, experiment=experiment)
+    progress = fold_progress(events)
+    if experiment is None:
+        return progress.model_dump(include=PROGRESS_FIELDS | {"last_checkpoint_step"})
+    return progress.model_dump(include=PROGRESS_FIELDS)
 
 
-def _kill(pid: int, pgid: Optional[int], signum: int) -> None:
+def _spec_of(experiment: "Experiment") -> dict[str, Any]:
+    return experiment.model_dump(mode="json", exclude={"status"})
+
+
+def _document(experiment: "Experiment") -> str:
+    return yaml.safe_dump(_spec_of(experiment), sort_keys=False)
+
+
+def _submission(experiment: "Experiment", fresh: bool) -> dict[str, Any]:
+    """supervisor.json of a new submission: run order, time, and the generation its processes carry."""
+    return {"runs": [r.name for r in experiment.runs()], "submitted": now(), "generation": uuid.uuid4().hex,
+            **({"fresh": True} if fresh else {})}
+
+
+def _pending_state(fresh: bool) -> dict[str, Any]:
+    from dlmctl.spec.contracts import RunPhase
+
+    return {"phase": RunPhase.Pending.value, "restarts": 0, **({"fresh": True} if fresh else {})}
+
+
+def _run_names(exp: ExperimentDir) -> list[str]:
+    """The runs supervisor.json lists, else (it is damaged) every run folder with a run.json."""
+    names = exp.run_names()
+    if names or not exp.runs_dir.is_dir():
+        return names
+    return sorted(p.name for p in exp.runs_dir.iterdir() if (p / "run.json").is_file())
+
+
+def _experiment_processes(exp: ExperimentDir) -> list["psutil.Process"]:
+    from .local_state import experiment_processes
+
+    return experiment_processes(exp.key)
+
+
+def _children(process: "psutil.Process") -> list["psutil.Process"]:
+    import psutil
+
     try:
-        if pgid and pgid != os.getpgrp():
-            os.killpg(pgid, signum)  # the supervisor, its runs and their torchrun workers
-        else:
-            os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
+        return process.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _lock_held(path: Path) -> bool:
+    """Whether some process holds the lock file now (False if there is none); creates nothing."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr, flush=True)

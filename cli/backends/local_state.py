@@ -1,26 +1,52 @@
-"""What the local backend keeps under $DLMCTL_HOME, shared by the CLI and the supervisor process.
+"""What the local backend keeps under $DLMCTL_HOME, shared by the CLI, the supervisor and its watchdog.
 
+    $DLMCTL_HOME/locks/<name>.lock                      held while a command changes experiment <name>
     $DLMCTL_HOME/experiments/<name>/experiment.yaml     the experiment as submitted (defaults filled in)
-                                    supervisor.json     run order, supervisor pid and process group
+                                    supervisor.json     run order, submission generation, the supervisor's
+                                                        and its watchdog's pid and start
+                                    supervisor.lock     held by the live supervisor (one per experiment)
                                     supervisor.log      the supervisor's own output
                                     runs/<run>/run.json       the Run (Run.model_dump_json())
-                                    runs/<run>/state.json     phase, pid, exit code, start/end times
-                                    runs/<run>/train.log      the trainer's stdout and stderr
+                                    runs/<run>/state.json     phase, restarts, trainer pid and start, exit
+                                                              code, start/end times, message
+                                    runs/<run>/train.log      the trainer's stdout and stderr (every life)
                                     runs/<run>/metrics.jsonl  the trainer's metrics events (spec.contracts)
+                                    runs/<run>/checkpoints/   the default checkpoint store: a resubmitted
+                                                              or restarted run resumes from it
+                                    previous/<run>.<time>/    a run's output set aside by `submit --fresh`
 
-Phase names and their rules come from dlmctl.spec.contracts, imported inside the functions that use
-them: the CLI starts without pydantic.
+A process is known by its pid *and* its start (`process_start`), never by its pid alone: a pid can be
+reused by an unrelated process. Every trainer process (torchrun, its workers, whatever they start)
+carries the experiment, run and submission generation in its environment, so the experiment's
+processes can be found even when they are no longer below their supervisor.
+
+Phase names and their rules come from dlmctl.spec.contracts, and psutil is imported inside the
+functions that use them: the CLI starts without them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
+
+from ..errors import UserError
+
+if TYPE_CHECKING:
+    import psutil
 
 HOME_ENV = "DLMCTL_HOME"
+# In every trainer process's environment: which experiment (its folder), run and submission it belongs to.
+EXPERIMENT_ENV = "DLMCTL_LOCAL_EXPERIMENT"
+RUN_ENV = "DLMCTL_LOCAL_RUN"
+GENERATION_ENV = "DLMCTL_LOCAL_GENERATION"
+MARKERS = (EXPERIMENT_ENV, RUN_ENV, GENERATION_ENV)
+FRESH_ENV = "DLMCTL_FRESH"  # =1: the trainer ignores existing checkpoints and starts at step 0
 
 
 def home() -> Path:
@@ -35,6 +61,10 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+class CorruptState(UserError):
+    """A state file of an experiment cannot be read; the message names the file."""
+
+
 class ExperimentDir:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -43,10 +73,17 @@ class ExperimentDir:
     def name(self) -> str:
         return self.root.name
 
+    @property
+    def key(self) -> str:
+        """How the experiment's processes name it (EXPERIMENT_ENV): its folder's real path."""
+        return os.path.realpath(self.root)
+
     experiment_yaml = property(lambda self: self.root / "experiment.yaml")
     supervisor_json = property(lambda self: self.root / "supervisor.json")
+    supervisor_lock = property(lambda self: self.root / "supervisor.lock")
     supervisor_log = property(lambda self: self.root / "supervisor.log")
     runs_dir = property(lambda self: self.root / "runs")
+    previous_dir = property(lambda self: self.root / "previous")
 
     def run_dir(self, run: str) -> Path:
         return self.runs_dir / run
@@ -65,8 +102,13 @@ class ExperimentDir:
 
         return self.run_dir(run) / METRICS_FILE
 
+    # Tolerant readers (the supervisor, cancel): a damaged file reads as missing.
+    def supervisor(self) -> dict[str, Any]:
+        return read_json(self.supervisor_json, {})
+
     def run_names(self) -> list[str]:
-        return list(read_json(self.supervisor_json, {}).get("runs", []))
+        runs = self.supervisor().get("runs")
+        return [r for r in runs if isinstance(r, str)] if isinstance(runs, list) else []
 
     def state(self, run: str) -> dict[str, Any]:
         return read_json(self.state_json(run), {"phase": "Pending"})
@@ -82,13 +124,71 @@ class ExperimentDir:
         write_json(self.state_json(run), state)
         return state
 
+    # Strict readers (get, list): a damaged file raises CorruptState naming it.
+    def load_supervisor(self) -> dict[str, Any]:
+        info = load_json(self.supervisor_json, self.name)
+        runs = info.get("runs")
+        if not isinstance(runs, list) or not all(isinstance(r, str) and r for r in runs):
+            raise corrupt(self.name, self.supervisor_json, "has no list of run names ('runs')")
+        submitted = info.get("submitted")
+        if submitted is not None and not _is_time(submitted):
+            raise corrupt(self.name, self.supervisor_json, f"'submitted' is not a time: {submitted!r}")
+        return info
+
+    def load_state(self, run: str) -> dict[str, Any]:
+        from dlmctl.spec.contracts import RunPhase
+
+        path = self.state_json(run)
+        if not path.exists() and self.run_json(run).is_file():
+            return {"phase": RunPhase.Pending.value}  # written with run.json; absent only while submitting
+        state = load_json(path, self.name)
+        if state.get("phase") not in {p.value for p in RunPhase}:
+            raise corrupt(self.name, path, f"'phase' is not a run phase: {state.get('phase')!r}")
+        for key in ("start_time", "end_time"):
+            if state.get(key) is not None and not _is_time(state[key]):
+                raise corrupt(self.name, path, f"{key!r} is not a time: {state[key]!r}")
+        if not isinstance(state.get("restarts", 0), int) or state.get("restarts", 0) < 0:
+            raise corrupt(self.name, path, f"'restarts' is not a count: {state.get('restarts')!r}")
+        return state
+
+    def load_run(self, run: str) -> dict[str, Any]:
+        from dlmctl.spec.sections import Arm
+
+        path = self.run_json(run)
+        doc = load_json(path, self.name)
+        if doc.get("name") != run or doc.get("arm") not in {a.value for a in Arm}:
+            raise corrupt(self.name, path, f"is not the run {run!r} (name {doc.get('name')!r}, arm {doc.get('arm')!r})")
+        return doc
+
+
+def corrupt(experiment: str, path: Path, problem: str) -> CorruptState:
+    problem = " ".join(problem.split())
+    return CorruptState(
+        f"experiment {experiment!r}: its state file {path} {problem}; dlmctl cannot tell what this experiment is "
+        f"doing -- repair or remove that file, or start the experiment again with `dlmctl submit SPEC --replace` "
+        f"(its runs resume from their checkpoints)"
+    )
+
+
+def _is_time(value: Any) -> bool:
+    try:
+        datetime.fromisoformat(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
 
 def write_json(path: Path, data: Any) -> None:
+    """Atomic: readers never see a half-written file."""
+    write_text(path, json.dumps(data, indent=1))
+
+
+def write_text(path: Path, text: str) -> None:
     """Atomic: readers never see a half-written file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -96,10 +196,29 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path, default: Any = None) -> Any:
+    """The file's JSON; `default` if it is missing, unreadable, or not of the default's type."""
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
         return default
+    if default is not None and not isinstance(data, type(default)):
+        return default
+    return data
+
+
+def load_json(path: Path, experiment: str) -> dict[str, Any]:
+    """A JSON object, or CorruptState naming the file."""
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise corrupt(experiment, path, "is missing") from None
+    except OSError as err:
+        raise corrupt(experiment, path, f"cannot be read ({err.strerror})") from None
+    except ValueError as err:
+        raise corrupt(experiment, path, f"is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise corrupt(experiment, path, f"holds a {type(data).__name__}, not a JSON object")
+    return data
 
 
 def read_lines(path: Path, offset: int = 0, final: bool = False) -> tuple[list[str], int]:
@@ -115,49 +234,159 @@ def read_lines(path: Path, offset: int = 0, final: bool = False) -> tuple[list[s
     return data[:end].decode("utf-8", errors="replace").splitlines(), offset + end
 
 
-def read_events(path: Path, offset: int = 0) -> tuple[list, int]:
+def read_events(path: Path, offset: int = 0, experiment: Optional[str] = None) -> tuple[list, int]:
     """The metrics events (spec.contracts models) of the complete lines from `offset`; returns them and
-    the offset to continue from. Lines that are not events are skipped."""
-    from dlmctl.spec.contracts import parse_event
+    the offset to continue from. Other tools' lines (JSON objects that are not events) are skipped. A
+    line that is not JSON, or an event that breaks its contract, is skipped too -- unless `experiment`
+    is given: then it raises CorruptState naming the file and the line."""
+    from dlmctl.spec.contracts import EVENT_TYPES, parse_event
 
-    lines, offset = read_lines(path, offset)
+    lines, end = read_lines(path, offset)
     events = []
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         try:
-            event = parse_event(json.loads(line))
-        except ValueError:
-            continue
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            record = _BROKEN
+        event = parse_event(record)
         if event is not None:
             events.append(event)
-    return events, offset
+        elif experiment is not None and (record is _BROKEN or (isinstance(record, dict) and record.get("event") in EVENT_TYPES)):
+            what = "is not valid JSON" if record is _BROKEN else f"is not a valid {record['event']!r} event"
+            where = f"line {number}" if offset == 0 else f"line {number} after byte {offset}"
+            raise corrupt(experiment, path, f"{where} {what}: {line[:80]!r}")
+    return events, end
+
+
+_BROKEN = object()
+
+
+# ---- processes ------------------------------------------------------------------------------------
+
+_boot_id: Optional[str] = None
+
+
+def process_start(pid: Optional[int]) -> Optional[str]:
+    """What identifies a process with its pid over its whole life, or None when no live process has the
+    pid: on Linux the boot and the clock tick it started at (unaffected by clock changes), elsewhere
+    psutil's creation time."""
+    global _boot_id
+    if not isinstance(pid, int) or pid <= 0:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        if fields[0] in ("Z", "X"):
+            return None
+        if _boot_id is None:
+            _boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{_boot_id}:{fields[19]}"
+    except (FileNotFoundError, ProcessLookupError):
+        if Path("/proc/self/stat").exists():
+            return None
+    except (OSError, IndexError):
+        pass
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return f"{process.create_time():.3f}"
+    except psutil.Error:
+        return None
+
+
+def identity(pid: int) -> dict[str, Any]:
+    """The record that finds this process again (`find_process`): its pid and its start."""
+    return {"pid": pid, "started": process_start(pid)}
+
+
+def find_process(record: Any, cmdline: Optional[str] = None) -> Optional["psutil.Process"]:
+    """The live process a record (`identity`: pid and start) names, or None: a pid now used by another
+    process is not it. A record from before starts were recorded names its process only if that
+    process's command line contains `cmdline`. Later signals through the returned object are checked
+    against pid reuse too (psutil)."""
+    import psutil
+
+    if not isinstance(record, dict) or not isinstance(record.get("pid"), int):
+        return None
+    pid, started = record["pid"], record.get("started")
+    try:
+        if started:
+            return psutil.Process(pid) if process_start(pid) == started else None
+        if cmdline and process_start(pid) is not None:
+            process = psutil.Process(pid)
+            return process if cmdline in " ".join(process.cmdline()) else None
+    except psutil.Error:
+        pass
+    return None
+
+
+def alive(record: Any) -> bool:
+    return find_process(record) is not None
+
+
+def experiment_processes(experiment: str, run: Optional[str] = None,
+                         generation: Optional[str] = None) -> list["psutil.Process"]:
+    """Every live process that carries `experiment` (an ExperimentDir.key) in its environment, optionally
+    only those of one run or one submission generation. Works whoever their parent is now."""
+    import psutil
+
+    wanted = {EXPERIMENT_ENV: experiment, RUN_ENV: run, GENERATION_ENV: generation}
+    found = []
+    for process in psutil.process_iter():
+        if process.pid == os.getpid():
+            continue
+        try:
+            env = process.environ()
+        except (psutil.Error, OSError):
+            continue
+        if all(value is None or env.get(key) == value for key, value in wanted.items()):
+            found.append(process)
+    return found
+
+
+def terminate(processes: Iterable["psutil.Process"], grace: float) -> None:
+    """SIGTERM each process (a trainer checkpoints where it is), SIGKILL what is left after `grace`
+    seconds. Never a reused pid (psutil checks)."""
+    import psutil
+
+    processes = [p for p in processes if p.pid != os.getpid()]
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.send_signal(signal.SIGTERM)
+    left = wait_gone(processes, grace)
+    for process in left:
+        with contextlib.suppress(psutil.Error):
+            process.send_signal(signal.SIGKILL)
+    wait_gone(left, 10)
+
+
+def wait_gone(processes: Iterable["psutil.Process"], timeout: float) -> list["psutil.Process"]:
+    """Wait until the processes have exited (a zombie counts as exited: its parent may never reap it);
+    returns those still running. Never reaps anything (a child's exit code stays with its Popen)."""
+    left = list(processes)
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [p for p in left if running(p)]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.05)
+
+
+def running(process: "psutil.Process") -> bool:
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def pid_alive(pid: Optional[int]) -> bool:
-    """True while the process exists and is not a zombie."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rpartition(")")[2].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return not Path("/proc/self").exists()  # no /proc (macOS): trust kill(0)
-    except OSError:
-        return True
-
-
-def iter_experiment_dirs() -> Iterator[ExperimentDir]:
-    root = experiments_dir()
-    if not root.is_dir():
-        return
-    for path in root.iterdir():
-        if path.is_dir() and not path.name.startswith(".") and (path / "experiment.yaml").is_file():
-            yield ExperimentDir(path)
+    """True while some process (not a zombie) has this pid -- whichever process it is. Tests use it for
+    processes they have just seen; dlmctl itself identifies processes with `find_process`."""
+    return process_start(pid) is not None
 
 
 def descendants(pid: int) -> dict[int, str]:
@@ -179,12 +408,49 @@ def descendants(pid: int) -> dict[int, str]:
     return found
 
 
-def kill_all(processes: dict[int, str], signum: int) -> None:
-    """Signal each process that is still the one we saw (same start time), never a recycled pid."""
-    for pid, started in processes.items():
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19] != started:
-                continue
-            os.kill(pid, signum)
-        except (OSError, IndexError):
-            pass
+# ---- locks ----------------------------------------------------------------------------------------
+
+
+class LockBusy(Exception):
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+@contextlib.contextmanager
+def held_lock(path: Path, purpose: str, wait: float = 0.0) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (flock: released by the kernel when its holder dies, however it
+    dies). Waits up to `wait` seconds, then raises LockBusy with what the holder wrote into the file."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LockBusy(os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process") from None
+                time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} ({purpose})".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def experiment_lock(name: str, purpose: str, wait: float = 0.0):
+    """Held by every command that changes experiment `name` (submit, cancel, the watchdog's verdict)."""
+    return held_lock(home() / "locks" / f"{name}.lock", purpose, wait)
+
+
+def iter_experiment_dirs() -> Iterator[ExperimentDir]:
+    root = experiments_dir()
+    if not root.is_dir():
+        return
+    for path in root.iterdir():
+        if path.is_dir() and not path.name.startswith(".") and (path / "experiment.yaml").is_file():
+            yield ExperimentDir(path)
