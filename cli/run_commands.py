@@ -189,9 +189,14 @@ def cancel(ctx: typer.Context, name: NameArg) -> None:
 
     from .output import console
 
+    from .backends.local_state import CorruptState
+
     target = backend(ctx)
-    phase = target.get(name).status.phase
-    if is_terminal(phase):
+    try:
+        phase = target.get(name).status.phase
+    except CorruptState:  # a damaged state file must not keep its processes running
+        phase = None
+    if phase is not None and is_terminal(phase):
         console.print(f"experiment {name} already finished ({phase})")
         return
     target.cancel(name)
