@@ -552,3 +552,13 @@ def test_the_api_server_counts_a_huge_sweep_and_honours_a_raised_limit(experimen
     experiment_from_dict(copy.deepcopy(raised))
     server.create(experiments, cluster_namespace, raised)
 
+
+
+def test_a_local_submit_of_a_missing_corpus_fails_naming_it_and_writes_nothing(tmp_path, isolated_home, capsys):
+    spec = tmp_path / "missing.yaml"
+    spec.write_text("apiVersion: dlmctl.io/v1alpha1\nkind: Experiment\nmetadata: {name: missing}\n"
+                    f"spec: {{data: {{train: {tmp_path / 'no-such-corpus'}}}}}\n")
+    assert main(["submit", str(spec), "--backend", "local"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: spec.data.train:") and "does not exist" in err and "\n" not in err, err
+    assert not (isolated_home / "experiments" / "missing").exists()
