@@ -18,6 +18,17 @@ def isolated_home(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture
+def fresh_home(tmp_path, monkeypatch):
+    """A $DLMCTL_HOME that does not exist yet (any write under it shows), and no cluster configured."""
+    path = tmp_path / "dlmctl-home"
+    monkeypatch.setenv("DLMCTL_HOME", str(path))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("DLMCTL_BACKEND", raising=False)
+    return path
+
+
+@pytest.fixture
 def single_thread():
     """Tiny models run fastest single-threaded on a shared CPU."""
     import torch

@@ -15,14 +15,8 @@ COMMANDS = ["validate", "render", "schema", "crd", "docs", "submit", "list", "ge
 
 
 @pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch):
-    """A $DLMCTL_HOME that does not exist yet: any write under it shows."""
-    path = tmp_path / "dlmctl-home"
-    monkeypatch.setenv("DLMCTL_HOME", str(path))
-    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    monkeypatch.delenv("DLMCTL_BACKEND", raising=False)
-    return path
+def home(fresh_home):
+    return fresh_home
 
 
 def run(capsys, *argv):

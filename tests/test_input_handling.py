@@ -24,14 +24,8 @@ HEADER = "apiVersion: dlmctl.io/v1alpha1\nkind: Experiment\nmetadata: {name: x}\
 
 
 @pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch):
-    """A $DLMCTL_HOME that does not exist yet: any write under it shows."""
-    path = tmp_path / "dlmctl-home"
-    monkeypatch.setenv("DLMCTL_HOME", str(path))
-    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    monkeypatch.delenv("DLMCTL_BACKEND", raising=False)
-    return path
+def home(fresh_home):
+    return fresh_home
 
 
 def experiment(name: str = "x", metadata: dict | None = None, **spec) -> dict:
@@ -554,11 +548,11 @@ def test_the_api_server_counts_a_huge_sweep_and_honours_a_raised_limit(experimen
 
 
 
-def test_a_local_submit_of_a_missing_corpus_fails_naming_it_and_writes_nothing(tmp_path, isolated_home, capsys):
+def test_a_local_submit_of_a_missing_corpus_fails_naming_it_and_writes_nothing(tmp_path, home, capsys):
     spec = tmp_path / "missing.yaml"
     spec.write_text("apiVersion: dlmctl.io/v1alpha1\nkind: Experiment\nmetadata: {name: missing}\n"
                     f"spec: {{data: {{train: {tmp_path / 'no-such-corpus'}}}}}\n")
     assert main(["submit", str(spec), "--backend", "local"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: spec.data.train:") and "does not exist" in err and "\n" not in err, err
-    assert not (isolated_home / "experiments" / "missing").exists()
+    assert not home.exists(), "nothing written"
