@@ -61,9 +61,12 @@ def site(cluster, s3_server, tmp_path_factory):
     executor = PodExecutor(cluster, namespaces={namespace}, workdir=workdir / "pods")
     with executor:
         yield {"namespace": namespace, "operator": operator, "executor": executor, "workdir": workdir}
+        with cluster.api_client() as api:  # while the operator runs: it lets its experiments go
+            client.CoreV1Api(api).delete_namespace(namespace)
+            experiments = Experiments(api, namespace)
+            wait_until("the experiments deleted", lambda: not experiments.custom.list_namespaced_custom_object(
+                "dlmctl.io", "v1alpha1", namespace, "experiments")["items"], timeout=60)
     operator.stop()
-    with cluster.api_client() as api:
-        client.CoreV1Api(api).delete_namespace(namespace)
 
 
 @pytest.fixture(scope="module")
