@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 
@@ -17,8 +18,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from dlmctl.trainer.checkpoints import (
-    CheckpointInvalid, CheckpointStore, CheckpointUploadError, RetryPolicy, StoreUnavailable, is_transient,
-    read_export, write_export,
+    CheckpointInvalid, CheckpointStore, CheckpointUploadError, NoVerifiedCheckpoint, RetryDeadlinePassed, RetryPolicy,
+    StagingSpaceError, StoreUnavailable, is_transient, read_export, write_export,
 )
 from dlmctl.trainer.storage import open_location
 from s3_fixtures import fresh_prefix, use_s3_server
@@ -193,6 +194,64 @@ def test_a_damaged_checkpoint_is_skipped_for_the_previous_good_one(uri, make_sto
     assert not (tmp_path / "resume" / "step-00000020").exists()
 
 
+def test_checkpoints_that_exist_but_none_verifies_are_an_error_naming_them_not_a_fresh_start(uri, make_store,
+                                                                                              tmp_path):
+    store = make_store(uri)
+    saved(store, 10)
+    saved(store, 20)
+    loc = store.location
+    _tamper(loc, loc.path("step-00000010", "rng.pt"))
+    _truncate(loc, loc.path("step-00000020", "sampler.json"))
+    for check in (lambda: store.restore_latest(tmp_path / "resume"), lambda: store.latest_verified()):
+        with pytest.raises(NoVerifiedCheckpoint, match="2 checkpoints and none verifies") as error:
+            check()
+        assert "step-00000010: rng.pt" in str(error.value) and "step-00000020: sampler.json" in str(error.value)
+        assert "--fresh" in str(error.value)
+
+    only_unfinished = make_store(uri + "-unfinished")  # an upload killed before its manifest: not a checkpoint
+    for rel, data in checkpoint_files(4).items():
+        only_unfinished.location.write_bytes(only_unfinished.location.path("step-00000004", rel), data)
+    assert only_unfinished.restore_latest(tmp_path / "resume") is None
+
+
+def test_a_fresh_start_keeps_the_old_checkpoints_until_its_first_one_is_written(uri, make_store, monkeypatch,
+                                                                                tmp_path):
+    old = make_store(uri, keep_last=3)
+    old_files = saved(old, 4)
+    saved(old, 8)
+    fresh = make_store(uri, keep_last=3)
+    assert fresh.restore_latest(tmp_path / "r", fresh="1") is None and fresh.generation == 1
+    gate, uploading = threading.Event(), threading.Event()
+    put = fresh.location.put_file
+
+    def gated_put(local, path):
+        uploading.set()
+        assert gate.wait(30)
+        put(local, path)
+
+    monkeypatch.setattr(fresh.location, "put_file", gated_put)
+    first, _ = save(fresh, 4)  # the same step as an old checkpoint
+    assert uploading.wait(30)
+    loc = fresh.location
+    assert fresh.verify(8).step == 8, "the old checkpoints are all there while the first new one uploads"
+    aside = loc.list_files(loc.path("superseded"))
+    assert {rel: loc.read_bytes(loc.path("superseded", rel)) for rel in aside if "manifest" not in rel} == {
+        f"step-00000004.g0/{rel}": data for rel, data in old_files.items()}
+    gate.set()
+    assert first.result(timeout=60).step == 4
+
+    assert fresh.list_steps() == [4], "retention removes the earlier start's checkpoints once the new one exists"
+    assert not loc.list_files(loc.path("superseded"))
+    assert json.loads(remote_bytes(fresh, "step-00000004", "manifest.json"))["generation"] == 1
+    saved(old, 12)  # a writer of the earlier start that lagged behind: never resumed again
+    again = make_store(uri)
+    info, _ = again.restore_latest(tmp_path / "again", fresh="1")
+    assert info.step == 4 and again.generation == 1, "a restart of the same fresh start resumes it"
+    assert make_store(uri).restore_latest(tmp_path / "plain")[0].step == 4, "only the newest start counts"
+    another = make_store(uri)
+    assert another.restore_latest(tmp_path / "another", fresh="2") is None and another.generation == 2
+
+
 def test_size_only_verification_is_fast_but_misses_same_size_tampering(uri, make_store):
     store = make_store(uri)
     saved(store, 10)
@@ -221,9 +280,12 @@ def test_outages_are_retried_and_mistakes_are_not():
     from botocore.exceptions import EndpointConnectionError, NoCredentialsError, ReadTimeoutError
 
     transient = [EndpointConnectionError(endpoint_url="http://s3"), ReadTimeoutError(endpoint_url="http://s3"),
-                 ConnectionResetError(), TimeoutError(), OSError(errno.EIO, "503 SlowDown")]
+                 ConnectionResetError(), ConnectionRefusedError(), TimeoutError(), OSError(errno.EIO, "503 SlowDown"),
+                 OSError(errno.EBUSY, "SlowDown"), OSError(errno.EREMOTEIO, "InternalError")]
     permanent = [PermissionError("AccessDenied"), FileNotFoundError("NoSuchBucket"), NoCredentialsError(),
-                 ValueError("bad path")]
+                 ValueError("bad path"), OSError(errno.ENOSPC, "No space left on device"),
+                 OSError(errno.EDQUOT, "Disk quota exceeded"), OSError(errno.EROFS, "Read-only file system"),
+                 OSError(errno.EMSGSIZE, "EntityTooLarge")]
     assert [is_transient(e) for e in transient] == [True] * len(transient)
     assert [is_transient(e) for e in permanent] == [False] * len(permanent)
 
@@ -257,6 +319,45 @@ def test_a_failed_checkpoint_is_counted_and_the_next_one_still_saves(uri, make_s
     assert sample(registry, "dlm_checkpoint_upload_retries_total") >= 1
     assert "step 10 NOT saved" in caplog.text and "step 20 NOT saved" in caplog.text
     assert not list(store.staging_root.glob("step-*")), "failed checkpoints do not keep the staging disk full"
+    assert store.failure.exit_code == 2, "a permanent error is the run's end, with its reason"
+    assert "checkpoint step 10 not saved" in str(store.failure) and "AccessDenied" in str(store.failure)
+
+
+def test_an_unreachable_store_says_since_when_and_fails_once_past_the_deadline(make_store, monkeypatch, caplog):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    registry = CollectorRegistry()
+    store = make_store("s3://bucket/run-a", endpoint_url=f"http://127.0.0.1:{free_ports(1)[0]}", registry=registry,
+                       retry=RetryPolicy(first_delay=0.05, max_delay=0.2, give_up_after=2.0))
+    began = time.time()
+    with caplog.at_level(logging.WARNING, logger="dlmctl.checkpoints"):
+        future, _ = save(store, 10)
+        deadline = time.monotonic() + 30
+        while store.unreachable_since is None and not future.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        since = store.unreachable_since
+        assert since is not None and began - 1 <= since <= time.time()
+        assert store.stats["unreachable_since"] == since and not future.done()
+        assert sample(registry, "dlm_checkpoint_store_unreachable_since_timestamp_seconds") == since
+        with pytest.raises(RetryDeadlinePassed):
+            future.result(timeout=60)
+    assert "unreachable since" in caplog.text and "retrying with backoff until" in caplog.text
+    assert store.failure.exit_code == 1, "an outage is not the user's error"
+    assert "unreachable since" in str(store.failure) and "the retry deadline is 2s" in str(store.failure)
+
+
+def test_a_staging_disk_too_small_for_one_checkpoint_is_an_error_with_the_sizes(tmp_path, make_store, monkeypatch):
+    store, gate = _gated_store(make_store, tmp_path / "ckpt", monkeypatch)
+    first, _ = save(store, 1)
+    free = shutil.disk_usage(store.staging_root).free
+    assert store.staging_dir(2, need_bytes=1000).is_dir(), "a checkpoint that fits is staged at once"
+    threading.Timer(0.3, gate.set).start()
+    with pytest.raises(StagingSpaceError) as error:
+        store.staging_dir(3, need_bytes=free * 2)  # waits for the pending upload first: it might free the room
+    assert first.done(), "it failed only once no upload was pending"
+    assert error.value.need == free * 2 and error.value.free > 0
+    assert str(store.staging_root) in str(error.value) and "is free there" in str(error.value)
+    assert not list(store.staging_root.glob("step-00000003*")), "nothing staged for it"
 
 
 @pytest.mark.s3

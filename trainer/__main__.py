@@ -1,4 +1,9 @@
-"""`python -m dlmctl.trainer --run run.json --output DIR` (or the run as JSON in $DLMCTL_RUN_SPEC)."""
+"""`python -m dlmctl.trainer --run run.json --output DIR [--fresh]` (or the run as JSON in $DLMCTL_RUN_SPEC).
+
+Exit codes: 0 done; 143 stopped by SIGTERM after a checkpoint; 2 a user error (bad spec, bad credentials,
+a missing bucket, no space, checkpoints that do not verify) with one `error: ...` line on stderr, which
+the operator and the local backend do not retry; 1 anything else (a restart may help).
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,13 +13,21 @@ from pathlib import Path
 
 from dlmctl.spec import Run, SpecError
 
+FRESH_ENV = "DLMCTL_FRESH"
+
 
 def parse_args(argv=None) -> tuple[Run, Path]:
-    parser = argparse.ArgumentParser(prog="python -m dlmctl.trainer", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m dlmctl.trainer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="the resolved run (JSON); default: $DLMCTL_RUN_SPEC")
     parser.add_argument("--output", type=Path, default=None,
                         help="where metrics.jsonl and local checkpoints go; default: $DLMCTL_OUTPUT or ./runs/<run>")
+    parser.add_argument("--fresh", action="store_true",
+                        help=f"start over at step 0, ignoring existing checkpoints (as ${FRESH_ENV}=1 does); they "
+                             "stay in the store until this start's first checkpoint is written")
     args = parser.parse_args(argv)
+    if args.fresh and os.environ.get(FRESH_ENV, "").strip().lower() in ("", "0", "false", "no"):
+        os.environ[FRESH_ENV] = "1"
     if args.run is not None:
         text = args.run.read_text()
     elif os.environ.get("DLMCTL_RUN_SPEC"):
@@ -35,9 +48,25 @@ def main(argv=None) -> int:
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from .checkpointing import RunFailed
     from .loop import train
 
-    return train(run, output)
+    try:
+        return train(run, output)
+    except RunFailed as err:
+        sys.stderr.flush()
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        _termination_message(f"error: {err}")
+        return err.exit_code
+
+
+def _termination_message(text: str, path: Path = Path("/dev/termination-log")) -> None:
+    """In a Kubernetes container the reason also goes where the pod's status picks it up."""
+    try:
+        if path.exists():
+            path.write_text(text + "\n")
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ start), so a laptop can follow, sample and export a run whose pods have gone.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -32,7 +33,10 @@ import torch.distributed as dist
 from dlmctl.spec import Run
 from dlmctl.spec.contracts import METRICS_FILE
 
-from .checkpoints import CheckpointInfo, CheckpointStore, describe, retry_call
+from .checkpoints import (
+    CheckpointInfo, CheckpointStore, NoVerifiedCheckpoint, RetryPolicy, StagingSpaceError, StoreFailure,
+    StoreUnavailable, describe, is_space_error, is_user_error, reason, retry_call,
+)
 from .engine import World
 from .metrics import MetricsMirror, build_event, event_line, events_until, last_step
 
@@ -41,6 +45,30 @@ DS_TAG = "ds"
 STATE = "trainer_state.json"
 DATA_FILES = ("tokenizer.json", "data.json")  # written by the trainer into its output; put into the store with run.json
 METRICS_UPLOAD_SECONDS = float(os.environ.get("DLMCTL_METRICS_UPLOAD_SECONDS", 15))
+PREFLIGHT_SECONDS = float(os.environ.get("DLMCTL_PREFLIGHT_SECONDS", 10))  # no answer by then: a wrong endpoint
+FRESH_ENV = "DLMCTL_FRESH"
+
+
+class RunFailed(Exception):
+    """Ends the run: `python -m dlmctl.trainer` prints `error: <message>` (one line, no traceback) and exits
+    with `exit_code`: 2 for what a person must fix (spec, credentials, bucket, space, checkpoints that do
+    not verify), which is not retried; 1 for the rest (an outage past the retry deadline), which may be."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(" ".join(str(message).split()))
+        self.exit_code = exit_code
+
+
+def retry_deadline(run: Run) -> float:
+    """How long the store may fail every request before the run gives up (spec.checkpoint)."""
+    return float(run.spec.checkpoint.retry_deadline_seconds)
+
+
+def fresh_token() -> Optional[str]:
+    """$DLMCTL_FRESH (or --fresh): start over at step 0. Its value names that fresh start, so a restart of
+    the same process (same value) resumes the fresh start's own checkpoints instead of starting again."""
+    value = os.environ.get(FRESH_ENV, "").strip()
+    return None if value.lower() in ("", "0", "false", "no") else value
 
 
 def run_store_uri(run: Run, output: Path) -> str:
@@ -58,10 +86,43 @@ def open_store(run: Run, output: Path, world: World,
     if not world.is_main:
         return None
     c = run.spec.checkpoint
-    return CheckpointStore(run_store_uri(run, output), keep_last=c.keep_last, keep_every_epochs=c.keep_every_epochs,
-                           endpoint_url=c.endpoint_url, staging_root=_staging_root(output),
-                           max_staging_bytes=_staging_limit(), experiment=run.experiment, run=run.name,
-                           on_saved=on_saved)
+    try:
+        return CheckpointStore(run_store_uri(run, output), keep_last=c.keep_last,
+                               keep_every_epochs=c.keep_every_epochs, endpoint_url=c.endpoint_url,
+                               staging_root=_staging_root(output), max_staging_bytes=_staging_limit(),
+                               retry=RetryPolicy(give_up_after=retry_deadline(run)), experiment=run.experiment,
+                               run=run.name, on_saved=on_saved)
+    except OSError as exc:  # the staging directory cannot be created
+        raise RunFailed(f"staging directory {_staging_root(output)} (DLMCTL_STAGING): {describe(exc)}") from None
+
+
+def preflight(store: Optional[CheckpointStore], run: Run, world: World) -> None:
+    """Before anything else: write, read back and delete a probe object in the store (rank 0), so a wrong
+    credential, a missing or read-only bucket or an unreachable endpoint fails the run within seconds."""
+    problem = None
+    if store:
+        try:
+            took = store.preflight(min(PREFLIGHT_SECONDS, retry_deadline(run)))
+            log.info("checkpoint store %s: probe object written, read back and deleted in %.2fs", store.uri, took)
+        except StoreFailure as exc:
+            problem = f"spec.checkpoint: {exc}"
+    problem = _broadcast(problem, world)
+    if problem:
+        raise RunFailed(problem, 2)
+
+
+def store_failure(store: Optional[CheckpointStore], world: World) -> Optional[RunFailed]:
+    """The store's failure, if any rank's store has one (only rank 0 has a store), as every rank's RunFailed.
+    Collective: every rank calls it at the same point."""
+    failure = store.failure if store else None
+    code = 0 if failure is None else failure.exit_code
+    if world.world_size > 1:
+        value = torch.tensor(float(code), device=world.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        code = int(value.item())
+    if not code:
+        return None
+    return RunFailed(_broadcast(str(failure) if failure else None, world) or "the checkpoint store failed", code)
 
 
 def _staging_limit() -> Optional[int]:
@@ -73,28 +134,90 @@ def check_staging_is_reachable(engine, world: World) -> None:
     """The one store on rank 0 uploads one staging folder. With ZeRO >= 1 every rank writes optimizer
     shards there, so on several nodes that folder must be a volume they share (DLMCTL_STAGING)."""
     if _own_disk(world) and engine.zero_optimization_stage() > 0:
-        raise SystemExit(
-            "error: spec.deepspeed.zero_stage: a multi-node run with ZeRO >= 1 checkpoints optimizer shards on "
+        raise RunFailed(
+            "spec.deepspeed.zero_stage: a multi-node run with ZeRO >= 1 checkpoints optimizer shards on "
             "every node; set DLMCTL_STAGING to a volume all nodes share, or use zero_stage 0"
         )
 
 
 def save(store: Optional[CheckpointStore], engine, batches, step: int, world: World, metrics=None) -> None:
     """Every rank writes its part of checkpoint `step`; rank 0 adds the trainer state and a copy of its
-    metrics events (`metrics.snapshot(path)`) and commits the folder to the store."""
-    folder = _broadcast(str(store.staging_dir(step)) if store else None, world)
-    engine.save_checkpoint(folder, tag=DS_TAG, save_latest=False)
-    rng = Path(folder) / "rng"
-    rng.mkdir(exist_ok=True)
-    torch.save(_rng_state(), rng / f"rank-{world.rank}.pt")
-    if world.world_size > 1:
-        dist.barrier()  # every rank's shards are on disk before the upload starts
+    metrics events (`metrics.snapshot(path)`) and commits the folder to the store. A staging disk too
+    small for the checkpoint ends the run (RunFailed) with its size and the free space, and leaves no
+    partial checkpoint behind."""
+    need = (store.expected_bytes or estimate_checkpoint_bytes(engine)) if store else 0
+    handed_out = None
     if store:
-        state = {"step": step, "world_size": world.world_size, "data": batches.state_dict()}
-        (Path(folder) / STATE).write_text(json.dumps(state))
-        if metrics is not None:
-            metrics.snapshot(Path(folder) / METRICS_FILE)
+        try:
+            handed_out = (str(store.staging_dir(step, need_bytes=need)), None)
+        except StagingSpaceError as exc:
+            handed_out = (None, str(exc))
+    folder, problem = _broadcast(handed_out, world)
+    if problem:
+        raise RunFailed(problem, 2)
+    error = None
+    try:
+        engine.save_checkpoint(folder, tag=DS_TAG, save_latest=False)
+        rng = Path(folder) / "rng"
+        rng.mkdir(exist_ok=True)
+        torch.save(_rng_state(), rng / f"rank-{world.rank}.pt")
+        if store:
+            state = {"step": step, "world_size": world.world_size, "data": batches.state_dict()}
+            (Path(folder) / STATE).write_text(json.dumps(state))
+            if metrics is not None:
+                metrics.snapshot(Path(folder) / METRICS_FILE)
+    except Exception as exc:  # a full disk shows up as torch's "file write failed", an OSError or others
+        # Only a summary is kept: the traceback holds torch's open writer, whose deleted file fills the disk.
+        error = _WriteError(is_space_error(exc), is_user_error(exc), reason(exc, local=True))
+    if _any_rank_failed(error is not None, world):  # also: every rank's shards are on disk before the upload
+        failed = _write_failed(store, step, Path(folder), error, need) if store else None
+        message, code = _broadcast(failed, world) or (f"checkpoint step {step} could not be written on every rank", 1)
+        raise RunFailed(message, code)
+    if store:
         store.commit(step, batches.epoch_at(), folder)
+
+
+def estimate_checkpoint_bytes(engine) -> int:
+    """The size of one checkpoint before the first is written: the weights as trained plus AdamW's two
+    fp32 moments, and fp32 master weights when training in a narrower type."""
+    total = 0
+    for p in engine.module.parameters():
+        numel = getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 leaves partitioned parameters empty
+        size = p.element_size()
+        total += numel * (size + 8 + (4 if size < 4 else 0))
+    return total
+
+
+@dataclass(frozen=True)
+class _WriteError:
+    space: bool
+    user: bool
+    reason: str
+
+
+def _write_failed(store: CheckpointStore, step: int, folder: Path, error: Optional[_WriteError],
+                  need: int) -> tuple[str, int]:
+    """Remove the half-written checkpoint; the one-line reason and exit code."""
+    gc.collect()  # files torch left open are closed, so their space is free again
+    written = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+    full = shutil.disk_usage(store.staging_root).free < max(1 << 20, need // 100)  # torch may only say "unexpected pos"
+    store.discard(step, folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    free = shutil.disk_usage(store.staging_root).free
+    if error is None:
+        return f"checkpoint step {step} could not be written on another rank", 1
+    if error.space or full or free < max(need, written):
+        return str(StagingSpaceError(step, max(need, written), free, store.staging_root)), 2
+    return (f"checkpoint step {step} could not be written to the staging directory {store.staging_root}: "
+            f"{error.reason}", 2 if error.user else 1)
+
+
+def _any_rank_failed(flag: bool, world: World) -> bool:
+    if world.world_size == 1:
+        return flag
+    value = torch.tensor(float(flag), device=world.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 @dataclass
@@ -113,12 +236,23 @@ def resume(store: Optional[CheckpointStore], engine, batches, world: World, run:
     Rank 0 picks the checkpoint and downloads it; on other nodes (pods with their own disks) the first
     process of each node downloads the same one, so every rank reads it from a local folder."""
     folder = _staging_root(output) / "resume"
-    chosen, info = None, None
+    chosen, info, problem = None, None, None
     if store:
         shutil.rmtree(folder, ignore_errors=True)
-        found = store.restore_latest(folder)
-        chosen, info = (found[0].name, found[0]) if found else (None, None)
-    chosen = _broadcast(chosen, world)
+        try:
+            found = store.restore_latest(folder, fresh=fresh_token())
+            chosen, info = (found[0].name, found[0]) if found else (None, None)
+        except NoVerifiedCheckpoint as exc:
+            problem = (f"spec.checkpoint.uri: {exc}", 2)
+        except StoreUnavailable as exc:
+            problem = (f"checkpoint store unreachable, cannot resume: {exc}", 1)
+        except Exception as exc:
+            if not is_user_error(exc):
+                raise
+            problem = (f"spec.checkpoint: {store.uri}: cannot resume: {reason(exc, local=store.location.is_local)}", 2)
+    chosen, problem = _broadcast((chosen, problem), world)
+    if problem:
+        raise RunFailed(*problem)
     if chosen is None:
         return Resumed()
     if world.local_rank == 0 and not world.is_main and _own_disk(world):
@@ -132,8 +266,8 @@ def resume(store: Optional[CheckpointStore], engine, batches, world: World, run:
     local = folder / chosen
     state = json.loads((local / STATE).read_text())
     if state["world_size"] != world.world_size and engine.zero_optimization_stage() > 0:
-        raise SystemExit(
-            f"error: checkpoint {chosen} was written by {state['world_size']} processes with ZeRO stage "
+        raise RunFailed(
+            f"checkpoint {chosen} was written by {state['world_size']} processes with ZeRO stage "
             f"{engine.zero_optimization_stage()}; resume it on the same world size (ZeRO stage 0 resumes on any)"
         )
     engine.load_checkpoint(str(local), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True)

@@ -11,17 +11,36 @@ A checkpoint exists only once its manifest exists and every listed file matches 
 step folders newest first and takes the first that verifies; `latest` is a pointer for people and
 tools, never trusted on its own, so a pointer that runs ahead of the files cannot mislead a resume.
 
-Saving: `staging_dir(step)` hands out a local folder (waiting first if the staging disk is full),
-the trainer writes into it, `commit(step, epoch)` queues it and returns. One uploader thread takes
-checkpoints in order; the files of a checkpoint are hashed and uploaded `max_concurrency` at a time,
-each retried with exponential backoff and jitter on transient errors. Then: sizes checked against a
+Before the first step the trainer calls `preflight()`: a probe object is written, read back and
+deleted, so wrong credentials, a missing bucket, a read-only bucket or an unreachable endpoint end the
+run at once (StoreFailure) instead of after hours of training.
+
+Saving: `staging_dir(step, need_bytes)` hands out a local folder (waiting first if the staging disk is
+full; StagingSpaceError if even an empty staging disk is too small for one checkpoint), the trainer
+writes into it, `commit(step, epoch)` queues it and returns. One uploader thread takes checkpoints in
+order; the files of a checkpoint are hashed and uploaded `max_concurrency` at a time, each retried with
+exponential backoff and jitter on transient errors (connection refused, timeouts, 5xx) for up to the
+retry deadline, while the store reports itself unreachable and since when (log, `stats`, the
+`dlm_checkpoint_store_unreachable_since_timestamp_seconds` gauge). Then: sizes checked against a
 listing, manifest written, `latest` updated, `on_saved(info)` called (the moment the checkpoint
-exists), retention applied, staging copy deleted. A checkpoint that cannot be uploaded is counted and logged, never raised into the training loop; the next one
-starts afresh. Only one writer (one store, on the main rank) per run URI.
+exists), retention applied, staging copy deleted. A checkpoint that cannot be uploaded is counted,
+logged and set on its Future, never raised into the training loop; its partial folder is removed and
+the next one starts afresh. A permanent error (access denied, no such bucket, no space left) or an
+outage past the deadline also sets `failure`, which the training loop polls to end the run with that
+reason. Only one writer (one store, on the main rank) per run URI.
+
+Generations: `restore_latest(dest, fresh=token)` starts a new generation instead of resuming (an
+explicit fresh start). Manifests carry their generation (and the fresh-start token); resume only
+considers the newest generation, so the checkpoints of an earlier start are never resumed again, yet
+they stay in the store until this generation's first checkpoint exists (one in the way of that first
+upload is moved under `superseded/`); retention then deletes them. When checkpoints of the current
+generation exist but none verifies, resume raises NoVerifiedCheckpoint naming them, never a silent
+start from step 0.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import hashlib
 import json
 import logging
@@ -34,6 +53,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +68,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LATEST = "latest"
 EXPORT = "export"
+SUPERSEDED = "superseded"  # step folders of an earlier generation that were in the way of a fresh start's upload
+PROBE_PREFIX = ".dlmctl-probe-"
+GENERATION, FRESH = "generation", "fresh"  # manifest fields: which start of the run wrote it (see restore_latest)
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _HASH_CHUNK = 8 << 20
 
@@ -72,8 +95,52 @@ class CheckpointUploadError(CheckpointError):
     """An upload that failed for good: a permanent error, or transient ones past the retry budget."""
 
 
+class RetryDeadlinePassed(CheckpointUploadError):
+    """Transient errors for longer than the retry policy allows (the store is unreachable)."""
+
+    def __init__(self, message: str, since: float, failing_for: float):
+        super().__init__(message)
+        self.since, self.failing_for = since, failing_for  # wall-clock time of the first failure, seconds since
+
+
+class UploadAbandoned(CheckpointUploadError):
+    """An upload stopped by close(): not a failure of the store."""
+
+
 class StoreUnavailable(CheckpointError):
     """The store could not be read within the retry budget: resume must not silently start from scratch."""
+
+
+class StoreFailure(CheckpointError):
+    """The store cannot be used: a permanent error or an outage past the retry deadline. `exit_code` is 2
+    for what a person must fix (credentials, bucket, permissions, space), 1 otherwise."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class NoVerifiedCheckpoint(CheckpointError):
+    """Checkpoints exist but none verifies: the run must not quietly start over at step 0."""
+
+    def __init__(self, uri: str, problems: list[str]):
+        self.problems = problems
+        count = f"{len(problems)} checkpoint{'s' if len(problems) != 1 else ''}"
+        super().__init__(f"{uri}: {count} and none verifies: {'; '.join(problems)}; repair or delete them, "
+                         f"or start over from step 0 with --fresh (DLMCTL_FRESH=1)")
+
+
+class StagingSpaceError(CheckpointError):
+    """The staging disk cannot hold one checkpoint even with no upload pending."""
+
+    def __init__(self, step: int, need: int, free: int, root: Path):
+        self.step, self.need, self.free, self.root = step, need, free, root
+        if need > free:
+            size = f"needs about {_size(need)} in the staging directory {root} and only {_size(free)} is free there"
+        else:  # the write ran out of space: the estimate was short
+            size = (f"needs more than the {_size(free)} free in the staging directory {root} (about {_size(need)} "
+                    f"estimated; writing it ran out of space)")
+        super().__init__(f"checkpoint step {step} {size}; give it more room or set DLMCTL_STAGING to a larger volume")
 
 
 @dataclass(frozen=True)
@@ -112,12 +179,68 @@ class RetryPolicy:
         return d / 2 + random.random() * d / 2
 
 
+_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_USER_ERRNOS = _SPACE_ERRNOS | {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT}
+# OSErrors that the same request would meet again: no space, no permission, a read-only disk, a bad request
+# (s3fs maps S3's 4xx codes onto these errnos; 5xx and throttling become EIO, EREMOTEIO and EBUSY).
+_PERMANENT_ERRNOS = _USER_ERRNOS | {errno.EISDIR, errno.ENOTDIR, errno.EINVAL, errno.ENAMETOOLONG, errno.EMSGSIZE,
+                                    errno.ENOSYS, errno.EREMCHG}
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def is_space_error(exc: BaseException) -> bool:
+    """No space left (or quota exceeded), also as torch's stream writer reports it ("file write failed")."""
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in _SPACE_ERRNOS:
+            return True
+        if "No space left" in str(e) or "file write failed" in str(e):
+            return True
+    return False
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """What a person must fix: credentials, a missing bucket, permissions, a full disk."""
+    if isinstance(exc, (PermissionError, FileNotFoundError)) or is_space_error(exc):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _USER_ERRNOS:
+        return True
+    try:
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+        return isinstance(exc, (NoCredentialsError, PartialCredentialsError))
+    except ImportError:
+        return False
+
+
+def reason(exc: BaseException, *, local: bool = False) -> str:
+    """`describe(exc)` with what it most likely means for a checkpoint store (an S3 one unless `local`)."""
+    if is_space_error(exc):
+        return f"no space left ({describe(exc)})"
+    if local:
+        kind = {PermissionError: "permission denied", FileNotFoundError: "not found"}.get(type(exc))
+        return f"{kind} ({describe(exc)})" if kind else describe(exc)
+    if isinstance(exc, PermissionError) or type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+        return (f"access denied ({describe(exc)}); check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                f"or spec.checkpoint.credentials_secret on a cluster) and that they may write there")
+    if isinstance(exc, FileNotFoundError):
+        return f"not found ({describe(exc)}); does the bucket exist?"
+    return describe(exc)
+
+
 def is_transient(exc: BaseException) -> bool:
     """Connection refused/reset, timeouts, 5xx and throttling are worth retrying; bad credentials, a
-    missing bucket or a bug are not."""
+    missing bucket, no space left or a bug are not."""
     permanent = (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError,
                  ValueError, TypeError, AttributeError, KeyError, NotImplementedError)
     if isinstance(exc, permanent):
+        return False
+    if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
         return False
     try:
         from botocore.exceptions import BotoCoreError, NoCredentialsError, ParamValidationError, PartialCredentialsError
@@ -144,23 +267,34 @@ def describe(exc: BaseException) -> str:
 
 
 def retry_call(fn: Callable[[], T], *, what: str, policy: RetryPolicy, on_retry: Callable[[], None] = lambda: None,
-               abort: Optional[threading.Event] = None) -> T:
-    """Call `fn` until it succeeds, a permanent error, or the policy gives up (CheckpointUploadError)."""
-    first_failure = None
+               abort: Optional[threading.Event] = None,
+               on_failure: Optional[Callable[[BaseException], None]] = None,
+               on_success: Optional[Callable[[], None]] = None) -> T:
+    """Call `fn` until it succeeds, a permanent error (raised as is), or the policy gives up
+    (RetryDeadlinePassed; UploadAbandoned once `abort` is set). `on_failure(exc)` is told of each
+    transient failure, `on_success()` of the success."""
+    first_failure = first_failure_wall = None
     retry = 0
     while True:
         try:
-            return fn()
+            result = fn()
         except Exception as exc:
             if not is_transient(exc):
                 raise
+            if on_failure is not None:
+                on_failure(exc)
             now = time.monotonic()
-            first_failure = first_failure or now
+            if first_failure is None:
+                first_failure, first_failure_wall = now, time.time()
             failing_for = now - first_failure
-            if (policy.give_up_after is not None and failing_for >= policy.give_up_after) or (abort and abort.is_set()):
-                raise CheckpointUploadError(f"{what}: gave up after {retry + 1} attempts over {failing_for:.0f}s: "
-                                            f"{describe(exc)}") from exc
+            if abort is not None and abort.is_set():
+                raise UploadAbandoned(f"{what}: abandoned after {retry + 1} attempts: {describe(exc)}") from exc
+            if policy.give_up_after is not None and failing_for >= policy.give_up_after:
+                raise RetryDeadlinePassed(f"{what}: gave up after {retry + 1} attempts over {failing_for:.0f}s: "
+                                          f"{describe(exc)}", first_failure_wall, failing_for) from exc
             delay = policy.delay(retry)
+            if policy.give_up_after is not None:  # the last attempt lands on the deadline, not long after it
+                delay = max(0.0, min(delay, policy.give_up_after - failing_for))
             retry += 1
             on_retry()
             level = logging.WARNING if retry & (retry - 1) == 0 else logging.DEBUG  # 1st, 2nd, 4th, 8th ... retry
@@ -169,6 +303,10 @@ def retry_call(fn: Callable[[], T], *, what: str, policy: RetryPolicy, on_retry:
                 abort.wait(delay)
             else:
                 time.sleep(delay)
+        else:
+            if on_success is not None:
+                on_success()
+            return result
 
 
 def sha256_file(path: str | Path) -> str:
@@ -229,6 +367,28 @@ def _run_parallel(tasks: list[Callable[[], T]], workers: int) -> list[T]:
     return results
 
 
+def _size(n: float) -> str:
+    if n < 1000:
+        return f"{n:.0f} bytes"
+    for unit in ("KB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 1000 or unit == "TB":
+            return f"{n:.2f} {unit}" if n < 10 else f"{n:.1f} {unit}" if n < 100 else f"{n:.0f} {unit}"
+    return f"{n:.0f} TB"
+
+
+def _clock(wall: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(wall))
+
+
+def _generation(manifest: dict) -> int:
+    return int(manifest.get(GENERATION, 0))
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
 def _in_background(fn: Callable[..., T], *args) -> "concurrent.futures.Future[T]":
     future: concurrent.futures.Future = concurrent.futures.Future()
 
@@ -258,6 +418,8 @@ def _parse_manifest(raw: bytes, expected_step: Optional[int]) -> dict:
             if not isinstance(entry["size"], int) or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
                 raise CheckpointInvalid(f"bad size or sha256 for {rel!r} in manifest")
         float(manifest["epoch"])
+        if not isinstance(manifest.get(GENERATION, 0), int) or manifest.get(GENERATION, 0) < 0:
+            raise CheckpointInvalid(f"bad generation {manifest.get(GENERATION)!r} in manifest")
         return manifest
     except CheckpointInvalid:
         raise
@@ -297,6 +459,9 @@ class _Metrics:
                                 labels, registry=registry)
         self.staged_bytes = Gauge("dlm_checkpoint_staged_bytes", "Bytes staged locally and not yet uploaded",
                                   labels, registry=registry)
+        self.unreachable_since = Gauge("dlm_checkpoint_store_unreachable_since_timestamp_seconds",
+                                       "Unix time since which the checkpoint store has failed every request "
+                                       "(0 while it answers)", labels, registry=registry)
 
     @classmethod
     def of(cls, registry) -> "_Metrics":
@@ -316,6 +481,7 @@ class _Job:
     metadata: dict
     committed_at: float
     future: concurrent.futures.Future
+    cleared: bool = False  # the step folder holds no checkpoint any more: a failed upload may delete it
 
 
 class CheckpointStore:
@@ -376,6 +542,7 @@ class CheckpointStore:
         self._retries = metrics.retries.labels(**lv)
         self._failures = metrics.failures.labels(**lv)
         self._staged_bytes = metrics.staged_bytes.labels(**lv)
+        self._unreachable_gauge = metrics.unreachable_since.labels(**lv)
 
         self._cond = threading.Condition()
         self._pending_bytes = 0
@@ -388,7 +555,13 @@ class CheckpointStore:
         self._manifests: dict[str, dict] = {}  # step folder name -> parsed manifest (ours and ones read)
         self._stats = {"committed": 0, "saved": 0, "failed": 0, "retries": 0, "uploaded_bytes": 0,
                        "last_stall_seconds": 0.0, "max_stall_seconds": 0.0, "total_stall_seconds": 0.0,
-                       "last_save_seconds": None, "last_saved_step": None, "last_error": None}
+                       "last_save_seconds": None, "last_saved_step": None, "last_error": None,
+                       "unreachable_since": None}
+        self._unreachable_since: Optional[float] = None  # wall time of the first failure of the current outage
+        self._unreachable_reported = 0.0
+        self._failure: Optional[StoreFailure] = None
+        self.generation = 0  # of the checkpoints this store writes (see restore_latest)
+        self.fresh_token: Optional[str] = None
         self._abort = threading.Event()
         self._closed = False
         self._queue: "queue.Queue[Optional[_Job]]" = queue.Queue()
@@ -406,21 +579,46 @@ class CheckpointStore:
 
     # --- saving ---------------------------------------------------------------------------------
 
-    def staging_dir(self, step: int) -> Path:
+    def staging_dir(self, step: int, need_bytes: Optional[int] = None) -> Path:
         """An empty local folder for the trainer to write checkpoint `step` into. Blocks while the
         staged-but-not-uploaded bytes plus the size of the last checkpoint would exceed
-        `max_staging_bytes` (the wait is part of the stall of this checkpoint)."""
+        `max_staging_bytes` (the wait is part of the stall of this checkpoint). With `need_bytes` (the
+        checkpoint's expected size) it also waits for pending uploads while the staging disk has less room
+        than that, and raises StagingSpaceError if it still has less once nothing is pending."""
         began = time.monotonic()
         with self._cond:
             while (self.max_staging_bytes is not None and self._pending_bytes > 0 and not self._closed
                    and self._pending_bytes + self._expected_bytes > self.max_staging_bytes):
                 self._cond.wait()
+        if need_bytes:
+            self._wait_for_room(step, need_bytes)
         self._wait_before_write += time.monotonic() - began
         self._staging_seq += 1  # never the folder of an upload still running, even for the same step
         folder = self.staging_root / f"{step_dir_name(step)}.{self._staging_seq}"
         folder.mkdir(parents=True)
         self._staged[step] = folder
         return folder
+
+    def _wait_for_room(self, step: int, need: int) -> None:
+        if _free_bytes(self.staging_root) >= need:
+            return
+        with self._cond:  # staged copies of uploads in flight are deleted once uploaded
+            self._cond.wait_for(lambda: self._unfinished == 0 or self._closed)
+        free = _free_bytes(self.staging_root)
+        if free < need:
+            raise StagingSpaceError(step, need, free, self.staging_root)
+
+    @property
+    def expected_bytes(self) -> int:
+        """The size of the last checkpoint committed (0 before the first)."""
+        return self._expected_bytes
+
+    def discard(self, step: int, folder: str | Path | None = None) -> None:
+        """Forget and delete what was staged for `step` (a save that failed half-way)."""
+        staged = self._staged.pop(step, None)
+        for path in {p for p in (staged, Path(folder) if folder else None) if p is not None}:
+            if path.resolve().parent == self.staging_root.resolve():
+                shutil.rmtree(path, ignore_errors=True)
 
     def commit(self, step: int, epoch: float, staging_dir: str | Path | None = None,
                metadata: Optional[Mapping] = None) -> concurrent.futures.Future:
@@ -459,10 +657,13 @@ class CheckpointStore:
                  step, self.uri, size / 1e6, stall)
         return job.future
 
-    def flush(self, timeout: Optional[float] = None) -> bool:
-        """Wait until every committed checkpoint is uploaded or has failed. False on timeout."""
+    def flush(self, timeout: Optional[float] = None, *, until_failure: bool = False) -> bool:
+        """Wait until every committed checkpoint is uploaded or has failed. False on timeout, and with
+        `until_failure` as soon as the store has a `failure` (the rest would only fail after it)."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._unfinished == 0, timeout)
+            done = self._cond.wait_for(
+                lambda: self._unfinished == 0 or (until_failure and self._failure is not None), timeout)
+            return done and self._unfinished == 0
 
     def close(self, timeout: Optional[float] = None) -> bool:
         """flush(timeout), then stop the uploader; uploads still running after the timeout are abandoned
@@ -486,6 +687,69 @@ class CheckpointStore:
         with self._cond:
             return dict(self._stats, pending_bytes=self._pending_bytes)
 
+    @property
+    def failure(self) -> Optional[StoreFailure]:
+        """Set once an upload failed for good: a permanent error (exit code 2 for access denied, a missing
+        bucket, no space) or an outage past the retry deadline (exit code 1). The trainer ends the run."""
+        return self._failure
+
+    @property
+    def unreachable_since(self) -> Optional[float]:
+        """Unix time since which every request to the store has failed; None while it answers."""
+        return self._unreachable_since
+
+    def preflight(self, budget: float = 10.0) -> float:
+        """Write, read back and delete a small probe object; the seconds it took. StoreFailure (exit code
+        2) with one clear sentence for wrong or missing credentials, a missing bucket, a bucket this
+        identity may not write to, no space, or an endpoint that does not answer within `budget` seconds."""
+        began = time.monotonic()
+        loc = self.location
+        path = loc.path(f"{PROBE_PREFIX}{uuid.uuid4().hex[:12]}")
+        data = f"dlmctl checkpoint store probe {time.time():.3f}".encode()
+        policy = RetryPolicy(first_delay=0.25, max_delay=2.0, give_up_after=budget)
+
+        def call(fn, what):
+            return retry_call(fn, what=what, policy=policy, on_retry=self._count_retry, abort=self._abort)
+
+        doing = "writing"
+        try:
+            call(lambda: loc.write_bytes(path, data), f"writing {self.uri}/{path.rsplit('/', 1)[-1]}")
+            doing = "reading back"
+            back = call(lambda: loc.read_bytes(path), "reading the probe object back")
+            doing = "deleting"
+            call(lambda: loc.remove_file(path), "deleting the probe object")
+        except RetryDeadlinePassed as exc:
+            endpoint = getattr(loc.fs, "endpoint_url", None)
+            raise StoreFailure(f"{self.uri}: the store is unreachable{f' at {endpoint}' if endpoint else ''} "
+                               f"(no answer for {exc.failing_for:.0f}s: {describe(exc.__cause__ or exc)})") from None
+        except Exception as exc:
+            if doing != "writing":
+                self._remove_quietly(path)
+            raise StoreFailure(f"{self.uri}: {doing} a probe object failed: {self._diagnose(exc)}") from None
+        if back != data:
+            raise StoreFailure(f"{self.uri}: a probe object read back differs from what was written "
+                               f"({len(back)} bytes, not {len(data)})")
+        return time.monotonic() - began
+
+    def _diagnose(self, exc: BaseException) -> str:
+        loc = self.location
+        if not loc.is_local and isinstance(exc, (PermissionError, FileNotFoundError)):
+            bucket = loc.root.split("/", 1)[0]
+            try:
+                loc.fs.ls(bucket)
+            except FileNotFoundError:  # some servers answer AccessDenied to a write into a missing bucket
+                endpoint = getattr(loc.fs, "endpoint_url", None)
+                return f"bucket {bucket!r} does not exist{f' at {endpoint}' if endpoint else ''} ({describe(exc)})"
+            except Exception:
+                pass
+        return reason(exc, local=loc.is_local)
+
+    def _remove_quietly(self, path: str) -> None:
+        try:
+            self.location.remove_file(path)
+        except Exception:
+            pass
+
     def _uploader(self) -> None:
         while (job := self._queue.get()) is not None:
             info, error = None, None
@@ -494,10 +758,18 @@ class CheckpointStore:
             except Exception as exc:
                 error = exc
                 self._failures.inc()
+                failure = self._failure_of(job, exc)
                 with self._cond:
                     self._stats["failed"] += 1
                     self._stats["last_error"] = describe(exc)
+                    if failure is not None and self._failure is None:
+                        self._failure = failure
                 log.error("checkpoint step %d NOT saved to %s: %s", job.step, self.uri, describe(exc))
+                if job.cleared and not isinstance(exc, UploadAbandoned):  # no manifest: free the space
+                    try:
+                        self.location.remove_tree(self.location.path(step_dir_name(job.step)))
+                    except Exception:
+                        pass
             if job.owned:
                 shutil.rmtree(job.staging, ignore_errors=True)
             if error is None:
@@ -510,22 +782,77 @@ class CheckpointStore:
                 self._staged_bytes.set(self._pending_bytes)
                 self._cond.notify_all()
 
+    def _failure_of(self, job: _Job, exc: BaseException) -> Optional[StoreFailure]:
+        if isinstance(exc, UploadAbandoned):
+            return None
+        if isinstance(exc, RetryDeadlinePassed):
+            deadline = self.retry.give_up_after or exc.failing_for
+            since = min(exc.since, self._unreachable_since or exc.since)
+            return StoreFailure(
+                f"checkpoint store {self.uri} unreachable since {_clock(since)} ({time.time() - since:.0f}s, the retry "
+                f"deadline is {deadline:.0f}s): checkpoint step {job.step} not saved: {describe(exc.__cause__ or exc)}",
+                exit_code=1)
+        why = reason(exc, local=self.location.is_local)
+        return StoreFailure(f"checkpoint step {job.step} not saved to {self.uri}: {why}",
+                            exit_code=2 if is_user_error(exc) else 1)
+
     def _call(self, fn: Callable[[], T], what: str) -> T:
-        return retry_call(fn, what=what, policy=self.retry, on_retry=self._count_retry, abort=self._abort)
+        return retry_call(fn, what=what, policy=self.retry, on_retry=self._count_retry, abort=self._abort,
+                          on_failure=self._unreachable, on_success=self._reachable)
 
     def _count_retry(self) -> None:
         self._retries.inc()
         with self._cond:
             self._stats["retries"] += 1
 
+    def _unreachable(self, exc: BaseException) -> None:
+        """A request failed with a transient error: report the outage when it starts, then every minute."""
+        now = time.time()
+        with self._cond:
+            started = self._unreachable_since is None
+            if started:
+                self._unreachable_since = self._stats["unreachable_since"] = now
+            due = started or now - self._unreachable_reported >= 60
+            if due:
+                self._unreachable_reported = now
+            since = self._unreachable_since
+        if started:
+            self._unreachable_gauge.set(since)
+        if due:
+            deadline = self.retry.give_up_after
+            until = f"until {_clock(since + deadline)}" if deadline is not None else "without a deadline"
+            log.warning("checkpoint store %s unreachable since %s (%.0fs): %s; retrying with backoff %s",
+                        self.uri, _clock(since), now - since, describe(exc), until)
+
+    def _reachable(self) -> None:
+        if self._unreachable_since is None:
+            return
+        with self._cond:
+            since, self._unreachable_since = self._unreachable_since, None
+            self._stats["unreachable_since"] = None
+        if since is not None:
+            self._unreachable_gauge.set(0)
+            log.warning("checkpoint store %s reachable again after %.0fs (unreachable since %s)",
+                        self.uri, time.time() - since, _clock(since))
+
     def _upload(self, job: _Job) -> CheckpointInfo:
         name = step_dir_name(job.step)
+        if self._abort.is_set():
+            raise UploadAbandoned(f"{name}: not started, the store was closed before its turn")
         folder = self.location.path(name)
         loc = self.location
         # A folder of this step from an earlier life of the run stops being a checkpoint before any of
-        # its files are replaced.
+        # its files are replaced; one of an earlier generation (before a fresh start) is moved aside.
+        if self.generation > 0:
+            old = self._read_manifest_or_none(name)
+            if old is not None and _generation(old) < self.generation:
+                aside = loc.path(SUPERSEDED, f"{name}.g{_generation(old)}")
+                self._call(lambda: loc.move_tree(folder, aside), f"moving {name} of an earlier start aside")
+                log.info("%s/%s of an earlier start moved to %s/%s until this start's first checkpoint exists",
+                         self.uri, name, SUPERSEDED, aside.rsplit("/", 1)[-1])
         self._call(lambda: loc.remove_file(loc.path(name, MANIFEST)), f"removing old manifest of {name}")
         self._manifests.pop(name, None)
+        job.cleared = True
 
         def upload_one(rel: str, local: Path, size: int) -> FileEntry:
             digest = _in_background(sha256_file, local)  # hashed while it uploads
@@ -547,6 +874,7 @@ class CheckpointStore:
         created = time.time()
         manifest = {"format": FORMAT, "version": FORMAT_VERSION, "step": job.step, "epoch": job.epoch,
                     "created": created, "total_bytes": job.size, "metadata": job.metadata,
+                    GENERATION: self.generation, **({FRESH: self.fresh_token} if self.fresh_token else {}),
                     "files": [{"path": e.path, "size": e.size, "sha256": e.sha256} for e in entries]}
         self._call(lambda: loc.write_bytes(loc.path(name, MANIFEST), json.dumps(manifest, indent=1).encode()),
                    f"writing {name}/{MANIFEST}")
@@ -586,19 +914,23 @@ class CheckpointStore:
         `keep_last` checkpoints and the first at or after every multiple of `keep_every_epochs`;
         never touches the newest checkpoint this store uploaded, anything newer than it (another
         writer's upload in progress), anything outside this run's folder, or a folder without a
-        manifest younger than `orphan_grace_seconds`. Idempotent."""
+        manifest younger than `orphan_grace_seconds`. Checkpoints of an earlier generation (a start that
+        a fresh start superseded) all go once this store's first checkpoint exists. Idempotent."""
         newest = self._newest_uploaded
         if newest < 0:
             return []
         folders = self._call(self._scan, f"listing {self.uri}")
-        complete: dict[int, float] = {}  # step -> epoch, for folders with a readable manifest
+        complete: dict[int, float] = {}  # step -> epoch, for folders with a readable manifest of this generation
         orphans: list[int] = []
+        superseded: list[int] = []
         for step, files in sorted(folders.items()):
-            if step > newest:
-                continue
             name = step_dir_name(step)
             manifest = (self._manifests.get(name) or self._read_manifest_or_none(name)) if MANIFEST in files else None
-            if manifest is not None:
+            if manifest is not None and _generation(manifest) < self.generation:
+                superseded.append(step)
+            elif step > newest or (manifest is not None and _generation(manifest) > self.generation):
+                continue
+            elif manifest is not None:
                 complete[step] = float(manifest["epoch"])
             elif step < newest:
                 orphans.append(step)
@@ -613,7 +945,7 @@ class CheckpointStore:
                 if multiple >= 1 and multiple not in seen:
                     seen.add(multiple)
                     keep.add(step)
-        doomed = [step for step in complete if step not in keep]
+        doomed = [step for step in complete if step not in keep] + superseded
         now = time.time()
         doomed += [step for step in orphans
                    if all(now - _mtime(info) > self.orphan_grace_seconds for info in folders[step].values())]
@@ -623,6 +955,9 @@ class CheckpointStore:
             self._call(lambda: loc.remove_file(loc.path(name, MANIFEST)), f"deleting {name}/{MANIFEST}")
             self._manifests.pop(name, None)
             self._call(lambda: loc.remove_tree(loc.path(name)), f"deleting {name}")
+        if self.generation > 0 and loc.list_files(loc.path(SUPERSEDED)):
+            self._call(lambda: loc.remove_tree(loc.path(SUPERSEDED)), f"deleting {SUPERSEDED}/")
+            log.info("retention at %s deleted %s/ (checkpoints of an earlier start)", self.uri, SUPERSEDED)
         if doomed:
             log.info("retention at %s deleted %s", self.uri, ", ".join(step_dir_name(s) for s in sorted(doomed)))
         return sorted(doomed)
@@ -668,11 +1003,9 @@ class CheckpointStore:
         listing = self._read(lambda: self.location.list_files(self.location.path(name)), f"listing {name}")
         return self._verify(step, listing, full)
 
-    def _verify(self, step: int, listing: dict[str, dict], full: bool) -> CheckpointInfo:
+    def _load_manifest(self, step: int) -> dict:
         name = step_dir_name(step)
         loc = self.location
-        if MANIFEST not in listing:
-            raise CheckpointInvalid(f"{name}: no {MANIFEST} (upload never finished)")
         try:
             raw = self._read(lambda: loc.read_bytes(loc.path(name, MANIFEST)), f"reading {name}/{MANIFEST}")
         except FileNotFoundError:
@@ -681,7 +1014,16 @@ class CheckpointStore:
             manifest = _parse_manifest(raw, step)
         except CheckpointInvalid as exc:
             raise CheckpointInvalid(f"{name}: {exc}") from None
-        info = _info_from_manifest(manifest, name, self.uri)
+        self._manifests[name] = manifest
+        return manifest
+
+    def _verify(self, step: int, listing: dict[str, dict], full: bool,
+                manifest: Optional[dict] = None) -> CheckpointInfo:
+        name = step_dir_name(step)
+        loc = self.location
+        if MANIFEST not in listing:
+            raise CheckpointInvalid(f"{name}: no {MANIFEST} (upload never finished)")
+        info = _info_from_manifest(manifest or self._load_manifest(step), name, self.uri)
         for entry in info.files:
             if entry.path not in listing:
                 raise CheckpointInvalid(f"{name}: {entry.path} is missing")
@@ -695,15 +1037,45 @@ class CheckpointStore:
                     raise CheckpointInvalid(f"{name}: {entry.path} sha256 does not match the manifest")
         return info
 
-    def latest_verified(self, *, full: bool = True) -> Optional[CheckpointInfo]:
-        """The newest checkpoint that verifies (see verify), skipping bad ones with a warning; None when
-        there is none. Raises StoreUnavailable if the store cannot be read (never a silent None)."""
-        folders = self._read(self._scan, f"listing {self.uri}")
+    def _plan(self, folders: dict[int, dict[str, dict]], fresh: Optional[str]) -> "_ResumePlan":
+        """Which checkpoints a start may resume from. Folders without a manifest are uploads that never
+        finished (not checkpoints); the others belong to the newest generation or are superseded."""
+        manifests: dict[int, dict] = {}
+        problems: list[str] = []  # unreadable manifests: their generation is unknown, so they count as ours
         for step in sorted(folders, reverse=True):
+            if MANIFEST not in folders[step]:
+                log.warning("skipping checkpoint at %s: %s: no %s (upload never finished)", self.uri,
+                            step_dir_name(step), MANIFEST)
+                continue
             try:
-                return self._verify(step, folders[step], full)
+                manifests[step] = self._load_manifest(step)
             except CheckpointInvalid as exc:
                 log.warning("skipping checkpoint at %s: %s", self.uri, exc)
+                problems.append(str(exc))
+        current = max(map(_generation, manifests.values()), default=0)
+        ours = [step for step, m in manifests.items() if _generation(m) == current]
+        token = next((manifests[step][FRESH] for step in ours if manifests[step].get(FRESH)), None)
+        if fresh and token != fresh:  # a new fresh start (not a restart of the one that wrote these)
+            return _ResumePlan(current + 1 if manifests or problems else current, fresh, True, [], manifests,
+                               problems, sorted(manifests, reverse=True))
+        superseded = [step for step, m in manifests.items() if _generation(m) < current]
+        return _ResumePlan(current, token, False, ours, manifests, problems, superseded)
+
+    def latest_verified(self, *, full: bool = True) -> Optional[CheckpointInfo]:
+        """The newest checkpoint of the newest generation that verifies (see verify), skipping bad ones
+        with a warning; None when there is none. NoVerifiedCheckpoint when there are some and none
+        verifies; StoreUnavailable if the store cannot be read (never a silent None)."""
+        folders = self._read(self._scan, f"listing {self.uri}")
+        plan = self._plan(folders, None)
+        problems = list(plan.problems)
+        for step in plan.candidates:
+            try:
+                return self._verify(step, folders[step], full, plan.manifests[step])
+            except CheckpointInvalid as exc:
+                log.warning("skipping checkpoint at %s: %s", self.uri, exc)
+                problems.append(str(exc))
+        if problems:
+            raise NoVerifiedCheckpoint(self.uri, problems)
         return None
 
     def download(self, info: CheckpointInfo, dest_dir: str | Path) -> Path:
@@ -730,24 +1102,60 @@ class CheckpointStore:
         partial.rename(dest)
         return dest
 
-    def restore_latest(self, dest_dir: str | Path) -> Optional[tuple[CheckpointInfo, Path]]:
+    def restore_latest(self, dest_dir: str | Path, *, fresh: Optional[str] = None
+                       ) -> Optional[tuple[CheckpointInfo, Path]]:
         """Download the newest checkpoint that verifies into `dest_dir` and return it with its local
         folder; None if there is none. Reads each byte once: sizes are checked in the store, sha256 on
-        the local copy, and a bad checkpoint falls back to the one before."""
+        the local copy, and a bad checkpoint falls back to the one before. When checkpoints exist and
+        none verifies: NoVerifiedCheckpoint, naming each and what is wrong with it.
+
+        Only the newest generation counts. With `fresh` (a token: the fresh start's DLMCTL_FRESH) the
+        store starts a new generation and returns None, unless the newest generation was written with
+        that same token (this is a restart of that fresh start: it resumes). This store then writes
+        its checkpoints in the chosen generation, and retention removes older generations once the
+        first of them exists."""
         folders = self._read(self._scan, f"listing {self.uri}")
-        for step in sorted(folders, reverse=True):
+        plan = self._plan(folders, fresh)
+        self.generation, self.fresh_token = plan.generation, plan.fresh_token
+        if plan.fresh:
+            if plan.manifests or plan.problems:
+                log.warning("fresh start at %s: not resuming from the %d checkpoint(s) there (%s); they stay until "
+                            "this start's first checkpoint is written", self.uri,
+                            len(plan.manifests) + len(plan.problems),
+                            ", ".join(step_dir_name(s) for s in plan.superseded) or "unreadable manifests")
+            return None
+        if plan.superseded:
+            log.info("%s: not resuming %d checkpoint(s) of an earlier start, superseded by a fresh start: %s",
+                     self.uri, len(plan.superseded), ", ".join(step_dir_name(s) for s in plan.superseded))
+        problems = list(plan.problems)
+        for step in plan.candidates:
             try:
-                info = self._verify(step, folders[step], full=False)
+                info = self._verify(step, folders[step], full=False, manifest=plan.manifests[step])
                 return info, self.download(info, dest_dir)
             except CheckpointInvalid as exc:
                 log.warning("skipping checkpoint at %s: %s", self.uri, exc)
+                problems.append(str(exc))
+        if problems:
+            raise NoVerifiedCheckpoint(self.uri, problems)
         return None
 
     def _read(self, fn: Callable[[], T], what: str) -> T:
         try:
-            return retry_call(fn, what=what, policy=self.retry, on_retry=self._count_retry)
+            return retry_call(fn, what=what, policy=self.retry, on_retry=self._count_retry,
+                              on_failure=self._unreachable, on_success=self._reachable)
         except CheckpointUploadError as exc:
             raise StoreUnavailable(f"{self.uri}: {exc}") from exc
+
+
+@dataclass
+class _ResumePlan:
+    generation: int  # of the checkpoints written from now on
+    fresh_token: Optional[str]
+    fresh: bool  # start over at step 0 (a new generation)
+    candidates: list[int]  # steps of the newest generation with a manifest, newest first
+    manifests: dict[int, dict]  # step -> parsed manifest, every folder with a readable one
+    problems: list[str]  # unreadable manifests
+    superseded: list[int]  # steps not resumed: an earlier generation (or all of them, for a fresh start)
 
 
 def _info_from_manifest(manifest: dict, name: str, uri: str) -> CheckpointInfo:

@@ -16,6 +16,7 @@ from dlmctl.spec import Run
 from dlmctl.spec.contracts import METRICS_FILE
 
 from . import checkpointing
+from .checkpoints import CheckpointError, is_user_error, reason
 from .data import prepare_data
 from .engine import World, build_engine, init_distributed
 from .evaluate import Evaluator
@@ -35,14 +36,45 @@ def build_model(run: Run, vocab_size: int) -> Transformer:
 
 
 def train(run: Run, output: Path) -> int:
+    """Train `run` to its end; 0 when done, 143 when stopped by SIGTERM after a checkpoint. RunFailed
+    (see checkpointing) when it cannot go on: after the store's background threads are stopped, so the
+    error is the run's last line."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     world = init_distributed()
+    held = _Held()
+    try:
+        return _train(run, output, world, held)
+    except checkpointing.RunFailed:
+        held.abandon()
+        raise
+
+
+class _Held:
+    """The run's background uploaders, for a failure to stop: at once if the store itself failed, else
+    after a short grace so what was already saved reaches the store."""
+
+    store = None
+    mirror = None
+
+    def abandon(self) -> None:
+        grace = 0.0 if self.store is None or self.store.failure is not None else FLUSH_AFTER_SIGNAL_SECONDS
+        deadline = time.monotonic() + grace
+        if self.store is not None:
+            self.store.close(timeout=grace)
+        if self.mirror is not None:
+            self.mirror.close(timeout=max(0.0, deadline - time.monotonic()))
+
+
+def _train(run: Run, output: Path, world: World, held: _Held) -> int:
     spec = run.spec
     if spec.global_batch_sequences % (spec.batch.micro_batch_sequences * world.world_size):
-        raise SystemExit(f"error: spec.batch: {spec.global_batch_sequences} sequences do not divide over "
-                         f"{world.world_size} processes x {spec.batch.micro_batch_sequences} per micro-batch")
+        raise checkpointing.RunFailed(
+            f"spec.batch: {spec.global_batch_sequences} sequences do not divide over {world.world_size} processes "
+            f"x {spec.batch.micro_batch_sequences} per micro-batch")
     output.mkdir(parents=True, exist_ok=True)
     stop = _StopFlag()
+    store = held.store = checkpointing.open_store(run, output, world)
+    checkpointing.preflight(store, run, world)  # before anything slow: a wrong credential fails in seconds
 
     data = _prepare_data_once(run, output, world)
     model = build_model(run, data.tokenizer.vocab_size)
@@ -53,7 +85,8 @@ def train(run: Run, output: Path) -> int:
     metrics = TrainMetrics(run.experiment, run.name, run.arm.value,
                            output / METRICS_FILE if world.is_main else None,
                            port=spec.metrics.port if world.is_main else 0)
-    store = checkpointing.open_store(run, output, world, on_saved=metrics.checkpoint_saved)
+    if store:
+        store.on_saved = metrics.checkpoint_saved
     resumed = checkpointing.resume(store, engine, batches, world, run, output)
     start_step = resumed.step
 
@@ -63,7 +96,7 @@ def train(run: Run, output: Path) -> int:
         (output / "data.json").write_text(json.dumps(data.metadata, indent=2))
         data.tokenizer.save(output / "tokenizer.json")
         checkpointing.restore_metrics(store, output / METRICS_FILE, resumed)
-        mirror = checkpointing.mirror_run(store, run, output)
+        mirror = held.mirror = checkpointing.mirror_run(store, run, output)
         metrics.on_event = mirror.event_written
         log.info("run %s: %s arm, %s parameters, %d steps of %d sequences x %d tokens, world size %d, resuming at %d",
                  run.name, run.arm.value, f"{model.num_params():,}", total_steps, spec.global_batch_sequences,
@@ -81,7 +114,9 @@ def train(run: Run, output: Path) -> int:
         began = time.perf_counter()
         train_loss = _train_step(run, engine, batches, data.tokenizer.mask_id, step, accumulation, world)
         step += 1
-        stop_now = _any_rank(stop.requested, world)
+        stop_now, failure = _stop_or_failure(stop.requested, store, world)
+        if failure:  # a permanent store error, or an outage past the retry deadline: training on saves nothing
+            raise failure
         elapsed = time.perf_counter() - began
         throughput = tokens_per_step / elapsed
         log_now = step % spec.metrics.log_interval_steps == 0 or step == total_steps
@@ -99,25 +134,51 @@ def train(run: Run, output: Path) -> int:
         if step % spec.checkpoint.interval_steps == 0 or step == total_steps or stop_now:
             checkpointing.save(store, engine, batches, step, world, metrics if world.is_main else None)
 
-    # A preempted pod has a grace period; a finished run waits longer for its last upload. The metrics
-    # file goes last (it holds the checkpoint events) and keeps a share of the time for itself.
-    budget = FLUSH_AFTER_SIGNAL_SECONDS if stop_now else FLUSH_AT_END_SECONDS
+    # A preempted pod has a grace period; a finished run waits for its last upload as long as the store
+    # may be retried. The metrics file goes last (it holds the checkpoint events) and keeps a share of the
+    # time for itself.
+    budget = (FLUSH_AFTER_SIGNAL_SECONDS if stop_now
+              else max(FLUSH_AT_END_SECONDS, checkpointing.retry_deadline(run) + 60))
     deadline = time.monotonic() + budget
     reserve = min(5.0, budget / 4)
-    if store:
-        store.flush(timeout=budget - reserve)
+    uploaded = store.flush(timeout=budget - reserve, until_failure=True) if store else True
+    failure = checkpointing.store_failure(store, world)
+    if failure:
+        raise failure
     if step < total_steps:
         _close_mirror(mirror, max(0.0, deadline - time.monotonic()))
         log.warning("stopped by signal at step %d; the last checkpoint resumes it", step)
         return 143
+    if world.is_main and not uploaded:
+        raise checkpointing.RunFailed(f"checkpoint step {step} not uploaded to {store.uri} after {budget:.0f}s", 1)
     with _gathered_parameters(engine):
-        exported = checkpointing.export(run, engine.module, data, store, output) if world.is_main else None
+        try:
+            exported = checkpointing.export(run, engine.module, data, store, output) if world.is_main else None
+        except Exception as exc:
+            if not isinstance(exc, (OSError, CheckpointError)):
+                raise
+            raise checkpointing.RunFailed(f"export to {store.uri if store else output} failed: {reason(exc)}",
+                                          2 if is_user_error(exc) else 1) from None
     if world.is_main:
         metrics.write("done", export=exported, step=step, total_steps=total_steps, tokens=step * tokens_per_step,
                       epoch=batches.epoch_at())
         _close_mirror(mirror, max(reserve, deadline - time.monotonic()))
     dist.barrier()
     return 0
+
+
+def _stop_or_failure(stop_requested: bool, store, world: World):
+    """(stop now, RunFailed or None), the same on every rank: a signal may reach one rank first, and only
+    rank 0 has the store."""
+    failure = store.failure if store else None
+    code = max(1 if stop_requested else 0, 0 if failure is None else 1 + failure.exit_code)
+    if world.world_size > 1:
+        value = torch.tensor(float(code), device=world.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        code = int(value.item())
+    if code >= 2:
+        return True, checkpointing.store_failure(store, world)
+    return code == 1, None
 
 
 def _close_mirror(mirror, timeout: float) -> None:
@@ -169,15 +230,6 @@ def _gathered_parameters(engine):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
-
-
-def _any_rank(flag: bool, world: World) -> bool:
-    """A signal may reach one rank first; all ranks must stop after the same step."""
-    if world.world_size == 1:
-        return flag
-    value = torch.tensor(float(flag), device=world.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def _mean_over_ranks(value: torch.Tensor, world: World) -> float:

@@ -94,6 +94,20 @@ class Location:
         except FileNotFoundError:
             pass
 
+    def move_tree(self, src: str, dst: str) -> None:
+        """Move `src` and everything below it to `dst` (replaced if it exists): a rename locally; on S3 a
+        server-side copy of every object, then the deletion of the originals."""
+        for path in (src, dst):
+            if not self.contains(path):
+                raise ValueError(f"refusing to move {path!r}: outside {self.uri}")
+        self.remove_tree(dst)
+        if self.is_local:
+            Path(dst).parent.mkdir(parents=True, exist_ok=True)
+            os.rename(src, dst)
+        else:
+            self.fs.copy(src.rstrip("/") + "/", dst.rstrip("/") + "/", recursive=True)
+            self.remove_tree(src)
+
     def remove_file(self, path: str) -> None:
         if not self.contains(path):
             raise ValueError(f"refusing to delete {path!r}: outside {self.uri}")
