@@ -49,7 +49,7 @@ def main() -> int:
     epochs = run["spec"]["data"]["epochs"]
     base = 5.0 if run["arm"] == "diffusion" else 4.5
     checkpoints = os.environ.get("FAKE_TRAINER_CHECKPOINTS") == "1"
-    fresh = os.environ.get("DLMCTL_FRESH") == "1"
+    fresh = bool(os.environ.get("DLMCTL_FRESH"))  # the real trainer reads any value as a fresh start
     start = resume(args.output, fresh) if checkpoints else 0
     lives = record_life(args.output, start, fresh)
     kill_at = int(os.environ.get("FAKE_TRAINER_KILL_AT", "0"))

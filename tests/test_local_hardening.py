@@ -343,3 +343,14 @@ def test_a_damaged_state_file_is_named_and_never_breaks_or_passes_for_succeeded(
     assert err.startswith("error: experiment 'broken': ") and str(path) in err and "internal error" not in err
     assert cli(capsys, "get", "good")[0] == 0
     LocalBackend().cancel("broken")  # stopping works when reading does not
+
+
+def test_each_fresh_submission_has_its_own_token_and_a_resubmission_keeps_it():
+    """The trainer tells a fresh start's checkpoints apart by DLMCTL_FRESH: a second `--fresh` must not
+    look like a restart of the first."""
+    from dlmctl.cli.backends.local import _pending_state
+
+    first, second = _pending_state(True)["fresh"], _pending_state(True)["fresh"]
+    assert first and second and first != second
+    assert _pending_state(False, keep=first)["fresh"] == first
+    assert "fresh" not in _pending_state(False)

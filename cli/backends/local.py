@@ -170,7 +170,7 @@ class LocalBackend(Backend):
                 if step is not None:
                     _note(f"{run.name} resumes from its checkpoint at step {step} (`--fresh` starts it over)")
             write_text(exp.run_json(run.name), text)
-            write_json(exp.state_json(run.name), _pending_state(fresh or bool(state.get("fresh"))))
+            write_json(exp.state_json(run.name), _pending_state(fresh, keep=state.get("fresh")))
         write_text(exp.experiment_yaml, _document(experiment))
         write_json(exp.supervisor_json, _submission(experiment, fresh))
 
@@ -429,10 +429,13 @@ def _submission(experiment: "Experiment", fresh: bool) -> dict[str, Any]:
             **({"fresh": True} if fresh else {})}
 
 
-def _pending_state(fresh: bool) -> dict[str, Any]:
+def _pending_state(fresh: bool, keep: Any = None) -> dict[str, Any]:
+    """`fresh` holds a token of this submission: the trainer's DLMCTL_FRESH, so its checkpoints are told
+    apart from an earlier fresh start's (a second `--fresh` must not resume the first one)."""
     from dlmctl.spec.contracts import RunPhase
 
-    return {"phase": RunPhase.Pending.value, "restarts": 0, **({"fresh": True} if fresh else {})}
+    token = uuid.uuid4().hex[:12] if fresh else (keep if isinstance(keep, str) else None)
+    return {"phase": RunPhase.Pending.value, "restarts": 0, **({"fresh": token} if token else {})}
 
 
 def _run_names(exp: ExperimentDir) -> list[str]:

@@ -10,7 +10,7 @@ parser takes it for an abbreviation of its own --run-path). stdout and stderr go
 state.json follows Pending -> Running [-> Restarting -> Running ...] -> Succeeded | Failed | Cancelled.
 A trainer that exits with code 2 (a mistake in the spec) is never restarted; any other failure is,
 after a backoff, and the trainer resumes from its newest verified checkpoint. A run submitted with
-`--fresh` gets DLMCTL_FRESH=1 (ignore existing checkpoints) until it has written a checkpoint of its own.
+`--fresh` gets DLMCTL_FRESH=<this submission's token> (ignore existing checkpoints) until it has written a checkpoint of its own.
 
 One supervisor per experiment (it holds supervisor.lock). With it runs its watchdog,
     python -m dlmctl.cli.backends.local_supervisor <experiment dir> --watchdog <generation>
@@ -96,7 +96,7 @@ def trainer_command(run_json: Path, output: Path) -> list[str]:
 
 
 def trainer_env(run_json: Path, exp: Optional[ExperimentDir] = None, run: str = "", generation: str = "",
-                fresh: bool = False) -> dict[str, str]:
+                fresh: Optional[str] = None) -> dict[str, str]:
     """The trainer's environment: the Run, the markers that find its processes later, DLMCTL_FRESH."""
     env = {k: v for k, v in os.environ.items() if k not in (*MARKERS, FRESH_ENV)}
     env.update(PYTHONUNBUFFERED="1")
@@ -104,7 +104,7 @@ def trainer_env(run_json: Path, exp: Optional[ExperimentDir] = None, run: str = 
     if exp is not None:
         env.update({EXPERIMENT_ENV: exp.key, RUN_ENV: run, GENERATION_ENV: generation})
     if fresh:
-        env[FRESH_ENV] = "1"
+        env[FRESH_ENV] = fresh  # this submission's token: see local._pending_state
     if launcher() == "python":
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     return env
@@ -171,13 +171,14 @@ class Supervisor:
         run_dir = self.exp.run_dir(run)
         state = self.exp.state(run)
         # A fresh start until the run has a checkpoint of its own: until then, a restart starts over too.
-        fresh = bool(state.get("fresh")) and newest_checkpoint_step(self.exp.metrics(run)) is None
+        token = state.get("fresh")
+        fresh = str(token) if token and newest_checkpoint_step(self.exp.metrics(run)) is None else None
         try:
             cmd = trainer_command(self.exp.run_json(run), run_dir)
             env = trainer_env(self.exp.run_json(run), self.exp, run, self.generation, fresh)
             with open(self.exp.train_log(run), "ab") as log:
                 offset = log.tell()
-                log.write(f"$ {FRESH_ENV + '=1 ' if fresh else ''}{' '.join(cmd)}\n".encode())
+                log.write(f"$ {f'{FRESH_ENV}={fresh} ' if fresh else ''}{' '.join(cmd)}\n".encode())
                 log.flush()
                 proc = subprocess.Popen(
                     cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=run_dir, env=env,
