@@ -13,7 +13,7 @@ from dlmctl.spec.contracts import METRICS_FILE, CheckpointEvent, fold_progress, 
 from dlmctl.trainer.checkpointing import Resumed, restore_metrics
 from dlmctl.trainer.checkpoints import CheckpointInfo, CheckpointStore, RetryPolicy
 from dlmctl.trainer.metrics import MetricsMirror, TrainMetrics, build_event, event_line
-from trainer_runs import events, kill_tree, launch, tiny_run
+from trainer_runs import events, kill_tree, launch, tiny_run, wait_until
 
 pytestmark = pytest.mark.s3
 VOLATILE = {"time", "tokens_per_second", "mfu"}  # differ between two runs of the same numbers
@@ -31,14 +31,6 @@ def curve(data: bytes) -> list[dict]:
     """The train and eval events, in file order, less what differs between two runs of the same numbers."""
     return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE} for line in data.splitlines()
             if json.loads(line)["event"] in ("train", "eval")]
-
-
-def wait_until(proc, condition, timeout=300):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, "the trainer ended before the awaited moment"
-        assert time.monotonic() < deadline, "the awaited moment never came"
-        time.sleep(0.05)
 
 
 def train(step: int, loss: float = 1.0):

@@ -7,21 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer_runs import events, kill_tree, launch, losses, start_pods, tiny_run, wait_for_pods
+from trainer_runs import events, kill_tree, launch, losses, start_pods, tiny_run, wait_for_pods, wait_until
 
 pytestmark = pytest.mark.slow
 
 
 def final_weights(out):
     return load_file(str(out / "export" / "model.safetensors"))
-
-
-def wait_until(proc, condition, timeout=300):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, "the trainer ended before the awaited moment"
-        assert time.monotonic() < deadline, "the awaited moment never came"
-        time.sleep(0.05)
 
 
 def kill_when(proc, condition, timeout=300):

@@ -100,3 +100,14 @@ def events(output: Path, kind: str) -> list[dict]:
 
 def losses(output: Path) -> dict[int, float]:
     return {e["step"]: e["train_loss"] for e in events(output, "train")}
+
+
+def wait_until(proc, condition, timeout=300):
+    """Poll `condition` while the trainer process `proc` runs; fail if it ends first or time runs out."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, "the trainer ended before the awaited moment"
+        assert time.monotonic() < deadline, "the awaited moment never came"
+        time.sleep(0.05)
