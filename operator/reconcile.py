@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Optional
 
 from dlmctl.spec import Experiment, Run, SpecError, experiment_from_dict
+from dlmctl.spec.experiment import status_progress
 from dlmctl.spec.contracts import ExperimentPhase, RunPhase, experiment_phase
 
 from .jobs import (
@@ -30,8 +31,6 @@ from .progress import ProgressReader
 log = logging.getLogger("dlmctl.operator")
 ANNOTATION_DISRUPTED = "dlmctl.io/disrupted"  # on a job: "<reason>: <message>" of a pod taken away
 UNEXPLAINED_FAILURE_GRACE = 15.0  # seconds to wait for the failed pod's own status before acting on the job's
-PROGRESS_FIELDS = ("step", "total_steps", "epoch", "tokens", "train_loss", "val_loss", "val_loss_stderr",
-                   "choice_accuracy", "unigram_entropy", "last_checkpoint")
 
 
 def now_rfc3339(clock: Callable[[], float] = time.time) -> str:
@@ -121,7 +120,6 @@ class Reconciler:
         # experiment uid -> (inputs, when the next look must happen anyway). Keeps 1000 idle experiments cheap.
         self._last_look: dict[str, tuple[str, float]] = {}
         self._due: list[float] = []
-        self._parsed: dict[tuple, object] = {}
 
     # -- the whole experiment -------------------------------------------------------------------
     def reconcile(self, body: dict, jobs: Iterable[dict], pods: Iterable[dict]) -> Optional[dict]:
@@ -154,17 +152,10 @@ class Reconciler:
     def _reconcile(self, body: dict, jobs: list[dict], pods: list[dict]) -> dict:
         meta, old = body["metadata"], dict(body.get("status") or {})
         generation = meta.get("generation")
-        key = (meta.get("uid"), generation, repr(meta.get("labels")), repr(meta.get("annotations")))
-        if key not in self._parsed:
-            if len(self._parsed) > 4096:
-                self._parsed.clear()
-            try:
-                self._parsed[key] = parse_experiment(body)
-            except SpecError as err:
-                self._parsed[key] = err
-        experiment = self._parsed[key]
-        if isinstance(experiment, SpecError):
-            return self._invalid(old, str(experiment), generation)
+        try:  # well under a millisecond; a look whose inputs did not change never gets here
+            experiment = parse_experiment(body)
+        except SpecError as err:
+            return self._invalid(old, str(err), generation)
         accepted = old.get("observedGeneration") or generation
         spec_changed = generation is not None and accepted is not None and generation != accepted
         cancel = (meta.get("annotations") or {}).get(ANNOTATION_CANCEL)
@@ -318,8 +309,7 @@ class Reconciler:
         if final:
             self._progress_read_at[key] = float("inf")
         if progress is not None:
-            values = progress.model_dump()
-            status.update({k: values[k] for k in PROGRESS_FIELDS if values.get(k) is not None})
+            status.update(status_progress(progress))
         return status
 
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Iterator, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .base import SpecModel, Strict
-from .contracts import ExperimentPhase, RunPhase
+from .contracts import ExperimentPhase, RunPhase, RunProgress
 from .model import ModelSpec
 from .sections import (
     Arm,
@@ -224,6 +224,15 @@ class RunStatus(Strict):
     message: Optional[str] = None
     startTime: Optional[datetime] = None
     completionTime: Optional[datetime] = None
+
+
+# What a run's metrics say that its status shows: the fields the two models share, derived, never listed.
+PROGRESS_STATUS_FIELDS = frozenset(RunProgress.model_fields) & frozenset(RunStatus.model_fields)
+
+
+def status_progress(progress: RunProgress) -> dict[str, Any]:
+    """The RunStatus fields a run's metrics give (those it has a value for)."""
+    return {k: v for k, v in progress.model_dump(include=PROGRESS_STATUS_FIELDS).items() if v is not None}
 
 
 class Condition(Strict):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dlmctl.cli.app import app, main
+from dlmctl.cli.app import app
+from cli_runs import assert_user_error, run
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
@@ -17,20 +18,6 @@ COMMANDS = ["validate", "render", "schema", "crd", "docs", "submit", "list", "ge
 @pytest.fixture(autouse=True)
 def home(fresh_home):
     return fresh_home
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(code, err, *fragments):
-    assert code == 2
-    assert err.startswith("error: ") and err.count("\n") == 1, f"one line on stderr, got: {err!r}"
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in err
 
 
 # ---- start-up ------------------------------------------------------------------------------------

@@ -81,3 +81,10 @@ def test_the_progress_reader_follows_a_store_file_incrementally_and_notices_a_re
             b'"epoch": 0.5, "tokens": 200, "train_loss": 4.5}\n')
     again = reader.read(run)
     assert (again.step, again.train_loss, again.done) == (2, 4.5, False)
+
+
+def test_a_runs_status_shows_everything_its_metrics_say_but_bookkeeping():
+    from dlmctl.spec.contracts import RunProgress
+    from dlmctl.spec.experiment import PROGRESS_STATUS_FIELDS
+
+    assert set(RunProgress.model_fields) - PROGRESS_STATUS_FIELDS == {"done", "last_checkpoint_step"}

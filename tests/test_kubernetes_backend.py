@@ -15,6 +15,7 @@ from kubernetes.client.rest import ApiException
 from dlmctl.cli.app import main
 from dlmctl.operator.jobs import ANNOTATION_CANCEL, LABEL_ARM, LABEL_EXPERIMENT, LABEL_RUN
 from dlmctl.spec import GROUP, PLURAL, VERSION, experiment_from_dict
+from cli_runs import assert_user_error, run
 
 pytestmark = pytest.mark.cluster
 
@@ -72,19 +73,6 @@ def spec(tmp_path) -> Path:
     path = tmp_path / "scarce.yaml"
     path.write_text(spec_text())
     return path
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_user_error(code, err, *fragments):
-    assert code == 2, err
-    assert err.startswith("error: ") and err.count("\n") == 1, f"one line on stderr, got: {err!r}"
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 def read(custom, ns, name=NAME) -> dict:

@@ -511,11 +511,9 @@ def _merged(workers: list[Callable[[Callable[[str], None], threading.Event], Non
 
 
 def _with_progress(status: "RunStatus", progress: "RunProgress") -> "RunStatus":
-    update = {k: getattr(progress, k) for k in ("step", "total_steps", "epoch", "tokens")}
-    for key in ("train_loss", "val_loss", "val_loss_stderr", "choice_accuracy", "unigram_entropy", "last_checkpoint"):
-        if getattr(progress, key) is not None:
-            update[key] = getattr(progress, key)
-    return status.model_copy(update=update)
+    from dlmctl.spec.experiment import status_progress
+
+    return status.model_copy(update=status_progress(progress))
 
 
 def _lines(response) -> Iterator[str]:

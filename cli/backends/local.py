@@ -398,21 +398,19 @@ class _Processes:
         return sorted(self._found.get((experiment, run), []))
 
 
-PROGRESS_FIELDS = {"step", "total_steps", "epoch", "tokens", "train_loss", "val_loss", "val_loss_stderr",
-                   "choice_accuracy", "unigram_entropy", "last_checkpoint"}  # RunProgress -> RunStatus
-
-
 def _progress(metrics: Path, experiment: Optional[str] = None) -> dict[str, Any]:
     """The run's position, losses and newest checkpoint, folded from its metrics events (with
     `experiment`, a damaged line raises CorruptState; without, it is skipped). Includes
     last_checkpoint_step only when read without `experiment` (not a RunStatus field)."""
     from dlmctl.spec.contracts import fold_progress
+    from dlmctl.spec.experiment import status_progress
 
     events, _ = read_events(metrics, experiment=experiment)
     progress = fold_progress(events)
+    fields = status_progress(progress)
     if experiment is None:
-        return progress.model_dump(include=PROGRESS_FIELDS | {"last_checkpoint_step"})
-    return progress.model_dump(include=PROGRESS_FIELDS)
+        fields["last_checkpoint_step"] = progress.last_checkpoint_step
+    return fields
 
 
 def _spec_of(experiment: "Experiment") -> dict[str, Any]:
