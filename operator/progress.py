@@ -101,8 +101,3 @@ def _json_or_none(line: bytes):
         return json.loads(line)
     except ValueError:
         return None
-
-
-def read_run_progress(run: Run) -> Optional[RunProgress]:
-    """One-off read of a run's progress from its store (the CLI on a laptop)."""
-    return ProgressReader().read(run)

@@ -326,15 +326,16 @@ class KubernetesBackend(Backend):
     def compare(self, name: str) -> "Experiment":
         """Each run's metrics from its store, which is fresher than what the operator last wrote; where the
         store cannot be read, that status (and one line on stderr saying so)."""
-        from dlmctl.operator.progress import metrics_uri, read_run_progress
+        from dlmctl.operator.progress import ProgressReader, metrics_uri
 
         experiment = self.get(name)
+        reader = ProgressReader()  # one S3 client for every run of the experiment
         statuses, failed = [], None
         for run, status in zip(experiment.runs(), experiment.status.runs):
             progress = None
             if failed is None and metrics_uri(run):
                 try:
-                    progress = read_run_progress(run)
+                    progress = reader.read(run)
                 except Exception as err:  # no s3fs, no credentials, unreachable endpoint, ...
                     failed = (metrics_uri(run), err)
             statuses.append(_with_progress(status, progress) if progress is not None else status)
