@@ -29,6 +29,7 @@ LABEL_RUN = "dlmctl.io/run"
 LABEL_ARM = "dlmctl.io/arm"
 ANNOTATION_RESTARTS = "dlmctl.io/restarts"  # on a recreated job: how many times its run was recreated
 ANNOTATION_CANCEL = "dlmctl.io/cancel-requested"  # on an Experiment: `dlmctl cancel` (an RFC 3339 time)
+ANNOTATION_DISRUPTED = "dlmctl.io/disrupted"  # on a job: "<reason>: <message>" of a pod taken away
 
 # The training-operator injects PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, MASTER_ADDR and
 # MASTER_PORT into every replica; the kubelet expands $(VAR) in the command from the container env.

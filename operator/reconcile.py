@@ -15,6 +15,7 @@ from dlmctl.spec.contracts import ExperimentPhase, RunPhase, experiment_phase
 
 from .jobs import (
     ANNOTATION_CANCEL,
+    ANNOTATION_DISRUPTED,
     ANNOTATION_RESTARTS,
     JOB_GROUP,
     JOB_PLURAL,
@@ -29,7 +30,6 @@ from .observe import Observation, Seen, observe
 from .progress import ProgressReader
 
 log = logging.getLogger("dlmctl.operator")
-ANNOTATION_DISRUPTED = "dlmctl.io/disrupted"  # on a job: "<reason>: <message>" of a pod taken away
 UNEXPLAINED_FAILURE_GRACE = 15.0  # seconds to wait for the failed pod's own status before acting on the job's
 
 
