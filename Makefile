@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: quickstart test testenv clean
+.PHONY: quickstart test testenv tools clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +24,11 @@ quickstart: $(VENV)/.train
 testenv: $(VENV)/.all
 	tests/testenv/build
 
-test: testenv
+# Debian's Prometheus: the dashboards' queries run against it (tests start and stop it themselves).
+tools:
+	@command -v prometheus >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
+
+test: testenv tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
