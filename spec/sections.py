@@ -47,6 +47,22 @@ IMAGE_PATTERN = (
 )
 
 
+def package_version() -> str:
+    """dlmctl's version from the installed package's metadata; "latest" when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dlmctl")
+    except PackageNotFoundError:
+        return "latest"
+
+
+# The one image (Dockerfile) that runs the trainer, the operator and the service, tagged with the package version.
+# The Helm chart's default image (charts/dlmctl: image.repository, appVersion) names the same (tests/test_chart.py).
+IMAGE_REPOSITORY = "ghcr.io/dlmctl/dlmctl"
+DEFAULT_IMAGE = f"{IMAGE_REPOSITORY}:{package_version()}"
+
+
 def _check_location(value: Optional[str]) -> Optional[str]:
     if value is not None:
         failed = first_failure(value, LOCATION_CHECKS)
@@ -232,7 +248,7 @@ class ResourcesSpec(SpecModel):
     processes_per_node: Optional[int] = Field(
         default=None, ge=1, le=256, description="defaults to gpus_per_node, or 1 without GPUs"
     )
-    image: str = Field(default="ghcr.io/dlmctl/trainer:0.1.0", min_length=1, max_length=512, pattern=IMAGE_PATTERN,
+    image: str = Field(default=DEFAULT_IMAGE, min_length=1, max_length=512, pattern=IMAGE_PATTERN,
                        description="the trainer's container image: [REGISTRY/]REPOSITORY[:TAG][@DIGEST]")
     cpu: Optional[str] = Field(
         default=None, pattern=CPU_PATTERN,

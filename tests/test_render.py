@@ -13,6 +13,7 @@ from kubeflow.training.api_client import ApiClient
 from dlmctl.cli.app import main
 from dlmctl.operator.jobs import JOB_GROUP, JOB_PLURAL, JOB_VERSION, job_manifests, render_yaml
 from dlmctl.spec import Run, experiment_from_dict, load_experiment, parse_yaml
+from dlmctl.spec.sections import DEFAULT_IMAGE
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
@@ -75,7 +76,7 @@ def test_the_container_runs_torchrun_with_the_rendezvous_the_operator_injects():
     job = sweep_jobs()[0]
     assert job["spec"]["nprocPerNode"] == "8"
     c = container(job)
-    assert c["name"] == "pytorch" and c["image"] == "ghcr.io/dlmctl/trainer:0.1.0"
+    assert c["name"] == "pytorch" and c["image"] == DEFAULT_IMAGE
     assert c["command"][:6] == [
         "torchrun", "--nnodes=$(PET_NNODES)", "--nproc-per-node=$(PET_NPROC_PER_NODE)", "--node-rank=$(PET_NODE_RANK)",
         "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)",
