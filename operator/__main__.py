@@ -1,4 +1,5 @@
-"""`python -m dlmctl.operator` runs the operator; `python -m dlmctl.operator manifests` prints what installs it.
+"""`python -m dlmctl.operator` runs the operator; `python -m dlmctl.operator manifests` prints what installs it;
+`python -m dlmctl.operator dashboards [--out DIR]` writes the Grafana dashboards (into the chart by default).
 
 Settings come from DLMCTL_OPERATOR_* environment variables (see config.py). It watches the whole
 cluster; its replicas meet in one ClusterKopfPeering, and only the one with the highest priority acts.
@@ -20,9 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     manifests.add_argument("--namespace", default="dlmctl-system")
     manifests.add_argument("--image", default=None)
     manifests.add_argument("--replicas", type=int, default=2)
+    dashboards = sub.add_parser("dashboards", help="write the Grafana dashboards' JSON (default: into the chart)")
+    dashboards.add_argument("--out", default=None, help="folder to write experiment.json and platform.json to")
     args = parser.parse_args(argv)
     if args.command == "manifests":
         return _print_manifests(args)
+    if args.command == "dashboards":
+        return _write_dashboards(args)
     return _run(args)
 
 
@@ -33,6 +38,16 @@ def _print_manifests(args) -> int:
 
     documents = [peering_crd(), *install_manifests(args.namespace, args.image or DEFAULT_IMAGE, args.replicas)]
     sys.stdout.write(yaml.safe_dump_all(documents, sort_keys=False))
+    return 0
+
+
+def _write_dashboards(args) -> int:
+    from pathlib import Path
+
+    from .dashboards import CHART_DASHBOARDS, write
+
+    for path in write(Path(args.out) if args.out else CHART_DASHBOARDS):
+        print(path)
     return 0
 
 

@@ -47,3 +47,15 @@ def _session_cache(factory):
     if _cache is None:
         _cache = factory.mktemp("token-cache")
     return _cache
+
+
+@pytest.fixture(scope="session")
+def prometheus(tmp_path_factory):
+    """A real Prometheus for the session (tests/prometheus_server.py); tests add their scrape targets."""
+    from prometheus_server import PrometheusServer, prometheus_binary
+
+    if prometheus_binary() is None:
+        pytest.skip("the `prometheus` binary is missing (apt-get install -y prometheus)")
+    server = PrometheusServer(tmp_path_factory.mktemp("prometheus")).start()
+    yield server
+    server.stop()
