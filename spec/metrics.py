@@ -12,7 +12,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
+
+if TYPE_CHECKING:
+    from .experiment import Run
 
 
 class Kind(str, Enum):
@@ -57,6 +60,28 @@ def point_label(point: Mapping[str, Any]) -> str:
 def sweep_label(path: str) -> str:
     """The `dlm_run_info` label of a swept field: `data.unique_tokens` -> `sweep_data_unique_tokens`."""
     return "sweep_" + re.sub(r"[^a-zA-Z0-9_]", "_", path)
+
+
+def run_labels(run: "Run") -> dict[str, str]:
+    """The `RUN_LABELS` values of a run's series; the arm as the spec spells it (`diffusion`, `autoregressive`)."""
+    return {"experiment": run.experiment, "run": run.name, "arm": run.arm.value, "point": point_label(run.point)}
+
+
+def sweep_labels(point: Mapping[str, Any]) -> dict[str, str]:
+    """The labels `dlm_run_info` adds for a sweep point: one `sweep_label(field)` per field, with its value."""
+    return {sweep_label(k): f"{v}" for k, v in point.items()}
+
+
+def register(metric: Metric, registry, extra_labels: tuple[str, ...] = ()):
+    """The prometheus_client collector of `metric` in `registry`, with the catalogue's name, help, labels (plus
+    `extra_labels`) and buckets. prometheus_client is imported here, when called: only the processes that
+    export metrics need it."""
+    import prometheus_client
+
+    collector = {Kind.counter: prometheus_client.Counter, Kind.gauge: prometheus_client.Gauge,
+                 Kind.histogram: prometheus_client.Histogram}[metric.kind]
+    extra = {"buckets": metric.buckets} if metric.buckets else {}
+    return collector(metric.name, metric.help, metric.labels + tuple(extra_labels), registry=registry, **extra)
 
 
 def _m(name, kind, help, labels=RUN_LABELS, buckets=None) -> Metric:

@@ -41,7 +41,7 @@ def make_store(tmp_path):
 
     def make(uri, **options):
         options = {"staging_root": tmp_path / f"staging-{len(stores)}", "retry": FAST_RETRY,
-                   "registry": CollectorRegistry(), "experiment": "exp", "run": "run-a", **options}
+                   "registry": CollectorRegistry(), "labels": LABELS, **options}
         store = CheckpointStore(uri, **options)
         stores.append(store)
         return store
@@ -80,8 +80,11 @@ def remote_bytes(store, *parts) -> bytes:
     return store.location.read_bytes(store.location.path(*parts))
 
 
+LABELS = {"experiment": "exp", "run": "run-a", "arm": "diffusion", "point": "data.epochs=2"}
+
+
 def sample(registry, name, **labels):
-    return registry.get_sample_value(name, {"experiment": "exp", "run": "run-a", **labels})
+    return registry.get_sample_value(name, {**LABELS, **labels})
 
 
 # --- saving ---------------------------------------------------------------------------------------

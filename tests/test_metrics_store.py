@@ -44,7 +44,7 @@ def test_the_mirror_uploads_urgent_events_at_once_others_periodically_and_flushe
                                                                                               s3_server):
     store = CheckpointStore(s3_uri, staging_root=tmp_path / "staging", registry=None)
     local = tmp_path / METRICS_FILE
-    metrics = TrainMetrics("e", "r", "diffusion", local, serve=False)
+    metrics = TrainMetrics(tiny_run(), local, serve=False)
     mirror = MetricsMirror(local, store.location, retry=RetryPolicy(first_delay=0.1, give_up_after=30),
                            name=METRICS_FILE, interval=3600, once={"run.json": b'{"name": "r"}'})
     metrics.on_event = mirror.event_written

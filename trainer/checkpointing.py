@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from dlmctl.spec import Run
 from dlmctl.spec.contracts import METRICS_FILE
+from dlmctl.spec.metrics import run_labels
 
 from .checkpoints import (
     CheckpointInfo, CheckpointStore, NoVerifiedCheckpoint, RetryPolicy, StagingSpaceError, StoreFailure,
@@ -79,10 +80,11 @@ def run_store_uri(run: Run, output: Path) -> str:
     return f"{base.rstrip('/')}/{run.name}"
 
 
-def open_store(run: Run, output: Path, world: World,
-               on_saved: Optional[Callable[[CheckpointInfo], None]] = None) -> Optional[CheckpointStore]:
+def open_store(run: Run, output: Path, world: World, on_saved: Optional[Callable[[CheckpointInfo], None]] = None,
+               registry=None) -> Optional[CheckpointStore]:
     """The store lives on rank 0 only: one writer per run URI. `on_saved(info)` is called (on the
-    uploader thread) once a checkpoint's manifest is written."""
+    uploader thread) once a checkpoint's manifest is written. Its metrics go to `registry` (the one the
+    run's TrainMetrics serves), with the run's labels."""
     if not world.is_main:
         return None
     c = run.spec.checkpoint
@@ -90,8 +92,8 @@ def open_store(run: Run, output: Path, world: World,
         return CheckpointStore(run_store_uri(run, output), keep_last=c.keep_last,
                                keep_every_epochs=c.keep_every_epochs, endpoint_url=c.endpoint_url,
                                staging_root=_staging_root(output), max_staging_bytes=_staging_limit(),
-                               retry=RetryPolicy(give_up_after=retry_deadline(run)), experiment=run.experiment,
-                               run=run.name, on_saved=on_saved)
+                               retry=RetryPolicy(give_up_after=retry_deadline(run)), labels=run_labels(run),
+                               on_saved=on_saved, registry=registry)
     except OSError as exc:  # the staging directory cannot be created
         raise RunFailed(f"staging directory {_staging_root(output)} (DLMCTL_STAGING): {describe(exc)}") from None
 

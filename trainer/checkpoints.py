@@ -59,6 +59,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional, TypeVar
 
+from dlmctl.spec.metrics import (
+    CHECKPOINT_FAILURES, CHECKPOINT_LAST_SUCCESS, CHECKPOINT_METRICS, CHECKPOINT_RETRIES, CHECKPOINT_SAVE_DURATION,
+    CHECKPOINT_STAGED_BYTES, CHECKPOINT_STALL, CHECKPOINT_UNREACHABLE_SINCE, CHECKPOINT_UPLOAD_BYTES, RUN_LABELS,
+    register,
+)
+
 from .storage import Location, open_location
 
 log = logging.getLogger("dlmctl.checkpoints")
@@ -434,41 +440,13 @@ _METRICS_LOCK = threading.Lock()
 _DEFAULT_REGISTRY = object()
 
 
-class _Metrics:
-    """The checkpoint metrics of one registry (created once per registry; labelled per store)."""
-
-    def __init__(self, registry):
-        from prometheus_client import Counter, Gauge, Histogram
-
-        labels = ("experiment", "run")
-        self.save_duration = Histogram(
-            "dlm_checkpoint_save_duration_seconds", "Seconds from commit() to the manifest being written",
-            labels, registry=registry, buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600))
-        self.stall = Histogram(
-            "dlm_checkpoint_stall_seconds", "Seconds the training loop was blocked per checkpoint",
-            labels, registry=registry,
-            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300))
-        self.upload_bytes = Counter("dlm_checkpoint_upload_bytes_total", "Checkpoint bytes uploaded", labels,
-                                    registry=registry)
-        self.last_success = Gauge("dlm_checkpoint_last_success_timestamp_seconds",
-                                  "Unix time of the last checkpoint whose manifest was written", labels,
-                                  registry=registry)
-        self.retries = Counter("dlm_checkpoint_upload_retries_total", "Checkpoint store operations retried",
-                               labels, registry=registry)
-        self.failures = Counter("dlm_checkpoint_upload_failures_total", "Checkpoints that could not be saved",
-                                labels, registry=registry)
-        self.staged_bytes = Gauge("dlm_checkpoint_staged_bytes", "Bytes staged locally and not yet uploaded",
-                                  labels, registry=registry)
-        self.unreachable_since = Gauge("dlm_checkpoint_store_unreachable_since_timestamp_seconds",
-                                       "Unix time since which the checkpoint store has failed every request "
-                                       "(0 while it answers)", labels, registry=registry)
-
-    @classmethod
-    def of(cls, registry) -> "_Metrics":
-        with _METRICS_LOCK:
-            if registry not in _METRICS:
-                _METRICS[registry] = cls(registry)
-            return _METRICS[registry]
+def _collectors(registry) -> dict:
+    """The collectors of `spec.metrics.CHECKPOINT_METRICS` in `registry`: registered once per registry, then
+    labelled per store (several stores of different runs may share one registry)."""
+    with _METRICS_LOCK:
+        if registry not in _METRICS:
+            _METRICS[registry] = {m: register(m, registry) for m in CHECKPOINT_METRICS}
+        return _METRICS[registry]
 
 
 @dataclass
@@ -500,8 +478,7 @@ class CheckpointStore:
         retry: RetryPolicy = RetryPolicy(),
         orphan_grace_seconds: float = 3600.0,
         registry=_DEFAULT_REGISTRY,
-        experiment: str = "",
-        run: str = "",
+        labels: Mapping[str, str] = {},
         location: Optional[Location] = None,
         on_saved: Optional[Callable[[CheckpointInfo], None]] = None,
     ):
@@ -533,16 +510,12 @@ class CheckpointStore:
         elif registry is None:
             from prometheus_client import CollectorRegistry
             registry = CollectorRegistry()  # counted, not exported
-        metrics = _Metrics.of(registry)
-        lv = {"experiment": experiment, "run": run}
-        self._save_duration = metrics.save_duration.labels(**lv)
-        self._stall = metrics.stall.labels(**lv)
-        self._upload_bytes = metrics.upload_bytes.labels(**lv)
-        self._last_success = metrics.last_success.labels(**lv)
-        self._retries = metrics.retries.labels(**lv)
-        self._failures = metrics.failures.labels(**lv)
-        self._staged_bytes = metrics.staged_bytes.labels(**lv)
-        self._unreachable_gauge = metrics.unreachable_since.labels(**lv)
+        series = {m: c.labels(**{k: labels.get(k, "") for k in RUN_LABELS}) for m, c in _collectors(registry).items()}
+        self._save_duration, self._stall = series[CHECKPOINT_SAVE_DURATION], series[CHECKPOINT_STALL]
+        self._upload_bytes, self._last_success = series[CHECKPOINT_UPLOAD_BYTES], series[CHECKPOINT_LAST_SUCCESS]
+        self._retries, self._failures = series[CHECKPOINT_RETRIES], series[CHECKPOINT_FAILURES]
+        self._staged_bytes = series[CHECKPOINT_STAGED_BYTES]
+        self._unreachable_gauge = series[CHECKPOINT_UNREACHABLE_SINCE]
 
         self._cond = threading.Condition()
         self._pending_bytes = 0

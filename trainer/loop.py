@@ -22,6 +22,7 @@ from .engine import World, build_engine, init_distributed
 from .evaluate import Evaluator
 from .metrics import TrainMetrics, peak_flops
 from .model import Transformer
+from .phases import StepClock
 from .objectives import objective_loss
 
 log = logging.getLogger("dlmctl.trainer")
@@ -73,7 +74,10 @@ def _train(run: Run, output: Path, world: World, held: _Held) -> int:
             f"x {spec.batch.micro_batch_sequences} per micro-batch")
     output.mkdir(parents=True, exist_ok=True)
     stop = _StopFlag()
-    store = held.store = checkpointing.open_store(run, output, world)
+    metrics = TrainMetrics(run, output / METRICS_FILE if world.is_main else None,
+                           port=spec.metrics.port if world.is_main else 0)
+    store = held.store = checkpointing.open_store(run, output, world, on_saved=metrics.checkpoint_saved,
+                                                  registry=metrics.registry)
     checkpointing.preflight(store, run, world)  # before anything slow: a wrong credential fails in seconds
 
     data = _prepare_data_once(run, output, world)
@@ -82,15 +86,11 @@ def _train(run: Run, output: Path, world: World, held: _Held) -> int:
     engine, scheduler = build_engine(model, spec, world, total_steps)
     batches = data.train_batches()
     checkpointing.check_staging_is_reachable(engine, world)
-    metrics = TrainMetrics(run.experiment, run.name, run.arm.value,
-                           output / METRICS_FILE if world.is_main else None,
-                           port=spec.metrics.port if world.is_main else 0)
-    if store:
-        store.on_saved = metrics.checkpoint_saved
     resumed = checkpointing.resume(store, engine, batches, world, run, output)
     start_step = resumed.step
 
     evaluator = Evaluator(run, data)
+    tokens_per_step = spec.global_batch_sequences * spec.data.seq_len
     mirror = None
     if world.is_main:
         (output / "data.json").write_text(json.dumps(data.metadata, indent=2))
@@ -101,38 +101,46 @@ def _train(run: Run, output: Path, world: World, held: _Held) -> int:
         log.info("run %s: %s arm, %s parameters, %d steps of %d sequences x %d tokens, world size %d, resuming at %d",
                  run.name, run.arm.value, f"{model.num_params():,}", total_steps, spec.global_batch_sequences,
                  spec.data.seq_len, world.world_size, start_step)
-        metrics.write("start", step=start_step, total_steps=total_steps, world_size=world.world_size,
-                      parameters=model.num_params(), unigram_entropy=data.metadata.get("unigram_entropy"))
+        metrics.started(step=start_step, total_steps=total_steps, tokens=start_step * tokens_per_step,
+                        planned_epochs=batches.epoch_at(total_steps * spec.global_batch_sequences),
+                        world_size=world.world_size, parameters=model.num_params(),
+                        unigram_entropy=data.metadata.get("unigram_entropy"))
 
     accumulation = spec.global_batch_sequences // (spec.batch.micro_batch_sequences * world.world_size)
-    tokens_per_step = spec.global_batch_sequences * spec.data.seq_len
     peak = peak_flops(world.device)
     flops_per_token = model.flops_per_token(spec.data.seq_len)
+    clock = StepClock(world.device)
+    interval_steps, interval_seconds = 0, 0.0  # since the last step that logged: its throughput
     step = start_step
     stop_now = False
     while step < total_steps and not stop_now:
-        began = time.perf_counter()
-        train_loss = _train_step(run, engine, batches, data.tokenizer.mask_id, step, accumulation, world)
+        clock.start()
+        train_loss = _train_step(run, engine, batches, data.tokenizer.mask_id, step, accumulation, world, clock)
         step += 1
         stop_now, failure = _stop_or_failure(stop.requested, store, world)
         if failure:  # a permanent store error, or an outage past the retry deadline: training on saves nothing
             raise failure
-        elapsed = time.perf_counter() - began
-        throughput = tokens_per_step / elapsed
+        elapsed, phase_seconds = clock.stop()
+        interval_steps, interval_seconds = interval_steps + 1, interval_seconds + elapsed
         log_now = step % spec.metrics.log_interval_steps == 0 or step == total_steps
         if world.is_main:
             lr = scheduler.get_last_lr()[0]
+            throughput = interval_steps * tokens_per_step / interval_seconds if log_now else None
             metrics.train_step(step=step, total_steps=total_steps, epoch=batches.epoch_at(),
-                               tokens=step * tokens_per_step, step_tokens=tokens_per_step, loss=train_loss, lr=lr,
-                               step_seconds=elapsed, tokens_per_second=throughput,
-                               mfu=flops_per_token * throughput / peak if peak else None, log=log_now)
+                               tokens=step * tokens_per_step, loss=train_loss, lr=lr, step_seconds=elapsed,
+                               phase_seconds=phase_seconds, log=log_now, tokens_per_second=throughput,
+                               mfu=flops_per_token * throughput / peak if peak and log_now else None)
             if log_now:
                 log.info("step %d/%d epoch %.2f loss %.4f lr %.2e %.0f tok/s", step, total_steps,
                          batches.epoch_at(), train_loss, lr, throughput)
+        if log_now:
+            interval_steps, interval_seconds = 0, 0.0
         if step % spec.eval.interval_steps == 0 or step == total_steps:
             _evaluate(evaluator, engine, metrics, step, total_steps, batches, spec, world)
         if step % spec.checkpoint.interval_steps == 0 or step == total_steps or stop_now:
+            began = time.perf_counter()
             checkpointing.save(store, engine, batches, step, world, metrics if world.is_main else None)
+            metrics.phase({"checkpoint_stall": time.perf_counter() - began})
 
     # A preempted pod has a grace period; a finished run waits for its last upload as long as the store
     # may be retried. The metrics file goes last (it holds the checkpoint events) and keeps a share of the
@@ -187,18 +195,24 @@ def _close_mirror(mirror, timeout: float) -> None:
                     METRICS_FILE, timeout)
 
 
-def _train_step(run: Run, engine, batches, mask_id: int, step: int, accumulation: int, world: World) -> float:
-    """One optimizer step over this rank's micro-batches; returns the step's loss averaged over all ranks."""
+def _train_step(run: Run, engine, batches, mask_id: int, step: int, accumulation: int, world: World,
+                clock: StepClock) -> float:
+    """One optimizer step over this rank's micro-batches; returns the step's loss averaged over all ranks
+    (read with float(): the one wait for the device per step, see phases.StepClock)."""
     spec = run.spec
     total = torch.zeros((), dtype=torch.float64, device=world.device)
     for micro_step in range(accumulation):
         tokens, sample_index = batches.batch(step, micro_step, world.rank, world.world_size,
                                              spec.batch.micro_batch_sequences, spec.global_batch_sequences)
-        loss, _ = objective_loss(run.arm, engine, tokens.to(world.device), sample_index, step, spec.seed,
+        tokens = tokens.to(world.device)
+        clock.mark("data")
+        loss, _ = objective_loss(run.arm, engine, tokens, sample_index, step, spec.seed,
                                  spec.objective, mask_id, spec.global_batch_sequences)
         engine.backward(loss)
-        engine.step()
         total += loss.detach().double()
+        clock.mark("forward_backward")
+        engine.step()  # DeepSpeed steps the optimizer at the last micro-batch; before, it only counts them
+        clock.mark("optimizer")
     batches.step_done(step, spec.global_batch_sequences)
     return _mean_over_ranks(total / accumulation, world)
 

@@ -15,10 +15,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
+from dlmctl.spec import Run
 from dlmctl.spec.contracts import EVENT_TYPES, MetricsEvent, parse_event
+from dlmctl.spec.metrics import (
+    CHOICE_ACCURACY, EPOCH, LEARNING_RATE, MFU, PLANNED_EPOCHS, PLANNED_STEPS, RUN_INFO, STEP_DURATION, STEP_PHASE_SECONDS,
+    STEP_PHASES, TOKENS_PER_SECOND, TRAIN_LOSS, TRAIN_STEPS, TRAIN_TOKENS, TRAINER_METRICS, VALIDATION_LOSS,
+    VALIDATION_LOSS_STDERR, VALIDATION_TOKENS, register, run_labels, sweep_labels,
+)
 
 log = logging.getLogger("dlmctl.trainer")
-LABELS = ("experiment", "run", "objective")
 URGENT_EVENTS = frozenset({"start", "eval", "checkpoint", "done"})  # uploaded at once; train events periodically
 
 # Dense bf16 peak FLOP/s per device, for MFU; override with DLMCTL_PEAK_FLOPS.
@@ -97,61 +102,75 @@ def _clean(v):
 
 
 class TrainMetrics:
-    """One object per run. Gauges/counters follow Prometheus naming: base units, `_total` counters.
-    Events are appended to `jsonl_path` (None: not written, as on ranks other than 0); `on_event(kind)`
-    is called after each one is written. Safe to call from several threads (checkpoint events arrive on
-    the store's uploader thread)."""
+    """One object per run: the series of `spec.metrics.TRAINER_METRICS`, labelled with the run's
+    `RUN_LABELS`, set from exactly the values the events carry. Events are appended to `jsonl_path` (None:
+    not written, as on ranks other than 0); `on_event(kind)` is called after each one is written. Safe to
+    call from several threads (checkpoint events arrive on the store's uploader thread).
 
-    def __init__(self, experiment: str, run: str, objective: str, jsonl_path: Optional[Path], port: int = 0,
-                 registry=None, serve: bool = True, on_event: Optional[Callable[[str], None]] = None):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+    The step and token counters hold the run's totals, as the events do: a resumed run starts them at the
+    checkpoint's values (Prometheus sees a counter reset, as after any restart)."""
+
+    def __init__(self, run: Run, jsonl_path: Optional[Path], port: int = 0, registry=None, serve: bool = True,
+                 on_event: Optional[Callable[[str], None]] = None):
+        from prometheus_client import CollectorRegistry, start_http_server
 
         self.registry = registry or CollectorRegistry()
-        self.labels = dict(experiment=experiment, run=run, objective=objective)
+        self.labels = run_labels(run)
         self.jsonl_path = jsonl_path
         self.on_event = on_event
         self._lock = threading.Lock()
-        r = self.registry
-
-        def gauge(name, doc):
-            return Gauge(name, doc, LABELS, registry=r).labels(**self.labels)
-
-        def counter(name, doc):
-            return Counter(name, doc, LABELS, registry=r).labels(**self.labels)
-
-        self.steps = counter("dlm_train_steps", "Optimizer steps completed")
-        self.tokens = counter("dlm_train_tokens", "Training tokens processed")
-        self.loss = gauge("dlm_train_loss", "Training loss (nats per token) of the last step")
-        self.val_loss = gauge("dlm_train_validation_loss", "Validation loss (AR NLL or DLM ELBO, nats per token)")
-        self.epoch = gauge("dlm_train_epoch", "Passes over the unique training tokens")
-        self.lr = gauge("dlm_train_learning_rate", "Learning rate")
-        self.tokens_per_second = gauge("dlm_train_tokens_per_second", "Training throughput")
-        self.mfu = gauge("dlm_train_mfu_ratio", "Model FLOPs utilisation (0-1)")
-        self.accuracy = gauge("dlm_train_eval_accuracy_ratio", "Continuation-choice accuracy (0-1)")
-        self.step_seconds = Histogram(
-            "dlm_train_step_duration_seconds", "Wall time of one optimizer step", LABELS, registry=r,
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
-        ).labels(**self.labels)
+        series = {m: register(m, self.registry).labels(**self.labels) for m in TRAINER_METRICS
+                  if m not in (RUN_INFO, STEP_PHASE_SECONDS)}
+        self.steps, self.planned_steps = series[TRAIN_STEPS], series[PLANNED_STEPS]
+        self.tokens, self.epoch, self.planned_epochs = series[TRAIN_TOKENS], series[EPOCH], series[PLANNED_EPOCHS]
+        self.loss, self.lr = series[TRAIN_LOSS], series[LEARNING_RATE]
+        self.tokens_per_second, self.mfu = series[TOKENS_PER_SECOND], series[MFU]
+        self.step_seconds = series[STEP_DURATION]
+        self.val_loss, self.val_loss_stderr = series[VALIDATION_LOSS], series[VALIDATION_LOSS_STDERR]
+        self.val_tokens, self.accuracy = series[VALIDATION_TOKENS], series[CHOICE_ACCURACY]
+        phases = register(STEP_PHASE_SECONDS, self.registry)
+        self.phase_seconds = {phase: phases.labels(**self.labels, phase=phase) for phase in STEP_PHASES}
+        sweep = sweep_labels(run.point)
+        register(RUN_INFO, self.registry, tuple(sweep)).labels(**self.labels, **sweep).set(1)
+        self._steps_counted, self._tokens_counted = 0, 0
         if serve and port:
-            start_http_server(port, addr=os.environ.get("DLMCTL_METRICS_ADDR", "0.0.0.0"), registry=r)
+            start_http_server(port, addr=os.environ.get("DLMCTL_METRICS_ADDR", "0.0.0.0"), registry=self.registry)
 
-    def train_step(self, *, step, total_steps, epoch, tokens, step_tokens, loss, lr, step_seconds, tokens_per_second,
-                   mfu=None, log=True):
-        self.steps.inc()
-        self.tokens.inc(step_tokens)
+    def started(self, *, step, total_steps, tokens, planned_epochs, world_size, parameters, unigram_entropy=None):
+        """The run (re)starts at `step`, having seen `tokens`; it will take `total_steps` steps in all."""
+        self.planned_steps.set(total_steps)
+        self.planned_epochs.set(planned_epochs)
+        self._count(step, tokens)
+        self.write("start", step=step, total_steps=total_steps, world_size=world_size, parameters=parameters,
+                   unigram_entropy=unigram_entropy)
+
+    def train_step(self, *, step, total_steps, epoch, tokens, loss, lr, step_seconds, phase_seconds, log=True,
+                   tokens_per_second=None, mfu=None):
+        """One optimizer step done. `phase_seconds` ({phase: seconds}) splits its `step_seconds`; a step that
+        logs (`log`) also gives the throughput and MFU of the interval since the last one that did."""
+        self._count(step, tokens)
         self.loss.set(loss)
         self.epoch.set(epoch)
         self.lr.set(lr)
-        self.tokens_per_second.set(tokens_per_second)
         self.step_seconds.observe(step_seconds)
+        self.phase(phase_seconds)
+        if tokens_per_second is not None:
+            self.tokens_per_second.set(tokens_per_second)
         if mfu is not None:
             self.mfu.set(mfu)
         if log:
             self.write("train", step=step, total_steps=total_steps, epoch=epoch, tokens=tokens, train_loss=loss,
                        lr=lr, tokens_per_second=tokens_per_second, mfu=mfu)
 
+    def phase(self, seconds: Mapping[str, float]) -> None:
+        """Add wall time to phases of `spec.metrics.STEP_PHASES`."""
+        for phase, value in seconds.items():
+            self.phase_seconds[phase].inc(value)
+
     def evaluation(self, *, step, total_steps, epoch, tokens, val_loss, val_loss_stderr, choice_accuracy=None):
         self.val_loss.set(val_loss)
+        self.val_loss_stderr.set(val_loss_stderr)
+        self.val_tokens.set(tokens)
         if choice_accuracy is not None:
             self.accuracy.set(choice_accuracy)
         self.write("eval", step=step, total_steps=total_steps, epoch=epoch, tokens=tokens, val_loss=val_loss,
@@ -178,6 +197,11 @@ class TrainMetrics:
         with self._lock:
             data = self.jsonl_path.read_bytes() if self.jsonl_path.exists() else b""
         dest.write_bytes(data)
+
+    def _count(self, step: int, tokens: int) -> None:
+        self.steps.inc(max(0, step - self._steps_counted))
+        self.tokens.inc(max(0, tokens - self._tokens_counted))
+        self._steps_counted, self._tokens_counted = max(step, self._steps_counted), max(tokens, self._tokens_counted)
 
 
 # ---- the copy in the store ----------------------------------------------------------------------
