@@ -284,6 +284,32 @@ def _copy_training_operator_manifests(go: str) -> None:
     tmp.rename(dst)
 
 
+MONITORING_CRDS = ("servicemonitors", "podmonitors")
+
+
+def monitoring_crds() -> list[Path]:
+    """The prometheus-operator's ServiceMonitor and PodMonitor CRDs at the pinned version, from its Go module
+    (downloaded through the module proxy once, then cached next to the binaries)."""
+    dst = cache_root() / f"prometheus-operator-{V.PROMETHEUS_OPERATOR}"
+    files = [dst / f"monitoring.coreos.com_{name}.yaml" for name in MONITORING_CRDS]
+    if all(f.exists() for f in files):
+        return files
+    with _lock():
+        if not all(f.exists() for f in files):
+            module = f"github.com/prometheus-operator/prometheus-operator@{V.PROMETHEUS_OPERATOR}"
+            with tempfile.TemporaryDirectory() as cwd:  # outside any module: go.sum checked against the sum database
+                out = subprocess.run([go_binary(), "mod", "download", "-json", module], cwd=cwd, env=go_env(),
+                                     capture_output=True, text=True, check=True).stdout
+            src = Path(json.loads(out)["Dir"]) / "example" / "prometheus-operator-crd"
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                tmp = f.with_suffix(".tmp")
+                shutil.copyfile(src / f.name, tmp)
+                tmp.chmod(0o644)
+                os.replace(tmp, f)
+    return files
+
+
 def up_to_date() -> bool:
     """Cheap check (no go invocation): all binaries and stamps present and matching."""
     try:

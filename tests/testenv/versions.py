@@ -18,6 +18,9 @@ HELM = "v4.2.4"
 # v0.31 and controller-runtime v0.19, which cannot share a build list with
 # Kubernetes 1.36).
 TRAINING_OPERATOR = "v1.9.3"
+# github.com/prometheus-operator/prometheus-operator: only its ServiceMonitor and PodMonitor CRDs are used
+# (buildenv.monitoring_crds), so the Helm chart's monitors can be checked by the API server.
+PROMETHEUS_OPERATOR = "v0.85.0"
 
 
 def staging_version(k8s_version: str = KUBERNETES) -> str:
