@@ -20,6 +20,8 @@ from kubeflow.training.api_client import ApiClient
 from dlmctl.spec import Experiment, Run, SpecError
 from dlmctl.spec.contracts import RUN_SPEC_ENV
 
+from .observe import GPU_RESOURCE
+
 JOB_GROUP, JOB_VERSION, JOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 JOB_API_VERSION = f"{JOB_GROUP}/{JOB_VERSION}"
 JOB_KIND = "PyTorchJob"
@@ -96,6 +98,12 @@ def pytorch_job(run: Run, extra_labels: dict[str, str] | None = None) -> k.Kubef
     )
 
 
+def job_gpus(run: Run) -> int:
+    """The GPUs a run's job asks for: one pod per node (its Master and Workers), each requesting
+    `gpus_per_node` (see `_pod_template`)."""
+    return run.spec.resources.nodes * run.spec.resources.gpus_per_node
+
+
 def _pod_template(run: Run, labels: dict[str, str]) -> k.V1PodTemplateSpec:
     spec, res = run.spec, run.spec.resources
     annotations = None
@@ -109,7 +117,7 @@ def _pod_template(run: Run, labels: dict[str, str]) -> k.V1PodTemplateSpec:
         ports.append(_new(k.V1ContainerPort, name="metrics", container_port=spec.metrics.port))
     quantities = {"cpu": res.cpu_request, "memory": res.memory_request}
     if res.gpus_per_node:
-        quantities["nvidia.com/gpu"] = str(res.gpus_per_node)
+        quantities[GPU_RESOURCE] = str(res.gpus_per_node)
     env_from = None
     if spec.checkpoint.credentials_secret:  # credentials are referenced, never copied into the job
         secret = _new(k.V1SecretEnvSource, name=spec.checkpoint.credentials_secret)

@@ -15,6 +15,7 @@ PERMANENT_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "Cr
 USER_ERROR_EXIT = 2  # the trainer's exit code for a mistake in the spec (see dlmctl.trainer.__main__)
 # Pod conditions and reasons a kubelet, the scheduler, the taint manager or the eviction API leave on a
 # pod they take away: the run did nothing wrong and resumes from its checkpoint.
+GPU_RESOURCE = "nvidia.com/gpu"
 DISRUPTION_REASONS = {"Evicted", "Preempting", "Terminated", "NodeLost", "Shutdown", "NodeShutdown"}
 
 
@@ -70,7 +71,14 @@ def summarize_pod(body: dict) -> dict:
         "disruption": (disruption.get("reason") or "Disrupted", disruption.get("message"))
         if disruption.get("status") == "True" else None,
         "containers": containers,
+        "gpus": sum(_quantity(((c.get("resources") or {}).get("requests") or {}).get(GPU_RESOURCE))
+                    for c in spec.get("containers") or []),
     }
+
+
+def _quantity(value) -> int:
+    """A whole-unit resource quantity as the API writes it (extended resources such as GPUs are integers)."""
+    return int(value) if value is not None else 0
 
 
 def pod_disruption(pod: dict) -> Optional[tuple[str, str]]:

@@ -85,7 +85,8 @@ class ProgressReader:
         if end:
             lines = data[:end].splitlines()
             events = [e for e in (parse_event(_json_or_none(line)) for line in lines) if e is not None]
-            state.progress = fold_progress(events, state.progress.model_copy())
+            progress = state.progress.model_copy(update={"evals": list(state.progress.evals)})  # no list shared
+            state.progress = fold_progress(events, progress)
             state.offset += end
             state.last_line = lines[-1] + b"\n"
         return state.progress

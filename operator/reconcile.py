@@ -25,7 +25,7 @@ from .jobs import (
     to_dicts,
 )
 from .config import OperatorConfig
-from .metrics import OperatorMetrics
+from .metrics import OperatorMetrics, experiment_series
 from .observe import Observation, Seen, observe
 from .progress import ProgressReader
 
@@ -114,6 +114,8 @@ class Reconciler:
         self.progress = progress or ProgressReader()
         self._recreate_after: dict[tuple[str, str], float] = {}
         self._progress_read_at: dict[tuple[str, str], float] = {}
+        self._evals: dict[tuple[str, str], list] = {}  # (namespace, run) -> its evaluations, for the crossover
+        self._runs_of: dict[str, tuple[str, list[str]]] = {}  # experiment uid -> (namespace, its run names)
         self._deleted: set[str] = set()  # uids of jobs deleted here, until the index shows them going
         self._unexplained_since: dict[str, float] = {}  # job uid -> when it was first seen Failed without a why
         # A look whose inputs are what the last one saw, before anything it waits for is due, changes nothing:
@@ -146,15 +148,22 @@ class Reconciler:
         return None if _same(status, old) else status
 
     def forget(self, uid: str) -> None:
-        """The experiment is gone."""
+        """The experiment is gone: so are its series and what was kept of its runs' progress."""
         self._last_look.pop(uid, None)
+        self.metrics.forget(uid)
+        namespace, runs = self._runs_of.pop(uid, ("", []))
+        for name in runs:
+            self._evals.pop((namespace, name), None)
+            self._progress_read_at.pop((namespace, name), None)
 
     def _reconcile(self, body: dict, jobs: list[dict], pods: list[dict]) -> dict:
         meta, old = body["metadata"], dict(body.get("status") or {})
         generation = meta.get("generation")
+        namespace = meta["namespace"]
         try:  # well under a millisecond; a look whose inputs did not change never gets here
             experiment = parse_experiment(body)
         except SpecError as err:
+            self.metrics.show(meta.get("uid"), experiment_series(namespace, meta["name"], [], [], pods, {}))
             return self._invalid(old, str(err), generation)
         accepted = old.get("observedGeneration") or generation
         spec_changed = generation is not None and accepted is not None and generation != accepted
@@ -164,13 +173,16 @@ class Reconciler:
         for pod in pods:
             pods_by_run.setdefault(pod["run"], []).append(pod)
         previous = {r.get("name"): r for r in old.get("runs") or []}
-        runs = []
-        for run in experiment.runs():
+        runs, statuses = experiment.runs(), []
+        for run in runs:
             current = dict(previous.get(run.name) or {"name": run.name, "arm": run.arm.value, "phase": "Pending"})
             current = self._run(body, experiment, run, current, jobs_by_run.get(run.name),
                                 pods_by_run.get(run.name, []), cancel, may_create=not spec_changed)
-            runs.append(current)
-        return self._experiment_status(old, runs, accepted, spec_changed, cancel)
+            statuses.append(current)
+        self._runs_of[meta.get("uid")] = (namespace, [run.name for run in runs])
+        evals = {run.name: self._evals.get((namespace, run.name), []) for run in runs}
+        self.metrics.show(meta.get("uid"), experiment_series(namespace, meta["name"], runs, statuses, pods, evals))
+        return self._experiment_status(old, statuses, accepted, spec_changed, cancel)
 
     def _invalid(self, old: dict, message: str, generation) -> dict:
         return {
@@ -310,6 +322,7 @@ class Reconciler:
             self._progress_read_at[key] = float("inf")
         if progress is not None:
             status.update(status_progress(progress))
+            self._evals[key] = progress.evals
         return status
 
 

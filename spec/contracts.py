@@ -149,7 +149,8 @@ def parse_event(record: Any) -> Optional[MetricsEvent]:
 
 
 class RunProgress(BaseModel):
-    """Where a run is, folded from its metrics events (the latest value of each)."""
+    """Where a run is, folded from its metrics events (the latest value of each), and its evaluations (the
+    curve the crossover is found on; not a status field)."""
 
     step: int = 0
     total_steps: int = 0
@@ -163,10 +164,11 @@ class RunProgress(BaseModel):
     last_checkpoint: Optional[str] = Field(default=None, description="the newest complete, verified checkpoint")
     last_checkpoint_step: Optional[int] = None
     done: bool = False
+    evals: list[EvalEvent] = Field(default_factory=list, description="every evaluation so far, in file order")
 
 
 def fold_progress(events: Iterable[MetricsEvent], progress: Optional[RunProgress] = None) -> RunProgress:
-    """Apply events in order to `progress` (a fresh one by default); returns it."""
+    """Apply events in order to `progress` (a fresh one by default, else changed in place); returns it."""
     p = progress or RunProgress()
     for e in events:
         if isinstance(e, (TrainEvent, DoneEvent, EvalEvent)):
@@ -174,6 +176,7 @@ def fold_progress(events: Iterable[MetricsEvent], progress: Optional[RunProgress
         if isinstance(e, TrainEvent) and e.train_loss is not None:
             p.train_loss = e.train_loss
         elif isinstance(e, EvalEvent):
+            p.evals.append(e)
             if e.val_loss is not None:
                 p.val_loss, p.val_loss_stderr = e.val_loss, e.val_loss_stderr
             if e.choice_accuracy is not None:

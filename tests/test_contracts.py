@@ -51,6 +51,7 @@ def test_progress_is_the_latest_value_of_each_field():
     assert (p.train_loss, p.val_loss, p.val_loss_stderr, p.choice_accuracy) == (5.0, 6.2, 0.1, 0.5)
     assert (p.unigram_entropy, p.last_checkpoint, p.last_checkpoint_step, p.done) == (
         5.5, "s3://b/x/step-00000001", 1, True)
+    assert p.evals == [parse_event(EVENTS[2])], "every evaluation is kept: the crossover is found on them"
 
 
 def test_lines_that_are_not_events_are_skipped_not_errors():
@@ -81,10 +82,11 @@ def test_the_progress_reader_follows_a_store_file_incrementally_and_notices_a_re
             b'"epoch": 0.5, "tokens": 200, "train_loss": 4.5}\n')
     again = reader.read(run)
     assert (again.step, again.train_loss, again.done) == (2, 4.5, False)
+    assert again.evals == whole.evals, "the evaluations are read afresh, none twice"
 
 
 def test_a_runs_status_shows_everything_its_metrics_say_but_bookkeeping():
     from dlmctl.spec.contracts import RunProgress
     from dlmctl.spec.experiment import PROGRESS_STATUS_FIELDS
 
-    assert set(RunProgress.model_fields) - PROGRESS_STATUS_FIELDS == {"done", "last_checkpoint_step"}
+    assert set(RunProgress.model_fields) - PROGRESS_STATUS_FIELDS == {"done", "last_checkpoint_step", "evals"}
