@@ -29,13 +29,9 @@ app.add_typer(model_commands.app)
 
 
 def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
+    from dlmctl.spec.sections import package_version
 
-    try:
-        return dist_version("dlmctl")
-    except PackageNotFoundError:
-        return "0+unknown"
+    return package_version() or "0+unknown"
 
 
 def _print_version(value: bool) -> None:

@@ -47,20 +47,20 @@ IMAGE_PATTERN = (
 )
 
 
-def package_version() -> str:
-    """dlmctl's version from the installed package's metadata; "latest" when it is not installed."""
+def package_version() -> Optional[str]:
+    """dlmctl's version from the installed package's metadata; None when it is not installed."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("dlmctl")
     except PackageNotFoundError:
-        return "latest"
+        return None
 
 
 # The one image (Dockerfile) that runs the trainer, the operator and the service, tagged with the package version.
 # The Helm chart's default image (charts/dlmctl: image.repository, appVersion) names the same (tests/test_chart.py).
 IMAGE_REPOSITORY = "ghcr.io/dlmctl/dlmctl"
-DEFAULT_IMAGE = f"{IMAGE_REPOSITORY}:{package_version()}"
+DEFAULT_IMAGE = f"{IMAGE_REPOSITORY}:{package_version() or 'latest'}"
 
 
 def _check_location(value: Optional[str]) -> Optional[str]:
