@@ -64,7 +64,8 @@ def pods_of(manifest: dict, job_uid: str, *placements: tuple[str, str | None]) -
 def requested_gpus(manifest: dict) -> int:
     """What a job asks for: its replicas times their containers' GPU requests."""
     return sum(spec.get("replicas", 1) * int(c["resources"]["requests"].get("nvidia.com/gpu", 0))
-               for spec in manifest["spec"]["pytorchReplicaSpecs"].values() for c in spec["template"]["spec"]["containers"])
+               for spec in manifest["spec"]["pytorchReplicaSpecs"].values()
+               for c in spec["template"]["spec"]["containers"])
 
 
 def series(registry, name: str) -> dict[tuple, float]:
@@ -130,14 +131,16 @@ def test_the_crossover_gauges_are_what_find_crossover_says_nan_while_there_is_no
     exp = body()
     step(r, exp, [], [])
     live = [job_of(m, f"uid-{m['metadata']['name']}", **RUNNING) for m in jobs.created]
-    pods = [p for m in jobs.created for p in pods_of(m, f"uid-{m['metadata']['name']}", ("Running", "a"), ("Running", "b"))]
+    pods = [p for m in jobs.created
+            for p in pods_of(m, f"uid-{m['metadata']['name']}", ("Running", "a"), ("Running", "b"))]
     status = step(r, exp, live, pods)
     assert {run["phase"] for run in status["runs"]} == {"Running"}
 
     expected = find_crossover(curves["exp-dlm-e1"], curves["exp-ar-e1"])
     assert (expected.step, expected.tokens) == (16, 16000)
     assert find_crossover(curves["exp-dlm-e2"], curves["exp-ar-e2"]) is None
-    tokens, epochs = series(registry, "dlm_experiment_crossover_tokens"), series(registry, "dlm_experiment_crossover_epochs")
+    tokens = series(registry, "dlm_experiment_crossover_tokens")
+    epochs = series(registry, "dlm_experiment_crossover_epochs")
     assert set(tokens) == set(epochs) == {("exp", "ns", "data.epochs=1"), ("exp", "ns", "data.epochs=2")}
     assert tokens[("exp", "ns", "data.epochs=1")] == expected.tokens
     assert epochs[("exp", "ns", "data.epochs=1")] == expected.epoch == 4.0
