@@ -12,7 +12,7 @@ tokens at which it was measured (`dlm_validation_tokens`) or those tokens in epo
 merged on time and labels, split into one frame per run, and plotted x = tokens (epochs), y = loss.
 The crossover that `compare` defines (`spec/crossover.py`) is what the operator exports as
 `dlm_experiment_crossover_tokens/epochs`: it is shown per sweep point next to those charts and marked on
-the time axes by an annotation from the moment the operator found it.
+the time axes by an annotation wherever the operator reports one.
 """
 from __future__ import annotations
 
@@ -94,16 +94,20 @@ def _rate(metric: str, selector: str = RUN) -> str:
 
 
 def experiment_dashboard() -> Dashboard:
-    loss = Query(f"{m.VALIDATION_LOSS.series}{RUN}", "{{run}}", table=True)
-    epochs_at_validation = (f"{m.VALIDATION_TOKENS.series}{RUN} / ({m.TRAIN_TOKENS.series}{RUN} / "
+    # A run's validation gauges read 0 until its first evaluation; a loss is never 0 nats, so `> 0` keeps
+    # exactly the measured values.
+    validation_loss = f"{m.VALIDATION_LOSS.series}{RUN} > 0"
+    loss = Query(validation_loss, "{{run}}", table=True)
+    validation_tokens = f"{m.VALIDATION_TOKENS.series}{RUN} and {validation_loss}"
+    epochs_at_validation = (f"({validation_tokens}) / ({m.TRAIN_TOKENS.series}{RUN} / "
                             f"({m.EPOCH.series}{RUN} > 0))")
     crossover = f"{m.CROSSOVER_TOKENS.series}{EXPERIMENT} > 0"  # NaN (none yet) compares false
     panels = (
-        Panel("Validation loss: DLM vs AR", "timeseries", (Query(f"{m.VALIDATION_LOSS.series}{RUN}", LEGEND),),
+        Panel("Validation loss: DLM vs AR", "timeseries", (Query(validation_loss, LEGEND),),
               "Validation loss per arm and sweep point (nats/token): AR's NLL, the DLM's ELBO (an upper bound "
               "on its NLL)"),
         Panel("Validation loss against tokens", "xy",
-              (loss, Query(f"{m.VALIDATION_TOKENS.series}{RUN}", "{{run}}", table=True)),
+              (loss, Query(validation_tokens, "{{run}}", table=True)),
               "Each run's validation loss against the training tokens seen when it was measured", x_label="tokens"),
         Panel("Validation loss against epochs", "xy", (loss, Query(epochs_at_validation, "{{run}}", table=True)),
               "Each run's validation loss against epochs over its unique tokens when it was measured",
@@ -271,10 +275,15 @@ def substitute(expr: str, values: Values, rate_interval: str = "1m") -> str:
         if v == ALL:
             return ALL
         if isinstance(v, str):
-            return re.escape(v)
-        return "(" + "|".join(re.escape(x) for x in v) + ")"
+            return _regex_escape(v)
+        return "(" + "|".join(_regex_escape(x) for x in v) + ")"
 
     return re.sub(r"\$(\w+)", value, expr)
+
+
+def _regex_escape(value: str) -> str:
+    """A value as Grafana's Prometheus data source puts it into a regex matcher (in a PromQL string)."""
+    return re.sub(r"([\\^$.|?*+()\[\]{}])", r"\\\\\1", value)
 
 
 def queries(dashboard: Dashboard, values: Values, rate_interval: str = "1m") -> list[tuple[str, Query]]:
