@@ -92,7 +92,7 @@ def follow(target: "Backend", name: str) -> int:
     """One line whenever a run moves on; at the end the comparison table. 0 only if every run succeeded."""
     from dlmctl.spec.contracts import is_terminal
 
-    from .output import comparison_table, console, progress_line
+    from .output import console, print_comparison, progress_line
 
     interval = float(os.environ.get("DLMCTL_WATCH_INTERVAL", "1"))
     seen: dict[str, tuple] = {}
@@ -110,7 +110,7 @@ def follow(target: "Backend", name: str) -> int:
     except KeyboardInterrupt:
         print(f"stopped following; {name} keeps running (dlmctl logs {name} -f, dlmctl cancel {name})", file=sys.stderr)
         return 130
-    console.print(comparison_table(target.compare(name)))
+    print_comparison(target.compare(name))
     if experiment.status.phase != "Succeeded":
         print(f"experiment {name} {experiment.status.phase.lower()}: "
               f"{experiment.status.progress} runs succeeded (dlmctl logs {name} --run RUN)", file=sys.stderr)
@@ -206,7 +206,8 @@ def cancel(ctx: typer.Context, name: NameArg) -> None:
 @app.command()
 @backend_options
 def compare(ctx: typer.Context, name: NameArg) -> None:
-    """The comparison table: per run its arm, train and validation loss, tokens seen, epochs, wall time."""
-    from .output import comparison_table, console
+    """Per run: its arm, train and validation loss, tokens seen, epochs, wall time; per sweep point: each arm's
+    best validation loss, whether AR overfits, and where the DLM crosses over."""
+    from .output import print_comparison
 
-    console.print(comparison_table(backend(ctx).compare(name)))
+    print_comparison(backend(ctx).compare(name))

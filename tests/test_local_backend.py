@@ -195,7 +195,11 @@ def test_list_get_and_compare(capsys, home, tmp_path):
     assert got["status"]["runs"][0]["last_checkpoint"].endswith("tiny-dlm/checkpoints/step-00000004")
     assert yaml.safe_load(cli(capsys, "get", "tiny", "-o", "yaml")[1]) == got
     assert "4/4" in cli(capsys, "get", "tiny")[1]
-    assert "tokens seen" in cli(capsys, "compare", "tiny")[1]
+    compared = cli(capsys, "compare", "tiny")[1]
+    assert "tokens seen" in compared
+    # one evaluation per run, at the end (the fake trainer's): AR's 1.225 is better than the DLM's 1.350
+    row = next(line for line in compared.splitlines() if "1.350" in line and "1.225" in line)
+    assert row.replace("│", " ").split()[-1] == "none", compared
 
 
 def test_an_existing_experiment_is_only_replaced_on_request(capsys, home, tmp_path):

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 
 if TYPE_CHECKING:  # the spec (pydantic) is imported by the commands that need it, not by --help
     from dlmctl.spec import Experiment
+    from dlmctl.spec.contracts import EvalEvent
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,14 @@ class ExperimentSummary:
     succeeded: int
     created: Optional[datetime] = None
     namespace: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """An experiment with each run's freshest metrics in its status, and each run's evaluations so far
+    (run name -> eval events in the order the run wrote them; a run with none may be missing)."""
+    experiment: "Experiment"
+    evals: dict[str, list["EvalEvent"]]
 
 
 class Backend(abc.ABC):
@@ -58,9 +67,9 @@ class Backend(abc.ABC):
     def cancel(self, name: str) -> None:
         """Stop every run that has not finished; they end Cancelled."""
 
-    def compare(self, name: str) -> "Experiment":
-        """The experiment with each run's freshest metrics, for the comparison table."""
-        return self.get(name)
+    def compare(self, name: str) -> Comparison:
+        """The experiment with each run's freshest metrics and evaluations, for `dlmctl compare`."""
+        return Comparison(self.get(name), {})
 
     def artifacts(self, run: str) -> str:
         """Where a run's outputs (checkpoints, metrics) are: a local path or a URI. For sample/export."""

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 from dlmctl.spec import GROUP, PLURAL, VERSION
 
 from ..errors import NotFound, UserError, one_line
-from .base import Backend, ExperimentSummary
+from .base import Backend, Comparison, ExperimentSummary
 from .local_state import home
 
 if TYPE_CHECKING:
@@ -323,14 +323,14 @@ class KubernetesBackend(Backend):
                    patch, namespace=self.namespace, name=name)
 
     # -- compare / artifacts --------------------------------------------------------------------
-    def compare(self, name: str) -> "Experiment":
+    def compare(self, name: str) -> "Comparison":
         """Each run's metrics from its store, which is fresher than what the operator last wrote; where the
         store cannot be read, that status (and one line on stderr saying so)."""
         from dlmctl.operator.progress import ProgressReader, metrics_uri
 
         experiment = self.get(name)
         reader = ProgressReader()  # one S3 client for every run of the experiment
-        statuses, failed = [], None
+        statuses, evals, failed = [], {}, None
         for run, status in zip(experiment.runs(), experiment.status.runs):
             progress = None
             if failed is None and metrics_uri(run):
@@ -339,10 +339,13 @@ class KubernetesBackend(Backend):
                 except Exception as err:  # no s3fs, no credentials, unreachable endpoint, ...
                     failed = (metrics_uri(run), err)
             statuses.append(_with_progress(status, progress) if progress is not None else status)
+            if progress is not None:
+                evals[run.name] = progress.evals
         if failed:
             uri, err = failed
             _note(f"warning: cannot read {uri} ({_describe(err)}); showing the progress the operator last recorded")
-        return experiment.model_copy(update={"status": experiment.status.model_copy(update={"runs": statuses})})
+        status = experiment.status.model_copy(update={"runs": statuses})
+        return Comparison(experiment.model_copy(update={"status": status}), evals)
 
     def artifacts(self, run: str) -> str:
         """`$DLMCTL_HOME/clusters/<context>/<namespace>/<run>/` with run.json and, from the run's store,

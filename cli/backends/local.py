@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import yaml
 
 from ..errors import NotFound, UserError
-from .base import Backend, ExperimentSummary
+from .base import Backend, Comparison, ExperimentSummary
 from .local_state import (
     EXPERIMENT_ENV,
     FRESH_ENV,
@@ -220,6 +220,15 @@ class LocalBackend(Backend):
         exp = self._dir(name)
         experiment = self._load_experiment(exp)
         return experiment.model_copy(update={"status": self._status(exp, _Processes())})
+
+    def compare(self, name: str) -> Comparison:
+        from dlmctl.spec.contracts import EvalEvent
+
+        experiment = self.get(name)
+        exp = self._dir(name)
+        evals = {status.name: [e for e in read_events(exp.metrics(status.name), experiment=name)[0]
+                               if isinstance(e, EvalEvent)] for status in experiment.status.runs}
+        return Comparison(experiment, evals)
 
     def _load_experiment(self, exp: ExperimentDir) -> "Experiment":
         from dlmctl.spec import SpecError, experiment_from_dict
