@@ -267,7 +267,9 @@ def test_the_monitors_select_the_operator_and_every_training_pod(helm):
     service, monitor, pods = one(objects, "Service"), one(objects, "ServiceMonitor"), one(objects, "PodMonitor")
     assert "annotations" not in service["metadata"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
-    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s"}]
+    # honorLabels: the operator's series carry the experiments' namespaces, which the dashboards select by
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s",
+                                             "honorLabels": True}]
     assert monitor["metadata"]["labels"]["release"] == pods["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     spec = pods["spec"]
     assert spec["namespaceSelector"] == {"any": True}

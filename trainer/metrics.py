@@ -128,6 +128,9 @@ class TrainMetrics:
         self.step_seconds = series[STEP_DURATION]
         self.val_loss, self.val_loss_stderr = series[VALIDATION_LOSS], series[VALIDATION_LOSS_STDERR]
         self.val_tokens, self.accuracy = series[VALIDATION_TOKENS], series[CHOICE_ACCURACY]
+        for unmeasured in (self.loss, self.lr, self.tokens_per_second, self.mfu, self.val_loss, self.val_loss_stderr,
+                           self.val_tokens, self.accuracy):
+            unmeasured.set(math.nan)  # until first measured: a 0 would be plotted as a value
         phases = register(STEP_PHASE_SECONDS, self.registry)
         self.phase_seconds = {phase: phases.labels(**self.labels, phase=phase) for phase in STEP_PHASES}
         sweep = sweep_labels(run.point)
