@@ -13,8 +13,6 @@ from rich.table import Table
 if TYPE_CHECKING:
     from dlmctl.spec import Experiment, Run, RunStatus
 
-    from dlmctl.spec.contracts import EvalEvent
-
     from .backends import ExperimentSummary
     from .backends.base import Comparison
 
@@ -125,43 +123,28 @@ def print_comparison(comparison: "Comparison") -> None:
 
 
 def crossover_table(comparison: "Comparison") -> Optional[Table]:
-    """Per sweep point with both arms: each arm's best validation loss and where it was reached, whether AR
-    has started to overfit, and the crossover as spec.crossover defines it (the dashboards mark the same).
-    None when the experiment does not train both arms."""
-    from dlmctl.spec import Arm
-    from dlmctl.spec.crossover import find_crossover
-    from dlmctl.spec.metrics import point_label
+    """Per sweep point with both arms (spec.comparison): each arm's best validation loss and where it was
+    reached, AR's final one and whether it overfits, and the crossover as spec.crossover defines it (the
+    dashboards mark the same). None when the experiment does not train both arms."""
+    from dlmctl.spec.comparison import BIAS_NOTE, compare_points
 
-    experiment = comparison.experiment
-    points: dict[str, dict] = {}
-    for run in experiment.runs():
-        points.setdefault(point_label(run.point), {})[run.arm] = comparison.evals.get(run.name, [])
-    if set(experiment.spec.arms) != {Arm.diffusion, Arm.autoregressive}:
+    points = compare_points(comparison.experiment, comparison.evals)
+    if not points:
         return None
-    table = Table(title=f"{experiment.metadata.name}: crossover (validation loss against tokens seen)",
+    table = Table(title=f"{comparison.experiment.metadata.name}: crossover (validation loss against tokens seen)",
                   title_justify="left", caption_justify="left",
                   caption="crossover: the first DLM evaluation after which its validation loss stays below AR's best "
-                          "so far. The DLM's loss is an ELBO, an upper bound on its NLL: its crossovers are conservative.")
+                          f"so far. {BIAS_NOTE}")
     for col in ("sweep point", "DLM best (at tokens)", "AR best (at tokens)", "AR final", "AR overfitting", "crossover"):
         table.add_column(col, justify="left" if col in ("sweep point", "crossover") else "right")
-    for point, evals in points.items():
-        dlm, ar = evals[Arm.diffusion], evals[Arm.autoregressive]
-        ar_done = [e for e in ar if e.val_loss is not None]
-        ar_final = ar_done[-1] if ar_done else None
-        ar_best = _best(ar)
-        overfitting = "-" if ar_final is None else (
-            "yes" if ar_final.val_loss - ar_best.val_loss > (ar_final.val_loss_stderr or 0.0) else "no")
-        table.add_row(point or "-", _at(_best(dlm)), _at(ar_best), fmt(ar_final and ar_final.val_loss), overfitting,
-                      _crossover_cell(find_crossover(dlm, ar)))
+    for p in points:
+        overfitting = "-" if p.ar_overfitting is None else ("yes" if p.ar_overfitting else "no")
+        table.add_row(p.label or "-", _at(p.dlm_best), _at(p.ar_best), fmt(p.ar_final and p.ar_final.val_loss),
+                      overfitting, _crossover_cell(p.crossover))
     return table
 
 
-def _best(evals: list) -> Optional["EvalEvent"]:
-    measured = [e for e in evals if e.val_loss is not None]
-    return min(measured, key=lambda e: e.val_loss) if measured else None
-
-
-def _at(e: Optional["EvalEvent"]) -> str:
+def _at(e) -> str:
     if e is None:
         return "-"
     stderr = f" ± {e.val_loss_stderr:.3f}" if e.val_loss_stderr else ""
@@ -171,8 +154,9 @@ def _at(e: Optional["EvalEvent"]) -> str:
 def _crossover_cell(c) -> str:
     if c is None:
         return "none"
-    stderr = f" ± {c.dlm_stderr:.3f}" if c.dlm_stderr else ""
-    where = f"at {fmt_tokens(c.tokens)} tokens (epoch {c.epoch:.2f}): DLM {c.dlm_value:.3f}{stderr} < AR best {c.ar_best:.3f}"
+    stderr = f" ± {c.dlm_val_loss_stderr:.3f}" if c.dlm_val_loss_stderr else ""
+    where = (f"at {fmt_tokens(c.tokens)} tokens (epoch {c.epoch:.2f}): DLM {c.dlm_val_loss:.3f}{stderr} "
+             f"< AR best {c.ar_best_val_loss:.3f}")
     return where + (" (DLM ahead from its first comparable evaluation)" if c.from_start else "")
 
 

@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
-from dlmctl.spec import Run
+from dlmctl.spec import Experiment, Run
 from dlmctl.spec.contracts import METRICS_FILE, RunProgress, fold_progress, parse_event
 
 
@@ -102,3 +102,22 @@ def _json_or_none(line: bytes):
         return json.loads(line)
     except ValueError:
         return None
+
+
+def read_progress(experiment: Experiment, reader: Optional[ProgressReader] = None
+                  ) -> tuple[dict[str, RunProgress], Optional[tuple[str, Exception]]]:
+    """Each run's progress from its store (run name -> progress; runs without metrics are left out), read
+    through one S3 client. Reading stops at the first store that fails: that (uri, error) is returned too."""
+    reader = reader or ProgressReader()
+    progress: dict[str, RunProgress] = {}
+    for run in experiment.runs():
+        uri = metrics_uri(run)
+        if uri is None:
+            continue
+        try:
+            found = reader.read(run)
+        except Exception as err:  # no s3fs, no credentials, unreachable endpoint, ...
+            return progress, (uri, err)
+        if found is not None:
+            progress[run.name] = found
+    return progress, None

@@ -326,26 +326,18 @@ class KubernetesBackend(Backend):
     def compare(self, name: str) -> "Comparison":
         """Each run's metrics from its store, which is fresher than what the operator last wrote; where the
         store cannot be read, that status (and one line on stderr saying so)."""
-        from dlmctl.operator.progress import ProgressReader, metrics_uri
+        from dlmctl.operator.progress import read_progress
 
         experiment = self.get(name)
-        reader = ProgressReader()  # one S3 client for every run of the experiment
-        statuses, evals, failed = [], {}, None
-        for run, status in zip(experiment.runs(), experiment.status.runs):
-            progress = None
-            if failed is None and metrics_uri(run):
-                try:
-                    progress = reader.read(run)
-                except Exception as err:  # no s3fs, no credentials, unreachable endpoint, ...
-                    failed = (metrics_uri(run), err)
-            statuses.append(_with_progress(status, progress) if progress is not None else status)
-            if progress is not None:
-                evals[run.name] = progress.evals
+        progress, failed = read_progress(experiment)
         if failed:
             uri, err = failed
             _note(f"warning: cannot read {uri} ({_describe(err)}); showing the progress the operator last recorded")
+        statuses = [_with_progress(status, progress[status.name]) if status.name in progress else status
+                    for status in experiment.status.runs]
         status = experiment.status.model_copy(update={"runs": statuses})
-        return Comparison(experiment.model_copy(update={"status": status}), evals)
+        return Comparison(experiment.model_copy(update={"status": status}),
+                          {run: p.evals for run, p in progress.items()})
 
     def artifacts(self, run: str) -> str:
         """`$DLMCTL_HOME/clusters/<context>/<namespace>/<run>/` with run.json and, from the run's store,
