@@ -94,8 +94,8 @@ def _rate(metric: str, selector: str = RUN) -> str:
 
 
 def experiment_dashboard() -> Dashboard:
-    # A run's validation gauges read 0 until its first evaluation; a loss is never 0 nats, so `> 0` keeps
-    # exactly the measured values.
+    # A run's validation gauges read NaN until its first evaluation (and 0 from a trainer older than that
+    # rule); a loss is never 0 nats, so `> 0` keeps exactly the measured values.
     validation_loss = f"{m.VALIDATION_LOSS.series}{RUN} > 0"
     loss = Query(validation_loss, "{{run}}", table=True)
     validation_tokens = f"{m.VALIDATION_TOKENS.series}{RUN} and {validation_loss}"
