@@ -95,13 +95,15 @@ class Helm:
         return done.stderr
 
 
-def one(objects: list[dict], kind: str) -> dict:
-    (found,) = [o for o in objects if o["kind"] == kind]
+def one(objects: list[dict], kind: str, component: str | None = None) -> dict:
+    """The one object of this kind (of this app.kubernetes.io/component: operator, service, training)."""
+    (found,) = [o for o in objects if o["kind"] == kind and (
+        component is None or o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == component)]
     return found
 
 
-def container(objects: list[dict]) -> dict:
-    (c,) = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+def container(objects: list[dict], component: str = "operator") -> dict:
+    (c,) = one(objects, "Deployment", component)["spec"]["template"]["spec"]["containers"]
     return c
 
 
@@ -154,16 +156,17 @@ def test_helm_lint_passes_strict(helm):
 def test_the_default_install(helm):
     objects = helm.template(namespace="dlmctl-system")
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == sorted(["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering", "Deployment",
-                            "Service"] + ["ConfigMap"] * len(dashboard_files()))
-    role, binding = one(objects, "ClusterRole"), one(objects, "ClusterRoleBinding")
+    per_component = ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service"]
+    assert kinds == sorted(per_component * 2 + ["ClusterKopfPeering"] + ["ConfigMap"] * len(dashboard_files())), \
+        "the operator's objects and the API service's (tests/test_chart_service.py)"
+    role, binding = one(objects, "ClusterRole", "operator"), one(objects, "ClusterRoleBinding", "operator")
     assert role["rules"] == manifests.CLUSTER_ROLE_RULES, "exactly the rules the operator tests prove"
     assert role["metadata"]["name"] == binding["roleRef"]["name"] == manifests.NAME
-    sa = one(objects, "ServiceAccount")
+    sa = one(objects, "ServiceAccount", "operator")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
                                     "namespace": "dlmctl-system"}]
 
-    deployment = one(objects, "Deployment")
+    deployment = one(objects, "Deployment", "operator")
     reference = manifests.deployment("dlmctl-system")
     pod, ref_pod = deployment["spec"]["template"]["spec"], reference["spec"]["template"]["spec"]
     assert deployment["spec"]["replicas"] == 2
@@ -182,7 +185,7 @@ def test_the_default_install(helm):
     # No monitoring.coreos.com/v1 here: Prometheus finds the operator by annotations.
     scrape = {"prometheus.io/scrape": "true", "prometheus.io/port": "8080", "prometheus.io/path": "/metrics"}
     assert deployment["spec"]["template"]["metadata"]["annotations"] == scrape
-    service = one(objects, "Service")
+    service = one(objects, "Service", "operator")
     assert service["metadata"]["annotations"] == scrape
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     assert service["spec"]["ports"] == [{"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"}]
@@ -209,7 +212,7 @@ def test_one_dashboard_configmap_per_json_file_for_grafanas_sidecar(helm):
 
 def test_non_default_values_reach_the_objects(helm):
     objects = helm.template(NON_DEFAULT)
-    deployment = one(objects, "Deployment")
+    deployment = one(objects, "Deployment", "operator")
     pod = deployment["spec"]["template"]["spec"]
     operator = NON_DEFAULT["operator"]
     assert deployment["spec"]["replicas"] == 3
@@ -252,7 +255,8 @@ def test_the_operator_settings_are_operator_configs_and_reach_it_as_environment(
 def test_monitors_only_where_prometheus_operator_is_served_unless_forced(helm):
     def rendered(values=None, **kw):
         objects = helm.template(values, **kw)
-        return {o["kind"] for o in objects} & MONITORS, one(objects, "Deployment")["spec"]["template"]["metadata"]
+        return {o["kind"] for o in objects} & MONITORS, one(objects, "Deployment", "operator")["spec"]["template"][
+            "metadata"]
 
     assert rendered() == (set(), rendered()[1]) and "prometheus.io/scrape" in rendered()[1]["annotations"]
     kinds, pod = rendered(api_versions=("monitoring.coreos.com/v1",))
@@ -264,7 +268,8 @@ def test_monitors_only_where_prometheus_operator_is_served_unless_forced(helm):
 
 def test_the_monitors_select_the_operator_and_every_training_pod(helm):
     objects = helm.template(NON_DEFAULT)
-    service, monitor, pods = one(objects, "Service"), one(objects, "ServiceMonitor"), one(objects, "PodMonitor")
+    service, monitor = one(objects, "Service", "operator"), one(objects, "ServiceMonitor", "operator")
+    pods = one(objects, "PodMonitor")
     assert "annotations" not in service["metadata"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     # honorLabels: the operator's series carry the experiments' namespaces, which the dashboards select by
@@ -416,6 +421,12 @@ def test_helm_install_schedules_the_operator_and_its_service_account_reconciles(
             (core.read_namespaced_secret, "dlmctl-chart-s3-credentials", namespace),
             (rbac.read_cluster_role, "dlmctl-chart-operator"),
             (rbac.read_cluster_role_binding, "dlmctl-chart-operator"),
+            # and the API service's (tests/test_chart_service.py runs it)
+            (apps.read_namespaced_deployment, "dlmctl-chart-service", namespace),
+            (core.read_namespaced_service, "dlmctl-chart-service", namespace),
+            (core.read_namespaced_service_account, "dlmctl-chart-service", namespace),
+            (rbac.read_cluster_role, "dlmctl-chart-service"),
+            (rbac.read_cluster_role_binding, "dlmctl-chart-service"),
             (custom.get_cluster_custom_object, "kopf.dev", "v1", "clusterkopfpeerings", "dlmctl-chart"),
             (custom.get_namespaced_custom_object, "monitoring.coreos.com", "v1", namespace, "servicemonitors",
              "dlmctl-chart-operator"),

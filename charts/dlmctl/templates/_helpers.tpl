@@ -25,6 +25,21 @@
 {{- end -}}
 {{- end -}}
 
+{{/* The API service's Deployment, Service, Ingress, ClusterRole and binding: <fullname>-service. */}}
+{{- define "dlmctl.service" -}}
+{{- printf "%s-service" (include "dlmctl.fullname" . | trunc 55 | trimSuffix "-") -}}
+{{- end -}}
+
+{{- define "dlmctl.serviceServiceAccountName" -}}
+{{- with .Values.service.serviceAccount -}}
+{{- if .create -}}
+{{- default (include "dlmctl.service" $) .name -}}
+{{- else -}}
+{{- required "service.serviceAccount.name: required when service.serviceAccount.create is false" .name -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "dlmctl.peering" -}}
 {{- default (include "dlmctl.fullname" .) .Values.operator.peering -}}
 {{- end -}}
@@ -64,4 +79,29 @@ app.kubernetes.io/component: operator
 {{- define "dlmctl.operatorLabels" -}}
 {{ include "dlmctl.labels" . }}
 app.kubernetes.io/component: operator
+{{- end -}}
+
+
+{{- define "dlmctl.serviceSelector" -}}
+app.kubernetes.io/name: {{ default .Chart.Name .Values.nameOverride }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: service
+{{- end -}}
+
+{{- define "dlmctl.serviceLabels" -}}
+{{ include "dlmctl.labels" . }}
+app.kubernetes.io/component: service
+{{- end -}}
+
+{{/* Where clients reach the API service: the Ingress's host, else the Service's cluster DNS name. */}}
+{{- define "dlmctl.serviceURL" -}}
+{{- with .Values.service.ingress -}}
+{{- if and .enabled .host -}}
+{{- printf "%s://%s" (ternary "https" "http" (ne .tls.secretName "")) .host -}}
+{{- end -}}
+{{- end -}}
+{{- if not (and .Values.service.ingress.enabled .Values.service.ingress.host) -}}
+{{- $port := int .Values.service.port -}}
+{{- printf "http://%s.%s.svc%s" (include "dlmctl.service" .) .Release.Namespace (ternary "" (printf ":%d" $port) (eq $port 80)) -}}
+{{- end -}}
 {{- end -}}
