@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import model_commands, run_commands, spec_commands
+from . import config_commands, model_commands, run_commands, spec_commands
 from .errors import USER_ERROR_EXIT, is_user_error, one_line
 
 app = typer.Typer(
@@ -26,6 +26,7 @@ app = typer.Typer(
 app.add_typer(spec_commands.app)
 app.add_typer(run_commands.app)
 app.add_typer(model_commands.app)
+app.add_typer(config_commands.app, name="config")
 
 
 def version() -> str:
@@ -44,15 +45,16 @@ def _print_version(value: bool) -> None:
 def root(
     ctx: typer.Context,
     backend: Annotated[Optional[str], typer.Option(
-        "--backend", envvar="DLMCTL_BACKEND", show_envvar=True, help=run_commands.BACKEND_HELP)] = None,
+        "--backend", help=f"{run_commands.BACKEND_HELP}; also $DLMCTL_BACKEND")] = None,
     context: Annotated[Optional[str], typer.Option("--context", help=run_commands.CONTEXT_HELP)] = None,
     namespace: Annotated[Optional[str], typer.Option("--namespace", "-n", help=run_commands.NAMESPACE_HELP)] = None,
+    server: Annotated[Optional[str], typer.Option("--server", help=run_commands.SERVER_HELP)] = None,
     show_version: Annotated[
         bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Show the version and exit.")
     ] = False,
 ) -> None:
     # The commands that use a backend accept these options after their name too (run_commands.backend_options).
-    ctx.obj = {"backend": backend, "context": context, "namespace": namespace}
+    ctx.obj = {"backend": backend, "context": context, "namespace": namespace, "server": server}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -18,20 +18,24 @@ app = typer.Typer()
 
 NameArg = Annotated[str, typer.Argument(metavar="NAME", help="the experiment's metadata.name")]
 
-BACKEND_HELP = "local, kubernetes or service (default: a configured cluster, else local)"
-CONTEXT_HELP = "the kubeconfig context to use (default: the current context); implies --backend kubernetes"
-NAMESPACE_HELP = "the Kubernetes namespace (default: the context's, else default); implies --backend kubernetes"
+BACKEND_HELP = "local, kubernetes or service (default: the current context's, else a configured cluster, else local)"
+CONTEXT_HELP = ("a context of `dlmctl config get-contexts`, else a kubeconfig context (which implies --backend "
+                "kubernetes); default: the current context")
+NAMESPACE_HELP = ("the Kubernetes namespace (default: the context's, else default); with no backend or context "
+                  "chosen, implies --backend kubernetes")
+SERVER_HELP = "the dlmctl API service's URL; implies --backend service (the token: $DLMCTL_TOKEN or the context's)"
 # The same options as the root's, accepted after the command's name as well: `dlmctl submit x.yaml --backend
-# kubernetes`. No envvar here: $DLMCTL_BACKEND is read by the root option, and one given here wins.
+# kubernetes`. $DLMCTL_BACKEND is read by `get_backend`, below what the command line chooses.
 TARGET_OPTIONS = {
     "backend": Annotated[Optional[str], typer.Option("--backend", help=BACKEND_HELP)],
     "context": Annotated[Optional[str], typer.Option("--context", help=CONTEXT_HELP)],
     "namespace": Annotated[Optional[str], typer.Option("--namespace", "-n", help=NAMESPACE_HELP)],
+    "server": Annotated[Optional[str], typer.Option("--server", help=SERVER_HELP)],
 }
 
 
 def backend_options(command: Callable) -> Callable:
-    """Give a command --backend, --context and --namespace/-n, so that they work after its name as they do
+    """Give a command --backend, --context, --namespace/-n and --server, so that they work after its name as they do
     before it; what is given here overrides the root's (in `ctx.obj`, which `backend(ctx)` reads)."""
     signature = inspect.signature(command, eval_str=True)
     names = {f"target_{key}": key for key in TARGET_OPTIONS}
@@ -60,7 +64,8 @@ def backend(ctx: typer.Context) -> "Backend":
     from .backends import get_backend
 
     chosen = ctx.obj or {}
-    return get_backend(chosen.get("backend"), context=chosen.get("context"), namespace=chosen.get("namespace"))
+    return get_backend(chosen.get("backend"), context=chosen.get("context"), namespace=chosen.get("namespace"),
+                       server=chosen.get("server"))
 
 
 @app.command()

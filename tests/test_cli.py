@@ -12,7 +12,8 @@ from cli_runs import assert_user_error, run
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
-COMMANDS = ["validate", "render", "schema", "crd", "docs", "submit", "list", "get", "logs", "cancel", "compare", "sample", "export"]
+COMMANDS = ["validate", "render", "schema", "crd", "docs", "submit", "list", "get", "logs", "cancel", "compare", "sample", "export",
+            "config"]
 
 
 @pytest.fixture(autouse=True)

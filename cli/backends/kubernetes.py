@@ -62,7 +62,10 @@ class KubernetesBackend(Backend):
     name = "kubernetes"
     namespaced = True
 
-    def __init__(self, context: Optional[str] = None, namespace: Optional[str] = None):
+    def __init__(self, context: Optional[str] = None, namespace: Optional[str] = None,
+                 default_namespace: Optional[str] = None):
+        """`namespace` is the one asked for (-n); `default_namespace` (a dlmctl context's) comes before the
+        kubeconfig context's."""
         from kubernetes import client
 
         logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # its retry warnings are not ours
@@ -70,7 +73,7 @@ class KubernetesBackend(Backend):
         configuration.retries = 1
         self.server = configuration.host
         self.explicit_namespace = namespace
-        self.namespace = namespace or context_namespace or "default"
+        self.namespace = namespace or default_namespace or context_namespace or "default"
         self._api = client.ApiClient(configuration)
         self.custom = client.CustomObjectsApi(self._api)
         self.core = client.CoreV1Api(self._api)
@@ -186,27 +189,7 @@ class KubernetesBackend(Backend):
                           namespace=namespace, name=name)
 
     def _experiment(self, obj: dict) -> "Experiment":
-        """The Experiment with a status that has one entry per run, in the spec's order (Pending where the
-        operator has written nothing yet)."""
-        from dlmctl.spec import ExperimentStatus, RunStatus, SpecError, experiment_from_dict
-
-        meta = obj.get("metadata", {})
-        name, namespace = meta.get("name"), meta.get("namespace")
-        try:  # spec.Metadata drops what the server set (uid, resourceVersion, managedFields, ...)
-            experiment = experiment_from_dict(obj, f"experiment {name} in namespace {namespace}")
-        except SpecError as err:
-            status = obj.get("status") or {}
-            if status.get("phase") == "Invalid":
-                why = next((c.get("message") for c in status.get("conditions", []) if c.get("message")), None)
-                raise UserError(f"experiment {name!r} in namespace {namespace!r} is Invalid: {why or err}") from None
-            raise
-        runs = experiment.runs()
-        status = experiment.status or ExperimentStatus()
-        written = {r.name: r for r in status.runs}
-        filled = [written.get(run.name) or RunStatus(name=run.name, arm=run.arm) for run in runs]
-        succeeded = sum(r.phase == "Succeeded" for r in filled)
-        return experiment.model_copy(update={"status": status.model_copy(
-            update={"runs": filled, "progress": status.progress or f"{succeeded}/{len(filled)}"})})
+        return experiment_with_runs(obj)
 
     # -- logs -----------------------------------------------------------------------------------
     def logs(self, name: str, run: Optional[str] = None, follow: bool = False) -> Iterator[str]:
@@ -430,6 +413,32 @@ class KubernetesBackend(Backend):
             return ClusterApiError(f"the API server refused to {verb} {target} {where}: {message}", err.status)
         return ClusterApiError(f"cannot {verb} {target} {where}: the API server {self.server} answered "
                                f"{err.status} {err.reason}: {message}", err.status or 0)
+
+
+# -- objects ----------------------------------------------------------------------------------------
+
+def experiment_with_runs(obj: dict) -> "Experiment":
+    """An Experiment object as the API server (or the dlmctl service) returns it, with a status that has one
+    entry per run, in the spec's order (Pending where the operator has written nothing yet)."""
+    from dlmctl.spec import ExperimentStatus, RunStatus, SpecError, experiment_from_dict
+
+    meta = obj.get("metadata", {})
+    name, namespace = meta.get("name"), meta.get("namespace")
+    try:  # spec.Metadata drops what the server set (uid, resourceVersion, managedFields, ...)
+        experiment = experiment_from_dict(obj, f"experiment {name} in namespace {namespace}")
+    except SpecError as err:
+        status = obj.get("status") or {}
+        if status.get("phase") == "Invalid":
+            why = next((c.get("message") for c in status.get("conditions", []) if c.get("message")), None)
+            raise UserError(f"experiment {name!r} in namespace {namespace!r} is Invalid: {why or err}") from None
+        raise
+    runs = experiment.runs()
+    status = experiment.status or ExperimentStatus()
+    written = {r.name: r for r in status.runs}
+    filled = [written.get(run.name) or RunStatus(name=run.name, arm=run.arm) for run in runs]
+    succeeded = sum(r.phase == "Succeeded" for r in filled)
+    return experiment.model_copy(update={"status": status.model_copy(
+        update={"runs": filled, "progress": status.progress or f"{succeeded}/{len(filled)}"})})
 
 
 # -- configuration ----------------------------------------------------------------------------------
