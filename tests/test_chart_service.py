@@ -15,6 +15,7 @@ import yaml
 
 from dlmctl.service import manifests as service_manifests
 from dlmctl.service.settings import Settings as ServiceSettings
+from dlmctl.spec import GROUP, VERSION
 from test_chart import CHART, NON_DEFAULT, Helm, container, helm, kubectl, monitoring_api, one, plain_env  # noqa: F401
 
 # Settings the chart sets itself: where it listens, the body limit (service.maxBodyBytes), in-cluster credentials.
@@ -259,3 +260,92 @@ def test_the_api_server_accepts_every_service_object(helm, cluster, cluster_name
         accepted = [line for line in out.splitlines() if line.endswith("serverside-applied (server dry run)")]
         assert len(accepted) == len(documents), out
         assert {d["kind"] for d in documents} == set(SERVICE_KINDS) | {"Ingress", "ServiceMonitor"}
+
+
+@pytest.mark.cluster
+def test_helm_install_schedules_two_replicas_that_stay_consistent(helm, cluster, cluster_namespace, tmp_path):
+    """KWOK runs no containers: the two pods are scheduled, and two real processes with the chart's ServiceAccount
+    token and the Deployment's environment answer for them. Whatever one is asked, the other answers the same."""
+    import httpx
+    from kubernetes import client
+
+    from operator_harness import wait_until
+    from service_harness import ServiceProcess, grant_experiments
+    from test_operator import spec
+
+    release, namespace = "dlmctl-replicas", cluster_namespace
+    helm.run("install", release, CHART, "--namespace", namespace, "-f", helm.values_file({}),
+             kubeconfig=cluster.kubeconfig)
+    replicas: list[ServiceProcess] = []
+    try:
+        with cluster.api_client() as api:
+            apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
+            deployment = apps.read_namespaced_deployment(f"{release}-service", namespace)
+            selector = ",".join(f"{k}={v}" for k, v in deployment.spec.selector.match_labels.items())
+
+            def scheduled() -> bool:
+                pods = core.list_namespaced_pod(namespace, label_selector=selector).items
+                return len(pods) == 2 and all(p.spec.node_name in cluster.nodes and p.status.phase == "Running"
+                                              for p in pods)
+
+            wait_until("2 service pods Running on KWOK nodes", scheduled, timeout=60)
+        (c,) = deployment.spec.template.spec.containers
+        env = {e.name: e.value for e in c.env if e.value is not None}  # the chart's settings, less where it listens
+        kubeconfig = cluster.kubeconfig_for(deployment.spec.template.spec.service_account_name, namespace,
+                                            create=False)
+        replicas = [ServiceProcess(kubeconfig, tmp_path / f"replica-{i}.log", env=env).start() for i in range(2)]
+        auth = {"Authorization": f"Bearer {grant_experiments(cluster, namespace)}"}
+        path = f"/v1/namespaces/{namespace}/experiments"
+        a, b = (httpx.Client(base_url=r.url, headers=auth, timeout=30) for r in replicas)
+
+        def agree(request_path: str) -> dict:
+            """Both replicas answer the same (200) to this GET."""
+            answers = [x.get(request_path) for x in (a, b)]
+            assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+            assert answers[0].json() == answers[1].json()
+            return answers[0].json()
+
+        def names() -> list[str]:
+            return sorted(item["name"] for item in agree(path)["items"])
+
+        document = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Experiment", "metadata": {"name": "first"},
+                    "spec": spec(arms=["diffusion"])}
+        created = a.post(path, json=document)
+        assert created.status_code == 201, created.text
+        assert agree(f"{path}/first")["spec"] == created.json()["spec"]
+        assert b.post(path, json=document).status_code == 409, "the other replica knows it exists"
+        second = {**document, "metadata": {"name": "second"}, "spec": spec(arms=["autoregressive"])}
+        assert b.post(path, json=second).status_code == 201
+        assert names() == ["first", "second"]
+
+        replaced = a.post(path, params={"replace": "true"}, json={**document, "spec": spec(arms=["autoregressive"])})
+        assert replaced.status_code == 201, replaced.text
+        assert agree(f"{path}/first")["spec"] == replaced.json()["spec"] != created.json()["spec"]
+        cancelled = b.post(f"{path}/second:cancel")
+        assert cancelled.status_code == 200 and cancelled.json()["cancelled"] == "second", cancelled.text
+        agree(f"{path}/second")
+        agree(f"{path}/first/compare")
+
+        # A replica restarted (a new pod) has lost nothing: the state is the Experiments in the API server.
+        before = {name: agree(f"{path}/{name}") for name in names()}
+        replicas[0].stop()
+        assert b.get(path).status_code == 200, "the other replica serves meanwhile"
+        replicas[0] = ServiceProcess(kubeconfig, tmp_path / "replica-0-restarted.log", env=env).start()
+        a.close()
+        a = httpx.Client(base_url=replicas[0].url, headers=auth, timeout=30)
+        assert {name: agree(f"{path}/{name}") for name in names()} == before
+
+        deleted = a.delete(f"{path}/second")
+        assert deleted.status_code == 200 and deleted.json() == {"deleted": "second"}
+        listed = lambda x: sorted(item["name"] for item in x.get(path).json()["items"])  # noqa: E731
+        wait_until("second gone from both replicas", lambda: listed(a) == listed(b) == ["first"], timeout=30)
+        assert names() == ["first"]
+        assert [x.get(f"{path}/second").status_code for x in (a, b)] == [404, 404]
+        a.close()
+        b.close()
+    finally:
+        for replica in replicas:
+            replica.stop()
+        uninstalled = helm.run("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "60s",
+                               kubeconfig=cluster.kubeconfig, check=False)
+    assert uninstalled.returncode == 0, uninstalled.stderr
