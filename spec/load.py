@@ -20,7 +20,12 @@ MAX_SHOWN = 120  # characters of a value an error message shows
 
 
 class SpecError(ValueError):
-    """A user's mistake in a spec: the message is one line and names the field."""
+    """A user's mistake in a spec: the message is one line and names the field. `errors`: every mistake found,
+    one `field: message` line each (the API service returns them all; the CLI prints the first)."""
+
+    def __init__(self, message: str, errors: Optional[list[str]] = None):
+        super().__init__(message)
+        self.errors = errors or []
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -126,7 +131,8 @@ def experiment_from_dict(data: Any, source: str = "spec", require_header: bool =
     try:
         return Experiment.model_validate(data)
     except ValidationError as err:
-        raise SpecError(f"{source}: {redact_text(describe(err))}") from None
+        raise SpecError(f"{source}: {redact_text(describe(err))}",
+                        [redact_text(_describe_one(e)) for e in err.errors()]) from None
     except (ValueError, TypeError) as err:
         raise SpecError(f"{source}: {redact_text(str(err))}") from None
 

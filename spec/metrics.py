@@ -1,5 +1,5 @@
-"""Every Prometheus metric dlmctl exports, named once: the trainer, its checkpoint store and the operator
-register theirs from here, and the Grafana dashboards (`operator/dashboards.py`) query these names.
+"""Every Prometheus metric dlmctl exports, named once: the trainer, its checkpoint store, the operator and the
+API service register theirs from here, and the Grafana dashboards (`operator/dashboards.py`) query these names.
 
 A run's series carry `RUN_LABELS`. The sweep point's fields vary from one experiment to the next, so they
 are not labels of every series: `point` holds the whole point as one stable string (`point_label`), and
@@ -153,6 +153,14 @@ CROSSOVER_TOKENS = _m("dlm_experiment_crossover_tokens", "gauge",
 CROSSOVER_EPOCHS = _m("dlm_experiment_crossover_epochs", "gauge", "Epochs at that crossover (NaN: none yet)",
                       labels=EXPERIMENT_LABELS + ("point",))
 
+# --- the API service ------------------------------------------------------------------------------------------
+SERVICE_REQUESTS = _m("dlm_service_requests", "counter", "HTTP requests answered, by route template and status",
+                      labels=("method", "route", "status"))
+SERVICE_REQUEST_DURATION = _m("dlm_service_request_duration_seconds", "histogram",
+                              "Wall time to answer an HTTP request (streamed logs: until the answer starts)",
+                              labels=("method", "route"),
+                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+
 TRAINER_METRICS = (RUN_INFO, TRAIN_STEPS, PLANNED_STEPS, TRAIN_TOKENS, EPOCH, PLANNED_EPOCHS, TRAIN_LOSS,
                    LEARNING_RATE, TOKENS_PER_SECOND, MFU, STEP_DURATION, STEP_PHASE_SECONDS, VALIDATION_LOSS,
                    VALIDATION_LOSS_STDERR, VALIDATION_TOKENS, CHOICE_ACCURACY)
@@ -160,4 +168,5 @@ CHECKPOINT_METRICS = (CHECKPOINT_SAVE_DURATION, CHECKPOINT_STALL, CHECKPOINT_UPL
                       CHECKPOINT_RETRIES, CHECKPOINT_FAILURES, CHECKPOINT_STAGED_BYTES, CHECKPOINT_UNREACHABLE_SINCE)
 OPERATOR_METRICS = (RECONCILE_DURATION, RECONCILE_ERRORS, JOBS_CREATED, JOBS_RECREATED, RUNS_PREEMPTED, RUNS_FAILED,
                     RUNS, RUN_RESTARTS, GPUS_REQUESTED, GPUS_ALLOCATED, CROSSOVER_TOKENS, CROSSOVER_EPOCHS)
-ALL_METRICS = TRAINER_METRICS + CHECKPOINT_METRICS + OPERATOR_METRICS
+SERVICE_METRICS = (SERVICE_REQUESTS, SERVICE_REQUEST_DURATION)
+ALL_METRICS = TRAINER_METRICS + CHECKPOINT_METRICS + OPERATOR_METRICS + SERVICE_METRICS
