@@ -220,7 +220,8 @@ def create_app(settings: Optional[Settings] = None, cluster: Optional[Cluster] =
                               ("CompareExperiment", "compare_experiment"), ("DeleteExperiment", "delete_experiment"))}
 
     @app.post(collection, status_code=201, response_model=Experiment, operation_id="create_experiment",
-              summary="Submit an experiment", responses={**errors, **{c: {"model": ErrorBody} for c in (400, 413, 415)}},
+              summary="Submit an experiment",
+              responses={**errors, **{c: {"model": ErrorBody} for c in (400, 413, 415)}},
               openapi_extra={
                   "requestBody": {"required": True, "content": {
                       "application/json": {"schema": {"$ref": "#/components/schemas/Experiment"}},
@@ -280,7 +281,8 @@ def create_app(settings: Optional[Settings] = None, cluster: Optional[Cluster] =
                         redact_text(failed[0]), experiments.describe(failed[1]))
         points = compare_points(experiment, evals)
         return JSONResponse({"experiment": experiment.model_dump(mode="json"),
-                             "evals": {run: [e.model_dump(mode="json") for e in events] for run, events in evals.items()},
+                             "evals": {run: [e.model_dump(mode="json") for e in events]
+                                       for run, events in evals.items()},
                              "points": [p.model_dump(mode="json") for p in points]})
 
     @app.get(item + "/runs/{run}/logs", operation_id="run_logs", response_class=StreamingResponse,

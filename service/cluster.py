@@ -37,7 +37,8 @@ class Caller:
         if self.uid:
             headers[IMPERSONATE_UID] = self.uid
         for key, values in self.extra:
-            headers[IMPERSONATE_EXTRA + quote(key, safe=_HEADER_KEY_SAFE)] = list(values)  # values go as they are (client-go does)
+            # the key %-escaped, the values as they are (as client-go sends them)
+            headers[IMPERSONATE_EXTRA + quote(key, safe=_HEADER_KEY_SAFE)] = list(values)
         return headers
 
 
