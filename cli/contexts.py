@@ -97,7 +97,8 @@ def load() -> Config:
         unknown = sorted(set(entry) - known)
         if unknown:
             raise UserError(f"{path}: contexts.{name}.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
-        contexts[str(name)] = Context(**{k.replace("-", "_"): (None if v is None else str(v)) for k, v in entry.items()})
+        settings = {k.replace("-", "_"): (None if v is None else str(v)) for k, v in entry.items()}
+        contexts[str(name)] = Context(**settings)
     current = doc.get("current-context")
     return Config(current=str(current) if current is not None else None, contexts=contexts)
 

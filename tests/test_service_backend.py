@@ -4,6 +4,7 @@ environment over the current context, and `dlmctl --server URL` talks to the rea
 from __future__ import annotations
 
 import io
+import json
 import os
 import stat
 import subprocess
@@ -15,7 +16,11 @@ import yaml
 
 from dlmctl.cli import contexts
 from dlmctl.cli.backends import get_backend
+from dlmctl.operator.jobs import ANNOTATION_CANCEL
 from cli_runs import assert_user_error, run
+# The same experiment, status and pods as the kubernetes backend's tests (and their fixtures `kube`, `experiment_crd`).
+from test_kubernetes_backend import (NAME, RUNS, experiment_crd, kube, master_pod,  # noqa: F401
+                                     spec_text, write_status)
 
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.c2VjcmV0LXRva2Vu.c2lnbmF0dXJl"  # a made-up token; it must never be printed
 
@@ -152,7 +157,8 @@ def test_no_command_takes_a_token_on_its_command_line(capsys, monkeypatch):
     configure(capsys, monkeypatch, ["team", "--backend", "service", "--server", "https://a.example"])
     code, _, err = run(capsys, "config", "set-token", "team", TOKEN)
     assert_user_error(code, err, "unexpected extra argument")
-    for argv in (["--token", TOKEN, "list"], ["list", "--token", TOKEN], ["config", "set-context", "team", "--token", TOKEN]):
+    for argv in (["--token", TOKEN, "list"], ["list", "--token", TOKEN],
+                 ["config", "set-context", "team", "--token", TOKEN]):
         code, _, err = run(capsys, *argv)
         assert_user_error(code, err, "No such option: --token")
         assert TOKEN not in err
@@ -308,3 +314,155 @@ def test_server_works_before_and_after_the_command(capsys, home):
         code, _, err = run(capsys, *argv)
         assert_user_error(code, err, "cannot reach the dlmctl service http://127.0.0.1:1: connection refused")
     assert not home.exists()
+
+
+# ---- against the real API service ----------------------------------------------------------------------
+# `python -m dlmctl.service` as tests/service_harness.py runs it, on the test control plane; the researcher's
+# token (a ServiceAccount with a Role on Experiments in its namespace) in $DLMCTL_TOKEN. What `--server` prints
+# is what `--backend kubernetes` prints for the same experiment.
+
+@pytest.fixture(scope="module")
+def service(cluster, s3_server, tmp_path_factory):
+    from service_harness import ServiceProcess, install_service_rbac
+
+    process = ServiceProcess(install_service_rbac(cluster), tmp_path_factory.mktemp("service") / "service.log",
+                             env=s3_server.env()).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def researcher(cluster, cluster_namespace, service, kube, monkeypatch) -> str:
+    """$DLMCTL_TOKEN: a token allowed to use Experiments in cluster_namespace only."""
+    from service_harness import grant_experiments
+
+    token = grant_experiments(cluster, cluster_namespace)
+    monkeypatch.setenv(contexts.TOKEN_ENV, token)
+    return token
+
+
+@pytest.fixture
+def scarce(tmp_path, s3_uri) -> Path:
+    path = tmp_path / "scarce.yaml"
+    path.write_text(spec_text(uri=s3_uri))
+    return path
+
+
+def both(capsys, service, namespace, *argv):
+    """The same command through the service and straight to the cluster: (code, stdout) of each."""
+    through = run(capsys, *argv, "--server", service.url, "-n", namespace)
+    direct = run(capsys, *argv, "--backend", "kubernetes", "-n", namespace)
+    return through[:2], direct[:2], through[2]
+
+
+def evals(*losses):
+    return "".join(json.dumps({"event": "eval", "time": 3.0 + i, "step": 16 * (i + 1), "total_steps": 64,
+                               "epoch": float(i + 1), "tokens": 131072 * (i + 1), "val_loss": loss}) + "\n"
+                   for i, loss in enumerate(losses)).encode()
+
+
+@pytest.mark.cluster
+@pytest.mark.s3
+def test_through_the_service_every_verb_prints_what_the_kubernetes_backend_prints(
+        capsys, service, researcher, kube, cluster_namespace, scarce, s3_server, s3_uri):
+    custom, _ = kube
+    code, out, err = run(capsys, "--server", service.url, "-n", cluster_namespace, "submit", scarce)
+    assert code == 0, err
+    assert f"submitting experiment {NAME} to the service backend: {service.url}, namespace {cluster_namespace}" in out
+    assert f"2 runs submitted: {', '.join(RUNS)}" in out
+    assert custom.get_namespaced_custom_object("dlmctl.io", "v1alpha1", cluster_namespace, "experiments", NAME)
+
+    write_status(custom, cluster_namespace, {"phase": "Running", "progress": "0/2", "runs": [
+        {"name": "scarce-dlm", "arm": "diffusion", "phase": "Running", "step": 48, "total_steps": 64,
+         "train_loss": 4.5},
+        {"name": "scarce-ar", "arm": "autoregressive", "phase": "Unschedulable", "reason": "Unschedulable",
+         "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}]})
+    fs = s3_server.filesystem()
+    fs.pipe(f"{s3_uri}/scarce-dlm/metrics.jsonl", evals(6.0, 5.0, 4.0))
+    fs.pipe(f"{s3_uri}/scarce-ar/metrics.jsonl", evals(5.5, 5.25, 5.75))
+
+    for argv in (["get", NAME], ["get", NAME, "-o", "json"], ["get", NAME, "-o", "yaml"], ["list", "-o", "json"],
+                 ["compare", NAME], ["logs", NAME]):
+        through, direct, err = both(capsys, service, cluster_namespace, *argv)
+        assert through == direct, (argv, err)
+        assert through[0] == 0
+    through, _, _ = both(capsys, service, cluster_namespace, "compare", NAME)
+    assert "crossover" in through[1] and "4.000" in through[1]
+
+    code, out, err = run(capsys, "--server", service.url, "-n", cluster_namespace, "cancel", NAME)
+    assert (code, out) == (0, f"experiment {NAME} cancelled\n"), err
+    annotations = custom.get_namespaced_custom_object("dlmctl.io", "v1alpha1", cluster_namespace, "experiments",
+                                                      NAME)["metadata"]["annotations"]
+    assert ANNOTATION_CANCEL in annotations, "asked of the operator as the kubernetes backend asks it"
+
+    code, _, err = run(capsys, "--server", service.url, "-n", cluster_namespace, "submit", scarce)
+    assert_user_error(code, err, f"experiment '{NAME}' already exists in namespace '{cluster_namespace}'", "--replace")
+    code, _, err = run(capsys, "--server", service.url, "-n", cluster_namespace, "get", "nope")
+    assert_user_error(code, err, "no experiment named 'nope'", cluster_namespace)
+
+
+@pytest.mark.cluster
+@pytest.mark.s3
+def test_logs_through_the_service_are_the_master_pods(capsys, service, researcher, kube, cluster_namespace, scarce,
+                                                      pod_executor):
+    _, core = kube
+    assert run(capsys, "--server", service.url, "-n", cluster_namespace, "submit", scarce)[0] == 0
+    pod = master_pod(core, cluster_namespace, "scarce-dlm", "diffusion", "print('step 1'); print('step 2')")
+    pod_executor.wait_exited(cluster_namespace, pod)
+    for argv in (["logs", NAME, "--run", "scarce-dlm"], ["logs", NAME]):
+        through, direct, err = both(capsys, service, cluster_namespace, *argv)
+        assert through == direct and through[0] == 0, err
+    assert through[1] == "[scarce-dlm] step 1\n[scarce-dlm] step 2\n"
+    assert err == "scarce-ar: no log yet (run Pending)\n"
+
+
+@pytest.mark.cluster
+@pytest.mark.s3
+def test_another_namespace_is_forbidden_in_one_line(capsys, service, researcher, cluster_namespace, scarce):
+    for argv, verb in ((["list"], "list"), (["get", NAME], "get"), (["submit", scarce], "create")):
+        code, _, err = run(capsys, "--server", service.url, "-n", "kube-system", *argv)
+        assert_user_error(code, err, f"permission denied: not allowed to {verb} experiments in namespace "
+                                     "'kube-system'", service.url)
+
+
+@pytest.mark.cluster
+@pytest.mark.s3
+def test_a_refused_or_missing_token_is_one_line(capsys, service, researcher, cluster_namespace, monkeypatch):
+    monkeypatch.setenv(contexts.TOKEN_ENV, "not-a-token")
+    code, _, err = run(capsys, "--server", service.url, "-n", cluster_namespace, "list")
+    assert_user_error(code, err, f"unauthorized: the server {service.url} refused the token (from $DLMCTL_TOKEN)")
+    assert "not-a-token" not in err
+    monkeypatch.delenv(contexts.TOKEN_ENV)
+    code, _, err = run(capsys, "--server", service.url, "-n", cluster_namespace, "list")
+    assert_user_error(code, err, f"unauthorized: {service.url} needs a token", "DLMCTL_TOKEN")
+
+
+@pytest.mark.cluster
+@pytest.mark.s3
+def test_a_context_with_a_stored_token_is_all_a_command_needs(capsys, service, researcher, cluster_namespace,
+                                                              scarce, monkeypatch):
+    monkeypatch.delenv(contexts.TOKEN_ENV)
+    configure(capsys, monkeypatch, ["team", "--backend", "service", "--server", service.url, "-n", cluster_namespace])
+    assert set_token(capsys, monkeypatch, "team", researcher)[0] == 0
+    code, out, err = run(capsys, "submit", scarce)
+    assert code == 0 and f"{service.url}, namespace {cluster_namespace}" in out, err
+    code, out, err = run(capsys, "list", "-o", "json")
+    assert code == 0 and [e["name"] for e in json.loads(out)] == [NAME], err
+
+
+@pytest.mark.cluster
+def test_tls_is_verified_and_a_context_may_name_the_ca(capsys, cluster, monkeypatch, tmp_path):
+    """The API server is a real TLS server with the test CA: untrusted by default, trusted with the context's
+    ca-file -- and then it is plainly not a dlmctl service."""
+    import base64
+
+    kubeconfig = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    entry = kubeconfig["clusters"][0]["cluster"]
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(base64.b64decode(entry["certificate-authority-data"]))
+    server = entry["server"]
+    code, _, err = run(capsys, "--server", server, "list")
+    assert_user_error(code, err, f"cannot reach the dlmctl service {server}: its TLS certificate is not trusted")
+    configure(capsys, monkeypatch, ["api", "--backend", "service", "--server", server, "--ca-file", ca], use="api")
+    code, _, err = run(capsys, "list")
+    assert_user_error(code, err, f"{server} answered 40", "is it a dlmctl service?")

@@ -131,17 +131,22 @@ class ServiceBackend(Backend):
 
     # -- logs -----------------------------------------------------------------------------------
     def logs(self, name: str, run: Optional[str] = None, follow: bool = False) -> Iterator[str]:
-        from .kubernetes import _merged
+        from .kubernetes import _merged, _note, _phase_words
 
-        runs = [r.name for r in self.get(name).status.runs]
+        statuses = {r.name: r for r in self.get(name).status.runs}
+        runs = list(statuses)
         if run is not None and run not in runs:
             raise NotFound(f"--run: experiment {name!r} has no run {run!r} (its runs: {', '.join(runs)})")
         selected = [run] if run else runs
         prefix = (lambda r: f"[{r}] ") if len(selected) > 1 else (lambda r: "")
         if not follow:
             for r in selected:
+                empty = True
                 for line in self._log_lines(name, r, follow=False):
+                    empty = False
                     yield prefix(r) + line
+                if empty:
+                    _note(f"{r}: no log yet ({_phase_words(statuses[r])})")
             return
 
         def worker(r: str) -> Callable:
@@ -159,7 +164,7 @@ class ServiceBackend(Backend):
         request = self._http.build_request("GET", path, params={"follow": "true" if follow else "false"},
                                            headers={"Accept": "text/plain"},
                                            timeout=FOLLOW_TIMEOUT if follow else self._http.timeout)
-        response = self._send("logs", request, self.namespace, name=name, stream=True)
+        response = self._send("read the logs of", request, self.namespace, name=name, stream=True)
         try:
             yield from response.iter_lines()
         except httpx.TransportError as err:  # the stream was cut: the lines so far stand, say why it stopped
@@ -231,8 +236,9 @@ class ServiceBackend(Backend):
             return ServiceApiError(f"unauthorized: the server {self.server} refused the token (from "
                                    f"{self.token_source}); is it expired or for another cluster?", 401)
         if status == 403:
-            return ServiceApiError(f"permission denied: not allowed to {verb} experiments {where} "
-                                   f"({self.server}); ask a cluster admin for a Role that allows it", 403)
+            return ServiceApiError(f"permission denied: not allowed to {verb} experiments {where} ({self.server}"
+                                   + (f": {message}" if message else "") + "); ask a cluster admin for a Role that "
+                                   "allows it", 403)
         if status == 404 and name:
             return NotFound(f"no experiment named {name!r} {where} ({self.server}; dlmctl list shows them)")
         if status == 413:
@@ -264,7 +270,8 @@ def _tls(ca_file: Optional[str]):
     try:
         return ssl.create_default_context(cafile=str(path))
     except (OSError, ssl.SSLError) as err:
-        raise UserError(f"ca-file: cannot use {path} as a CA bundle ({one_line(getattr(err, 'strerror', None) or err)})") from None
+        why = one_line(getattr(err, "strerror", None) or err)
+        raise UserError(f"ca-file: cannot use {path} as a CA bundle ({why})") from None
 
 
 def _path(namespace: str, name: Optional[str] = None) -> str:
