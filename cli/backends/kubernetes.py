@@ -189,7 +189,27 @@ class KubernetesBackend(Backend):
                           namespace=namespace, name=name)
 
     def _experiment(self, obj: dict) -> "Experiment":
-        return experiment_with_runs(obj)
+        """The Experiment with a status that has one entry per run, in the spec's order (Pending where the
+        operator has written nothing yet)."""
+        from dlmctl.spec import ExperimentStatus, RunStatus, SpecError, experiment_from_dict
+
+        meta = obj.get("metadata", {})
+        name, namespace = meta.get("name"), meta.get("namespace")
+        try:  # spec.Metadata drops what the server set (uid, resourceVersion, managedFields, ...)
+            experiment = experiment_from_dict(obj, f"experiment {name} in namespace {namespace}")
+        except SpecError as err:
+            status = obj.get("status") or {}
+            if status.get("phase") == "Invalid":
+                why = next((c.get("message") for c in status.get("conditions", []) if c.get("message")), None)
+                raise UserError(f"experiment {name!r} in namespace {namespace!r} is Invalid: {why or err}") from None
+            raise
+        runs = experiment.runs()
+        status = experiment.status or ExperimentStatus()
+        written = {r.name: r for r in status.runs}
+        filled = [written.get(run.name) or RunStatus(name=run.name, arm=run.arm) for run in runs]
+        succeeded = sum(r.phase == "Succeeded" for r in filled)
+        return experiment.model_copy(update={"status": status.model_copy(
+            update={"runs": filled, "progress": status.progress or f"{succeeded}/{len(filled)}"})})
 
     # -- logs -----------------------------------------------------------------------------------
     def logs(self, name: str, run: Optional[str] = None, follow: bool = False) -> Iterator[str]:
@@ -413,32 +433,6 @@ class KubernetesBackend(Backend):
             return ClusterApiError(f"the API server refused to {verb} {target} {where}: {message}", err.status)
         return ClusterApiError(f"cannot {verb} {target} {where}: the API server {self.server} answered "
                                f"{err.status} {err.reason}: {message}", err.status or 0)
-
-
-# -- objects ----------------------------------------------------------------------------------------
-
-def experiment_with_runs(obj: dict) -> "Experiment":
-    """An Experiment object as the API server (or the dlmctl service) returns it, with a status that has one
-    entry per run, in the spec's order (Pending where the operator has written nothing yet)."""
-    from dlmctl.spec import ExperimentStatus, RunStatus, SpecError, experiment_from_dict
-
-    meta = obj.get("metadata", {})
-    name, namespace = meta.get("name"), meta.get("namespace")
-    try:  # spec.Metadata drops what the server set (uid, resourceVersion, managedFields, ...)
-        experiment = experiment_from_dict(obj, f"experiment {name} in namespace {namespace}")
-    except SpecError as err:
-        status = obj.get("status") or {}
-        if status.get("phase") == "Invalid":
-            why = next((c.get("message") for c in status.get("conditions", []) if c.get("message")), None)
-            raise UserError(f"experiment {name!r} in namespace {namespace!r} is Invalid: {why or err}") from None
-        raise
-    runs = experiment.runs()
-    status = experiment.status or ExperimentStatus()
-    written = {r.name: r for r in status.runs}
-    filled = [written.get(run.name) or RunStatus(name=run.name, arm=run.arm) for run in runs]
-    succeeded = sum(r.phase == "Succeeded" for r in filled)
-    return experiment.model_copy(update={"status": status.model_copy(
-        update={"runs": filled, "progress": status.progress or f"{succeeded}/{len(filled)}"})})
 
 
 # -- configuration ----------------------------------------------------------------------------------

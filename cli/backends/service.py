@@ -18,6 +18,7 @@ unknown experiment (404, NotFound as for the other backends), or the service's o
 from __future__ import annotations
 
 import ssl
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
@@ -125,13 +126,11 @@ class ServiceBackend(Backend):
         return sorted(summaries, key=lambda s: (s.created is None, s.created or 0, s.namespace or "", s.name))
 
     def get(self, name: str) -> "Experiment":
-        from .kubernetes import experiment_with_runs
-
-        return experiment_with_runs(self._json("get", "GET", _path(self.namespace, name), self.namespace, name=name))
+        return _experiment(self._json("get", "GET", _path(self.namespace, name), self.namespace, name=name))
 
     # -- logs -----------------------------------------------------------------------------------
     def logs(self, name: str, run: Optional[str] = None, follow: bool = False) -> Iterator[str]:
-        from .kubernetes import _merged, _note, _phase_words
+        from dlmctl.operator.client import merged, phase_words
 
         statuses = {r.name: r for r in self.get(name).status.runs}
         runs = list(statuses)
@@ -146,7 +145,7 @@ class ServiceBackend(Backend):
                     empty = False
                     yield prefix(r) + line
                 if empty:
-                    _note(f"{r}: no log yet ({_phase_words(statuses[r])})")
+                    print(f"{r}: no log yet ({phase_words(statuses[r])})", file=sys.stderr, flush=True)
             return
 
         def worker(r: str) -> Callable:
@@ -157,7 +156,7 @@ class ServiceBackend(Backend):
                     emit(prefix(r) + line)
             return stream
 
-        yield from _merged([worker(r) for r in selected])
+        yield from merged([worker(r) for r in selected])
 
     def _log_lines(self, name: str, run: str, follow: bool) -> Iterator[str]:
         path = LOG_PATH.format(ns=quote(self.namespace, safe=""), name=quote(name, safe=""), run=quote(run, safe=""))
@@ -181,11 +180,9 @@ class ServiceBackend(Backend):
         from the runs' stores: the same Comparison the kubernetes backend builds on this machine."""
         from dlmctl.spec.contracts import EvalEvent
 
-        from .kubernetes import experiment_with_runs
-
         answer = self._json("get", "GET", _path(self.namespace, name) + "/compare", self.namespace, name=name)
         try:
-            experiment = experiment_with_runs(answer["experiment"])
+            experiment = _experiment(answer["experiment"])
             evals = {run: [EvalEvent.model_validate(e) for e in events]
                      for run, events in (answer.get("evals") or {}).items()}
         except (KeyError, TypeError, ValueError) as err:
@@ -250,6 +247,16 @@ class ServiceBackend(Backend):
         return ServiceApiError(f"cannot {verb} {target} {where}: {self.server} answered {status} "
                                f"{response.reason_phrase}: {message or 'no message'}"
                                + (f" (request {request_id})" if request_id else ""), status)
+
+
+def _experiment(obj: dict) -> "Experiment":
+    """The service's Experiment JSON as the kubernetes backend reads the cluster's (operator/client.py)."""
+    from dlmctl.operator.client import InvalidExperiment, experiment_with_runs
+
+    try:
+        return experiment_with_runs(obj)
+    except InvalidExperiment as err:
+        raise UserError(err.message) from None
 
 
 def normalize_server(url: str) -> str:
