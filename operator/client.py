@@ -244,9 +244,10 @@ class ExperimentClient:
                          name=pod.metadata.name)
 
     def follow_run(self, name: str, run: str, namespace: str, emit: Callable[[str], None], stop: threading.Event,
-                   note: Callable[[str], None]) -> None:
+                   note: Callable[[str], None], words: Callable[[ClientError], str] = str) -> None:
         """Stream the run's master pod log line by line to `emit`; a recreated run (new pod) is followed on;
-        ends when the run has (or `stop` is set). `note` hears what there is to say besides the log."""
+        ends when the run has (or `stop` is set). `note` hears what there is to say besides the log (a refusal
+        to read it in `words`)."""
         streamed: set[str] = set()
         said_waiting, unreadable = False, None
         while not stop.is_set():
@@ -273,8 +274,8 @@ class ExperimentClient:
             status = next(r for r in self.get(name, namespace).status.runs if r.name == run)
             if terminal(status.phase):
                 if not streamed:
-                    note(f"{run}: {phase_words(status)}; "
-                         + (f"its pod's log cannot be read: {unreadable}" if unreadable else "it left no pod to show"))
+                    left = f"its pod's log cannot be read: {words(unreadable)}" if unreadable else None
+                    note(f"{run}: {phase_words(status)}; {left or 'it left no pod to show'}")
                 return
             if not said_waiting and not streamed and (pod is None or not started(pod)):
                 what = "no pod yet" if pod is None else f"pod {pod.metadata.name} not started ({waiting_reason(pod)})"
