@@ -265,10 +265,10 @@ def test_logs_show_the_master_pod_of_each_run(capsys, kube, cluster_namespace, s
 def test_following_logs_streams_until_the_run_ends(capsys, kube, cluster_namespace, spec, pod_executor, monkeypatch):
     import threading
 
-    import dlmctl.cli.backends.kubernetes as backend
+    import dlmctl.operator.client as experiment_client
 
     custom, core = kube
-    monkeypatch.setattr(backend, "FOLLOW_POLL_SECONDS", 0.2)
+    monkeypatch.setattr(experiment_client, "FOLLOW_POLL_SECONDS", 0.2)
     assert run(capsys, "submit", spec, "-n", cluster_namespace)[0] == 0
     result = {}
     follower = threading.Thread(target=lambda: result.update(
@@ -292,10 +292,10 @@ def test_following_logs_streams_until_the_run_ends(capsys, kube, cluster_namespa
 def test_following_logs_ends_when_the_runs_end(capsys, kube, cluster_namespace, spec, monkeypatch):
     import threading
 
-    import dlmctl.cli.backends.kubernetes as backend
+    import dlmctl.operator.client as experiment_client
 
     custom, _ = kube
-    monkeypatch.setattr(backend, "FOLLOW_POLL_SECONDS", 0.2)
+    monkeypatch.setattr(experiment_client, "FOLLOW_POLL_SECONDS", 0.2)
     assert run(capsys, "submit", spec, "-n", cluster_namespace)[0] == 0
     result = {}
     follower = threading.Thread(target=lambda: result.update(code=main(["logs", NAME, "-f", "-n", cluster_namespace])))
@@ -391,9 +391,9 @@ def test_a_service_account_without_rights_is_told_what_it_may_not_do(capsys, kub
 
 
 def test_a_missing_crd_says_how_to_install_it(capsys, kube, cluster_namespace, monkeypatch):
-    import dlmctl.cli.backends.kubernetes as backend
+    import dlmctl.operator.client as experiment_client
 
-    monkeypatch.setattr(backend, "GROUP", "not-installed.dlmctl.io")
+    monkeypatch.setattr(experiment_client, "GROUP", "not-installed.dlmctl.io")
     for argv in (["list"], ["get", NAME]):
         code, _, err = run(capsys, *argv, "-n", cluster_namespace)
         assert_user_error(code, err, "is not installed", "kubectl apply -f charts/dlmctl/crds/")
