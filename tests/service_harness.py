@@ -52,14 +52,15 @@ def install_service_rbac(cluster, namespace: str = SERVICE_NAMESPACE) -> Path:
     return kubeconfig
 
 
-def grant_experiments(cluster, namespace: str, service_account: str = "researcher") -> str:
-    """A ServiceAccount in `namespace` (both created if missing) with RESEARCHER_RULES there; returns its token."""
+def grant_experiments(cluster, namespace: str, service_account: str = "researcher",
+                      rules: list[dict] = RESEARCHER_RULES) -> str:
+    """A ServiceAccount in `namespace` (both created if missing) with `rules` there; returns its token."""
     token = cluster.token_for(service_account, namespace)
     with cluster.api_client() as api:
         rbac = client.RbacAuthorizationV1Api(api)
         name = f"{service_account}-experiments"
         role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-                "metadata": {"name": name, "namespace": namespace}, "rules": RESEARCHER_RULES}
+                "metadata": {"name": name, "namespace": namespace}, "rules": rules}
         binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
                    "metadata": {"name": name, "namespace": namespace},
                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},

@@ -9,63 +9,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kubernetes import client
-from kubernetes.client.rest import ApiException
 
 from dlmctl.cli.app import main
-from dlmctl.operator.jobs import ANNOTATION_CANCEL, LABEL_ARM, LABEL_EXPERIMENT, LABEL_RUN
-from dlmctl.spec import GROUP, PLURAL, VERSION, experiment_from_dict
+from dlmctl.operator.jobs import ANNOTATION_CANCEL
+from dlmctl.spec import experiment_from_dict
 from cli_runs import assert_user_error, run
+from kube_objects import NAME, RUNS, experiments, master_pod, read, spec_text, write_status
 
 pytestmark = pytest.mark.cluster
-
-ROOT = Path(__file__).resolve().parents[1]
-CRD = ROOT / "charts" / "dlmctl" / "crds" / "experiments.dlmctl.io.yaml"
-NAME = "scarce"
-RUNS = ["scarce-dlm", "scarce-ar"]
-
-
-def spec_text(name: str = NAME, uri: str | None = "s3://ckpt/scarce", endpoint: str | None = None) -> str:
-    checkpoint = {"uri": uri, "endpoint_url": endpoint}
-    spec = {
-        "apiVersion": "dlmctl.io/v1alpha1", "kind": "Experiment",
-        "metadata": {"name": name, "labels": {"team": "scarcity"}},
-        "spec": {"data": {"unique_tokens": 131072, "epochs": 4}, "metrics": {"port": 0},
-                 "batch": {"global_sequences": 64, "micro_batch_sequences": 4},
-                 "resources": {"nodes": 2, "gpus_per_node": 8},
-                 "checkpoint": {k: v for k, v in checkpoint.items() if v}},
-    }
-    return yaml.safe_dump(spec)
-
-
-@pytest.fixture(scope="session")
-def experiment_crd(cluster):
-    """The Experiment CRD: pre-installed through the ini option `testenv_crds` when it lists it, else here."""
-    with cluster.api_client() as api:
-        ext = client.ApiextensionsV1Api(api)
-        doc = yaml.safe_load(CRD.read_text())
-        try:
-            ext.read_custom_resource_definition(doc["metadata"]["name"])
-        except ApiException as err:
-            assert err.status == 404, err
-            ext.create_custom_resource_definition(doc)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            conditions = ext.read_custom_resource_definition(doc["metadata"]["name"]).status.conditions or []
-            if any(c.type == "Established" and c.status == "True" for c in conditions):
-                return doc
-            time.sleep(0.2)
-        pytest.fail("the Experiment CRD never became Established")
-
-
-@pytest.fixture
-def kube(cluster, experiment_crd, monkeypatch):
-    """The CLI pointed at the test cluster through $KUBECONFIG, as a user's laptop would be."""
-    monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    monkeypatch.delenv("DLMCTL_BACKEND", raising=False)
-    with cluster.api_client() as api:
-        yield client.CustomObjectsApi(api), client.CoreV1Api(api)
 
 
 @pytest.fixture
@@ -73,19 +24,6 @@ def spec(tmp_path) -> Path:
     path = tmp_path / "scarce.yaml"
     path.write_text(spec_text())
     return path
-
-
-def read(custom, ns, name=NAME) -> dict:
-    return custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
-
-
-def experiments(custom, ns) -> list[dict]:
-    return custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
-
-
-def write_status(custom, ns, status: dict, name=NAME) -> None:
-    """As the operator does: through the status subresource."""
-    custom.patch_namespaced_custom_object_status(GROUP, VERSION, ns, PLURAL, name, {"status": status})
 
 
 # ---- submit --------------------------------------------------------------------------------------
@@ -233,19 +171,6 @@ def test_logs_of_runs_without_pods_say_so(capsys, kube, cluster_namespace, spec)
     assert "no pod yet (run Pending)" in err
     code, _, err = run(capsys, "logs", NAME, "--run", "scarce-xx", "-n", cluster_namespace)
     assert_user_error(code, err, "has no run 'scarce-xx'")
-
-
-def master_pod(core, ns, run: str, arm: str, program: str, name: str | None = None) -> str:
-    """The pod a PyTorchJob of the run would have, running `program` (the pod executor runs it)."""
-    import sys
-
-    name = name or f"{run}-master-0"
-    labels = {LABEL_EXPERIMENT: NAME, LABEL_RUN: run, LABEL_ARM: arm, "training.kubeflow.org/replica-type": "master"}
-    core.create_namespaced_pod(ns, client.V1Pod(
-        metadata=client.V1ObjectMeta(name=name, labels=labels),
-        spec=client.V1PodSpec(restart_policy="Never", containers=[
-            client.V1Container(name="pytorch", image="trainer", command=[sys.executable, "-u", "-c", program])])))
-    return name
 
 
 def test_logs_show_the_master_pod_of_each_run(capsys, kube, cluster_namespace, spec, pod_executor):

@@ -4,13 +4,7 @@ there (and the operator, a process too, makes the PyTorchJobs), is refused in B;
 that are wrong get 401/413/422 as JSON, never a traceback; and the API is fuzzed from its own OpenAPI."""
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
@@ -18,11 +12,10 @@ import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from dlmctl.service import manifests
 from dlmctl.spec import GROUP, PLURAL
 from operator_harness import Experiments, OperatorProcess, install_operator_rbac, wait_until
+from service_harness import grant_experiments
 from test_operator import spec as operator_spec
-from testenv.cluster import free_port
 
 pytestmark = pytest.mark.cluster
 
@@ -39,82 +32,28 @@ def document(name: str, **spec) -> dict:
                                      **spec})}
 
 
-def apply(create, replace, body, *args):
-    try:
-        create(*args, body)
-    except ApiException as err:
-        if err.status != 409:
-            raise
-        replace(body["metadata"]["name"], *args, body)
-
-
-class ServiceProcess:
-    def __init__(self, kubeconfig: Path, log_path: Path, env: dict):
-        self.port, self.log_path = free_port(), log_path
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **env, "DLMCTL_SERVICE_KUBECONFIG": str(kubeconfig),
-                    "DLMCTL_SERVICE_HOST": "127.0.0.1", "DLMCTL_SERVICE_PORT": str(self.port)}
-
-    def start(self) -> "ServiceProcess":
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "dlmctl.service"], env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-        wait_until("the service's /healthz", self.healthy, timeout=60, check=self.check_alive)
-        return self
-
-    def healthy(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            pytest.fail(f"the service exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=20)
-
-
 @pytest.fixture(scope="module")
-def world(cluster, s3_server, tmp_path_factory):
+def world(cluster, s3_server, service, tmp_path_factory):
     """Namespaces A and B, alice (experiments and pod logs in A only), the service and the operator."""
     tag = uuid.uuid4().hex[:6]
-    a, b, home = f"svc-a-{tag}", f"svc-b-{tag}", f"svc-sys-{tag}"
-    folder = tmp_path_factory.mktemp("service")
+    a, b = f"svc-a-{tag}", f"svc-b-{tag}"
     with cluster.api_client() as api:
-        core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+        core = client.CoreV1Api(api)
         for ns in (a, b):
             core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
-        service_kubeconfig = cluster.kubeconfig_for(manifests.NAME, home)
-        apply(rbac.create_cluster_role, rbac.replace_cluster_role, manifests.cluster_role())
-        apply(rbac.create_cluster_role_binding, rbac.replace_cluster_role_binding,
-              manifests.cluster_role_binding(home))
-        alice = cluster.token_for("alice", a)
-        rbac.create_namespaced_role(a, {"metadata": {"name": "experimenter"}, "rules": ALICE_RULES})
-        rbac.create_namespaced_role_binding(a, {
-            "metadata": {"name": "alice"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "experimenter"},
-            "subjects": [{"kind": "ServiceAccount", "name": "alice", "namespace": a}]})
-        operator = OperatorProcess(install_operator_rbac(cluster), folder / "operator.log", env=s3_server.env()).start()
-        service = ServiceProcess(service_kubeconfig, folder / "service.log", s3_server.env()).start()
+        alice = grant_experiments(cluster, a, "alice", rules=ALICE_RULES)
+        operator = OperatorProcess(install_operator_rbac(cluster), tmp_path_factory.mktemp("operator") / "operator.log",
+                                   env=s3_server.env()).start()
         try:
             yield {"a": a, "b": b, "alice": alice, "service": service, "operator": operator,
                    "experiments": Experiments(api, a), "http": httpx.Client(base_url=service.url, timeout=60)}
         finally:
-            service.stop()
             operator.stop()
-            for ns in (a, b, home):
+            for ns in (a, b):
                 try:
                     core.delete_namespace(ns)
                 except ApiException:
                     pass
-            print(f"service log: {service.log_path}")
 
 
 def bearer(token: str) -> dict:

@@ -18,9 +18,8 @@ from dlmctl.cli import contexts
 from dlmctl.cli.backends import get_backend
 from dlmctl.operator.jobs import ANNOTATION_CANCEL
 from cli_runs import assert_user_error, run
-# The same experiment, status and pods as the kubernetes backend's tests (and their fixtures `kube`, `experiment_crd`).
-from test_kubernetes_backend import (NAME, RUNS, experiment_crd, kube, master_pod,  # noqa: F401
-                                     spec_text, write_status)
+# The same experiment, status and pods as the kubernetes backend's tests.
+from kube_objects import NAME, RUNS, master_pod, spec_text, write_status
 
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.c2VjcmV0LXRva2Vu.c2lnbmF0dXJl"  # a made-up token; it must never be printed
 
@@ -317,19 +316,9 @@ def test_server_works_before_and_after_the_command(capsys, home):
 
 
 # ---- against the real API service ----------------------------------------------------------------------
-# `python -m dlmctl.service` as tests/service_harness.py runs it, on the test control plane; the researcher's
-# token (a ServiceAccount with a Role on Experiments in its namespace) in $DLMCTL_TOKEN. What `--server` prints
-# is what `--backend kubernetes` prints for the same experiment.
-
-@pytest.fixture(scope="module")
-def service(cluster, s3_server, tmp_path_factory):
-    from service_harness import ServiceProcess, install_service_rbac
-
-    process = ServiceProcess(install_service_rbac(cluster), tmp_path_factory.mktemp("service") / "service.log",
-                             env=s3_server.env()).start()
-    yield process
-    process.stop()
-
+# `python -m dlmctl.service` as tests/service_harness.py runs it (conftest's `service`), on the test control
+# plane; the researcher's token (a ServiceAccount with a Role on Experiments in its namespace) in $DLMCTL_TOKEN.
+# What `--server` prints is what `--backend kubernetes` prints for the same experiment.
 
 @pytest.fixture
 def researcher(cluster, cluster_namespace, service, kube, monkeypatch) -> str:
