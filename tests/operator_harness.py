@@ -50,28 +50,22 @@ def install_operator_rbac(cluster) -> Path:
     return kubeconfig
 
 
-class OperatorProcess:
-    def __init__(self, kubeconfig: Path, log_path: Path, env: Optional[dict] = None):
-        self.kubeconfig, self.log_path = kubeconfig, log_path
-        self.metrics_port, self.health_port = free_port(), free_port()
-        self.env = {**os.environ, **FAST, **(env or {}), "KUBECONFIG": str(kubeconfig),
-                    "DLMCTL_OPERATOR_METRICS_PORT": str(self.metrics_port),
-                    "DLMCTL_OPERATOR_METRICS_ADDR": "127.0.0.1",
-                    "DLMCTL_OPERATOR_HEALTH_PORT": str(self.health_port)}
+class ChildProcess:
+    """`python ARGS...` in its own session, its stdout and stderr appended to `log_path`: watched and stopped."""
+    title = "the process"
+
+    def __init__(self, log_path: Path):
+        self.log_path = log_path
         self.proc: Optional[subprocess.Popen] = None
 
-    def start(self) -> "OperatorProcess":
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "dlmctl.operator", "--verbose"], env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        wait_until("the operator's metrics endpoint", lambda: self.scrape() is not None, timeout=60,
-                   check=self.check_alive)
-        return self
+    def spawn(self, *args: str, env: dict) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
-            pytest.fail(f"the operator exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            pytest.fail(f"{self.title} exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -88,6 +82,25 @@ class OperatorProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class OperatorProcess(ChildProcess):
+    title = "the operator"
+
+    def __init__(self, kubeconfig: Path, log_path: Path, env: Optional[dict] = None):
+        super().__init__(log_path)
+        self.kubeconfig = kubeconfig
+        self.metrics_port, self.health_port = free_port(), free_port()
+        self.env = {**os.environ, **FAST, **(env or {}), "KUBECONFIG": str(kubeconfig),
+                    "DLMCTL_OPERATOR_METRICS_PORT": str(self.metrics_port),
+                    "DLMCTL_OPERATOR_METRICS_ADDR": "127.0.0.1",
+                    "DLMCTL_OPERATOR_HEALTH_PORT": str(self.health_port)}
+
+    def start(self) -> "OperatorProcess":
+        self.spawn("-m", "dlmctl.operator", "--verbose", env=self.env)
+        wait_until("the operator's metrics endpoint", lambda: self.scrape() is not None, timeout=60,
+                   check=self.check_alive)
+        return self
 
     def scrape(self) -> Optional[str]:
         try:

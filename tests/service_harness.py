@@ -5,20 +5,16 @@ Experiments in one namespace."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 from typing import Optional
 
-import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from dlmctl.service import manifests
 from dlmctl.spec import GROUP, PLURAL
-from operator_harness import wait_until
+from operator_harness import ChildProcess, wait_until
 from testenv.cluster import free_port
 
 SERVICE_NAMESPACE = "dlmctl-system"
@@ -70,26 +66,24 @@ def grant_experiments(cluster, namespace: str, service_account: str = "researche
     return token
 
 
-class ServiceProcess:
+class ServiceProcess(ChildProcess):
     """`python -m dlmctl.service` on a free loopback port, its settings from the environment (DLMCTL_SERVICE_*)."""
+    title = "the service"
 
     def __init__(self, kubeconfig: Path, log_path: Path, env: Optional[dict] = None, port: Optional[int] = None):
-        self.kubeconfig, self.log_path = kubeconfig, log_path
+        super().__init__(log_path)
+        self.kubeconfig = kubeconfig
         self.port = port or free_port()
         self.env = {**os.environ, **(env or {}), "DLMCTL_SERVICE_KUBECONFIG": str(kubeconfig),
                     "DLMCTL_SERVICE_HOST": "127.0.0.1", "DLMCTL_SERVICE_PORT": str(self.port)}
         self.env.pop("KUBECONFIG", None)  # only its own credentials
-        self.proc: Optional[subprocess.Popen] = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60) -> "ServiceProcess":
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "dlmctl.service"], env=self.env, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        self.spawn("-m", "dlmctl.service", env=self.env)
         wait_until(f"the service's /readyz on {self.url}", lambda: self.answers("/readyz"), timeout=timeout,
                    check=self.check_alive)
         return self
@@ -100,23 +94,3 @@ class ServiceProcess:
                 return r.status == 200
         except OSError:
             return False
-
-    def check_alive(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None:
-            pytest.fail(f"the service exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, sig)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def kill(self) -> None:
-        self.stop(signal.SIGKILL)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

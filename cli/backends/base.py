@@ -76,3 +76,36 @@ class Backend(abc.ABC):
         from dlmctl.cli.errors import UserError
 
         raise UserError(f"the {self.name} backend cannot locate run outputs; pass the run's output directory instead")
+
+
+class ClusterBackend(Backend):
+    """A backend whose experiments are Experiment objects in a cluster's namespaces (kubernetes, service)."""
+
+    namespaced = True
+    namespace: str = "default"  # -n, else a context's, else default
+    explicit_namespace: Optional[str] = None  # -n
+
+    def _submittable(self, experiment: "Experiment", fresh: bool) -> tuple[str, str]:
+        """(name, namespace) of an experiment a cluster can run; otherwise one line, before anything is sent."""
+        from dlmctl.cli.errors import UserError
+        from dlmctl.operator.jobs import check_cluster_ready
+        from dlmctl.spec import SpecError
+
+        if fresh:
+            raise UserError(f"--fresh: the {self.name} backend cannot start runs over yet (they resume from the "
+                            "checkpoints under spec.checkpoint.uri); choose a new checkpoint URI or experiment name")
+        try:
+            check_cluster_ready(experiment)
+        except SpecError as err:
+            raise SpecError(f"{err} (or run it on this machine with --backend local)") from None
+        return experiment.metadata.name, self._namespace_for(experiment)
+
+    def _namespace_for(self, experiment: Optional["Experiment"]) -> str:
+        """The spec's metadata.namespace if it has one (as `kubectl create` does), else this backend's."""
+        from dlmctl.cli.errors import UserError
+
+        own = experiment.metadata.namespace if experiment is not None else None
+        if own and self.explicit_namespace and own != self.explicit_namespace:
+            raise UserError(f"metadata.namespace: the spec says {own!r} but --namespace says "
+                            f"{self.explicit_namespace!r}; drop one of them")
+        return own or self.namespace

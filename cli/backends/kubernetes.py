@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 from dlmctl.operator import client as experiments
 
 from ..errors import NotFound, UserError, one_line
-from .base import Backend, Comparison, ExperimentSummary
+from .base import ClusterBackend, Comparison, ExperimentSummary
 from .local_state import home
 
 if TYPE_CHECKING:
@@ -39,9 +39,8 @@ INSTALL_CRD = "kubectl apply -f charts/dlmctl/crds/"
 STORE_FILES = ("tokenizer.json", "metrics.jsonl")  # what sample/export read besides run.json and the checkpoints
 
 
-class KubernetesBackend(Backend):
+class KubernetesBackend(ClusterBackend):
     name = "kubernetes"
-    namespaced = True
 
     def __init__(self, context: Optional[str] = None, namespace: Optional[str] = None,
                  default_namespace: Optional[str] = None):
@@ -58,22 +57,12 @@ class KubernetesBackend(Backend):
         self.client = experiments.ExperimentClient(client.ApiClient(configuration))
 
     def where(self, experiment: Optional["Experiment"] = None) -> str:
-        namespace = self._namespace_for(experiment) if experiment is not None else self.namespace
+        namespace = self._namespace_for(experiment)
         return f"the kubernetes backend: context {self.context}, namespace {namespace} ({self.server})"
 
     # -- submit ---------------------------------------------------------------------------------
     def submit(self, experiment: "Experiment", replace: bool = False, fresh: bool = False) -> list[str]:
-        from dlmctl.operator.jobs import check_cluster_ready
-        from dlmctl.spec import SpecError
-
-        if fresh:
-            raise UserError("--fresh: the kubernetes backend cannot start runs over yet (they resume from the "
-                            "checkpoints under spec.checkpoint.uri); choose a new checkpoint URI or experiment name")
-        try:
-            check_cluster_ready(experiment)  # before the cluster is touched: nothing is created on error
-        except SpecError as err:
-            raise SpecError(f"{err} (or run it on this machine with --backend local)") from None
-        name, namespace = experiment.metadata.name, self._namespace_for(experiment)
+        name, namespace = self._submittable(experiment, fresh)
         with self._one_line():
             if replace:
                 self.client.delete_and_wait(name, namespace)
@@ -85,14 +74,6 @@ class KubernetesBackend(Backend):
                     f"({self.client.phase_of(name, namespace)}); pass --replace to replace it, or choose another name"
                 ) from None
         return [run.name for run in experiment.runs()]
-
-    def _namespace_for(self, experiment: "Experiment") -> str:
-        """The spec's metadata.namespace if it has one (as `kubectl create` does), else this backend's."""
-        own = experiment.metadata.namespace
-        if own and self.explicit_namespace and own != self.explicit_namespace:
-            raise UserError(f"metadata.namespace: the spec says {own!r} but --namespace says "
-                            f"{self.explicit_namespace!r}; drop one of them")
-        return own or self.namespace
 
     # -- list / get / cancel --------------------------------------------------------------------
     def list(self, all_namespaces: bool = False) -> list[ExperimentSummary]:

@@ -27,7 +27,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from ..errors import NotFound, UserError, one_line
-from .base import Backend, Comparison, ExperimentSummary
+from .base import ClusterBackend, Comparison, ExperimentSummary
 
 if TYPE_CHECKING:
     from dlmctl.spec import Experiment
@@ -45,9 +45,8 @@ class ServiceApiError(UserError):
         self.status = status
 
 
-class ServiceBackend(Backend):
+class ServiceBackend(ClusterBackend):
     name = "service"
-    namespaced = True
 
     def __init__(self, server_url: str, token: Optional[str], namespace: Optional[str] = None, *,
                  default_namespace: Optional[str] = None, ca_file: Optional[str] = None,
@@ -68,22 +67,11 @@ class ServiceBackend(Backend):
                                   verify=_tls(ca_file), follow_redirects=False)  # a token never follows a redirect
 
     def where(self, experiment: Optional["Experiment"] = None) -> str:
-        namespace = self._namespace_for(experiment) if experiment is not None else self.namespace
-        return f"the service backend: {self.server}, namespace {namespace}"
+        return f"the service backend: {self.server}, namespace {self._namespace_for(experiment)}"
 
     # -- submit ---------------------------------------------------------------------------------
     def submit(self, experiment: "Experiment", replace: bool = False, fresh: bool = False) -> list[str]:
-        from dlmctl.operator.jobs import check_cluster_ready
-        from dlmctl.spec import SpecError
-
-        if fresh:
-            raise UserError("--fresh: the service backend cannot start runs over yet (they resume from the "
-                            "checkpoints under spec.checkpoint.uri); choose a new checkpoint URI or experiment name")
-        try:
-            check_cluster_ready(experiment)  # the cluster's rule, before anything is sent
-        except SpecError as err:
-            raise SpecError(f"{err} (or run it on this machine with --backend local)") from None
-        name, namespace = experiment.metadata.name, self._namespace_for(experiment)
+        name, namespace = self._submittable(experiment, fresh)
         body = experiment.model_dump(mode="json", exclude_none=True, exclude={"status"})
         body["metadata"]["namespace"] = namespace
         try:
@@ -97,14 +85,6 @@ class ServiceBackend(Backend):
                 f"({self._phase_of(name, namespace)}); pass --replace to replace it, or choose another name"
             ) from None
         return [run.name for run in experiment.runs()]
-
-    def _namespace_for(self, experiment: "Experiment") -> str:
-        """The spec's metadata.namespace if it has one (as `kubectl create` does), else this backend's."""
-        own = experiment.metadata.namespace
-        if own and self.explicit_namespace and own != self.explicit_namespace:
-            raise UserError(f"metadata.namespace: the spec says {own!r} but --namespace says "
-                            f"{self.explicit_namespace!r}; drop one of them")
-        return own or self.namespace
 
     def _phase_of(self, name: str, namespace: str) -> str:
         try:
