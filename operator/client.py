@@ -333,17 +333,37 @@ def summary(obj: dict) -> dict[str, Any]:
     """name, namespace, phase, runs, succeeded and created (a datetime, or None) of an Experiment object."""
     meta, status = obj.get("metadata", {}), obj.get("status") or {}
     runs = status.get("runs") or []
-    count = len(runs)
-    if not count:
-        try:
-            count = len(experiment_with_runs(obj).status.runs)
-        except (ClientError, ValueError):  # an Invalid spec: the operator's status says why
-            count = 0
+    count = len(runs) or _spec_run_count(obj)
     created = meta.get("creationTimestamp")
     return {"name": meta.get("name", "?"), "namespace": meta.get("namespace"),
             "phase": status.get("phase") or "Pending", "runs": count,
             "succeeded": sum(r.get("phase") == "Succeeded" for r in runs),
             "created": datetime.fromisoformat(created.replace("Z", "+00:00")) if created else None}
+
+
+_RUN_COUNTS: dict[tuple[str, str], int] = {}
+_RUN_COUNTS_LOCK = threading.Lock()
+MAX_RUN_COUNTS = 4096
+
+
+def _spec_run_count(obj: dict) -> int:
+    """How many runs the object's spec makes (0 for an invalid spec: the operator's status says why). Validating
+    a spec costs milliseconds and a list may hold hundreds, so the count is kept per object version (uid and
+    resourceVersion: any change to the object is a new version)."""
+    meta = obj.get("metadata", {})
+    key = (meta.get("uid"), meta.get("resourceVersion"))
+    if None not in key and key in _RUN_COUNTS:
+        return _RUN_COUNTS[key]
+    try:
+        count = len(experiment_with_runs(obj).status.runs)
+    except (ClientError, ValueError):
+        count = 0
+    if None not in key:
+        with _RUN_COUNTS_LOCK:
+            if len(_RUN_COUNTS) >= MAX_RUN_COUNTS:
+                _RUN_COUNTS.clear()
+            _RUN_COUNTS[key] = count
+    return count
 
 
 def refusal(err, verb: str, resource: str, namespace: Optional[str], name: Optional[str]) -> ClientError:

@@ -76,12 +76,14 @@ def spec_errors(err: SpecError) -> tuple[str, list[tuple[str, str]]]:
 bearer = HTTPBearer(auto_error=False, description="a Kubernetes bearer token (e.g. a ServiceAccount's)")
 
 
-def authenticated(request: Request,
-                  credentials: Annotated[Optional[HTTPAuthorizationCredentials], Depends(bearer)]) -> Caller:
-    """The caller of the request's bearer token (TokenReview): ApiError 401 without a valid one."""
+async def authenticated(request: Request,
+                        credentials: Annotated[Optional[HTTPAuthorizationCredentials], Depends(bearer)]) -> Caller:
+    """The caller of the request's bearer token (TokenReview, on a worker thread unless its answer is cached):
+    ApiError 401 without a valid one."""
     header = f"Bearer {credentials.credentials}" if credentials else request.headers.get("authorization")
+    authorizer = request.app.state.authorizer
     try:
-        who = request.app.state.authorizer.authenticate(header)
+        who = authorizer.authenticated(header) or await run_in_threadpool(authorizer.authenticate, header)
     except Unauthenticated as err:
         raise ApiError(401, str(err), headers={"WWW-Authenticate": "Bearer"}) from None
     except ReviewFailed as err:
@@ -206,6 +208,11 @@ def create_app(settings: Optional[Settings] = None, cluster: Optional[Cluster] =
         except ReviewFailed as err:
             raise ApiError(503, str(err)) from None
 
+    async def may(who: Caller, *actions: Action) -> None:
+        """`allowed`, asked on a worker thread only when the answer is not cached."""
+        if not authorizer.authorized(who, *actions):
+            await run_in_threadpool(allowed, who, *actions)
+
     def client_for(who: Caller) -> experiments.ExperimentClient:
         return experiments.ExperimentClient(cluster.client_for(who))
 
@@ -230,26 +237,35 @@ def create_app(settings: Optional[Settings] = None, cluster: Optional[Cluster] =
     async def create_experiment(request: Request, namespace: Namespace, who: CallerDep,
                                 replace: Annotated[bool, Query(description="replace an experiment of that name")]
                                 = False):
-        await run_in_threadpool(allowed, who, Action("create", namespace),
-                                *([Action("delete", namespace)] if replace else []))
+        await may(who, Action("create", namespace), *([Action("delete", namespace)] if replace else []))
         body = await request.body()
-        experiment = parse_body(body, request.headers.get("content-type", ""), namespace)
-        created = await run_in_threadpool(submit, client_for(who), experiment, namespace, replace)
+        content_type = request.headers.get("content-type", "")
+
+        def parse_and_submit() -> tuple[str, dict]:
+            experiment = parse_body(body, content_type, namespace)
+            return experiment.metadata.name, submit(client_for(who), experiment, namespace, replace)
+
+        name, created = await run_in_threadpool(parse_and_submit)
         return JSONResponse(created, status_code=201, headers={"Location": f"/v1/namespaces/{namespace}/experiments/"
-                                                                          f"{experiment.metadata.name}"})
+                                                                          f"{name}"})
 
     @app.get(collection, response_model=ExperimentList, operation_id="list_experiments", responses=errors,
              summary="The experiments of a namespace, oldest first")
-    def list_experiments(namespace: Namespace, who: CallerDep):
-        allowed(who, Action("list", namespace))
-        found = cluster_call(lambda: client_for(who).summaries(namespace))
-        return JSONResponse({"items": [ExperimentSummary(**s).model_dump(mode="json") for s in found]})
+    async def list_experiments(namespace: Namespace, who: CallerDep):
+        await may(who, Action("list", namespace))
+
+        def items() -> list[dict]:
+            found = cluster_call(lambda: client_for(who).summaries(namespace))
+            return [ExperimentSummary(**s).model_dump(mode="json") for s in found]
+
+        return JSONResponse({"items": await run_in_threadpool(items)})
 
     @app.get(item, response_model=Experiment, operation_id="get_experiment", responses=errors,
              summary="An experiment with the status of every run")
-    def get_experiment(namespace: Namespace, name: Name, who: CallerDep):
-        allowed(who, Action("get", namespace, name=name))
-        return JSONResponse(cluster_call(lambda: client_for(who).get(name, namespace)).model_dump(mode="json"))
+    async def get_experiment(namespace: Namespace, name: Name, who: CallerDep):
+        await may(who, Action("get", namespace, name=name))
+        return JSONResponse(await run_in_threadpool(
+            cluster_call, lambda: experiment_view(client_for(who).read(name, namespace))))
 
     @app.delete(item, response_model=Deleted, operation_id="delete_experiment", responses=errors,
                 summary="Delete an experiment and its jobs (checkpoints are kept)")
@@ -378,7 +394,31 @@ def submit(client: experiments.ExperimentClient, experiment: Experiment, namespa
                        [("metadata.name", "already exists")]) from None
     except experiments.ClientError as err:
         raise api_error(err) from None
-    return cluster_call(lambda: experiments.experiment_with_runs(created)).model_dump(mode="json")
+    return cluster_call(lambda: experiment_view(created))
+
+
+_VIEWS: dict[tuple[str, str], dict] = {}
+_VIEWS_LOCK = threading.Lock()
+MAX_VIEWS = 1024
+
+
+def experiment_view(obj: dict) -> dict:
+    """The JSON answer for a stored Experiment object (`experiment_with_runs`, dumped). Validating costs
+    milliseconds, so the answer is kept per object version (uid and resourceVersion: any change to the object is
+    a new version; an invalid object raises as before and is not kept). Never mutate what this returns."""
+    meta = obj.get("metadata", {})
+    key = (meta.get("uid"), meta.get("resourceVersion"))
+    if None not in key:
+        view = _VIEWS.get(key)
+        if view is not None:
+            return view
+    view = experiments.experiment_with_runs(obj).model_dump(mode="json")
+    if None not in key:
+        with _VIEWS_LOCK:
+            if len(_VIEWS) >= MAX_VIEWS:
+                _VIEWS.clear()
+            _VIEWS[key] = view
+    return view
 
 
 def pod_log(client: experiments.ExperimentClient, run: str, namespace: str) -> Iterator[str]:
