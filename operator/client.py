@@ -8,6 +8,7 @@ package is imported when a client is made, never by importing this module.
 """
 from __future__ import annotations
 
+import functools
 import json
 import queue
 import re
@@ -341,29 +342,40 @@ def summary(obj: dict) -> dict[str, Any]:
             "created": datetime.fromisoformat(created.replace("Z", "+00:00")) if created else None}
 
 
-_RUN_COUNTS: dict[tuple[str, str], int] = {}
-_RUN_COUNTS_LOCK = threading.Lock()
-MAX_RUN_COUNTS = 4096
+def per_object_version(maxsize: int):
+    """Keep a function of a stored object's dict per object version (uid and resourceVersion: any change to the
+    object is a new version). An object without both is computed afresh; a call that raises is not kept; a full
+    cache starts over. Callers must not mutate what a kept call returns."""
+    def decorate(compute: Callable[[dict], Any]) -> Callable[[dict], Any]:
+        kept: dict[tuple[str, str], Any] = {}
+        lock = threading.Lock()
+
+        @functools.wraps(compute)
+        def cached(obj: dict) -> Any:
+            meta = obj.get("metadata", {})
+            key = (meta.get("uid"), meta.get("resourceVersion"))
+            if None in key:
+                return compute(obj)
+            if key in kept:
+                return kept[key]
+            value = compute(obj)
+            with lock:
+                if len(kept) >= maxsize:
+                    kept.clear()
+                kept[key] = value
+            return value
+        return cached
+    return decorate
 
 
+@per_object_version(maxsize=4096)
 def _spec_run_count(obj: dict) -> int:
     """How many runs the object's spec makes (0 for an invalid spec: the operator's status says why). Validating
-    a spec costs milliseconds and a list may hold hundreds, so the count is kept per object version (uid and
-    resourceVersion: any change to the object is a new version)."""
-    meta = obj.get("metadata", {})
-    key = (meta.get("uid"), meta.get("resourceVersion"))
-    if None not in key and key in _RUN_COUNTS:
-        return _RUN_COUNTS[key]
+    a spec costs milliseconds and a list may hold hundreds, hence kept per object version."""
     try:
-        count = len(experiment_with_runs(obj).status.runs)
+        return len(experiment_with_runs(obj).status.runs)
     except (ClientError, ValueError):
-        count = 0
-    if None not in key:
-        with _RUN_COUNTS_LOCK:
-            if len(_RUN_COUNTS) >= MAX_RUN_COUNTS:
-                _RUN_COUNTS.clear()
-            _RUN_COUNTS[key] = count
-    return count
+        return 0
 
 
 def refusal(err, verb: str, resource: str, namespace: Optional[str], name: Optional[str]) -> ClientError:

@@ -25,16 +25,18 @@ CLUSTER_ROLE_RULES: list[dict[str, Any]] = [
 ]
 
 
-def cluster_role() -> dict[str, Any]:
+def cluster_role(name: str = NAME, rules: list[dict[str, Any]] = CLUSTER_ROLE_RULES) -> dict[str, Any]:
+    """The ClusterRole `name` granting `rules` (the operator's by default; the service passes its own)."""
     return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-            "metadata": {"name": NAME, "labels": _labels()}, "rules": CLUSTER_ROLE_RULES}
+            "metadata": {"name": name, "labels": _labels(name)}, "rules": rules}
 
 
-def cluster_role_binding(namespace: str, service_account: str = NAME) -> dict[str, Any]:
+def cluster_role_binding(namespace: str, service_account: str = NAME, name: str = NAME) -> dict[str, Any]:
+    """Binds the ClusterRole `name` to the ServiceAccount `service_account` in `namespace`."""
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-        "metadata": {"name": NAME, "labels": _labels()},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": NAME},
+        "metadata": {"name": name, "labels": _labels(name)},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
         "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}],
     }
 
@@ -107,5 +109,5 @@ def install_manifests(namespace: str = "dlmctl-system", image: str = DEFAULT_IMA
     ]
 
 
-def _labels() -> dict[str, str]:
-    return {"app.kubernetes.io/name": NAME, "app.kubernetes.io/part-of": "dlmctl"}
+def _labels(name: str = NAME) -> dict[str, str]:
+    return {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "dlmctl"}

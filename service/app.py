@@ -397,28 +397,12 @@ def submit(client: experiments.ExperimentClient, experiment: Experiment, namespa
     return cluster_call(lambda: experiment_view(created))
 
 
-_VIEWS: dict[tuple[str, str], dict] = {}
-_VIEWS_LOCK = threading.Lock()
-MAX_VIEWS = 1024
-
-
+@experiments.per_object_version(maxsize=1024)
 def experiment_view(obj: dict) -> dict:
     """The JSON answer for a stored Experiment object (`experiment_with_runs`, dumped). Validating costs
-    milliseconds, so the answer is kept per object version (uid and resourceVersion: any change to the object is
-    a new version; an invalid object raises as before and is not kept). Never mutate what this returns."""
-    meta = obj.get("metadata", {})
-    key = (meta.get("uid"), meta.get("resourceVersion"))
-    if None not in key:
-        view = _VIEWS.get(key)
-        if view is not None:
-            return view
-    view = experiments.experiment_with_runs(obj).model_dump(mode="json")
-    if None not in key:
-        with _VIEWS_LOCK:
-            if len(_VIEWS) >= MAX_VIEWS:
-                _VIEWS.clear()
-            _VIEWS[key] = view
-    return view
+    milliseconds, so the answer is kept per object version (an invalid object raises as before and is not kept).
+    Never mutate what this returns."""
+    return experiments.experiment_with_runs(obj).model_dump(mode="json")
 
 
 def pod_log(client: experiments.ExperimentClient, run: str, namespace: str) -> Iterator[str]:

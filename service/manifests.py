@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dlmctl.operator import manifests as operator_manifests
+
 NAME = "dlmctl-service"
 
 CLUSTER_ROLE_RULES: list[dict[str, Any]] = [
@@ -25,18 +27,8 @@ CLUSTER_ROLE_RULES: list[dict[str, Any]] = [
 
 
 def cluster_role() -> dict[str, Any]:
-    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-            "metadata": {"name": NAME, "labels": _labels()}, "rules": CLUSTER_ROLE_RULES}
+    return operator_manifests.cluster_role(NAME, CLUSTER_ROLE_RULES)
 
 
 def cluster_role_binding(namespace: str, service_account: str = NAME) -> dict[str, Any]:
-    return {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-        "metadata": {"name": NAME, "labels": _labels()},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": NAME},
-        "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}],
-    }
-
-
-def _labels() -> dict[str, str]:
-    return {"app.kubernetes.io/name": NAME, "app.kubernetes.io/part-of": "dlmctl"}
+    return operator_manifests.cluster_role_binding(namespace, service_account, name=NAME)

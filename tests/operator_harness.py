@@ -182,3 +182,16 @@ class Experiments:
         return [(p.metadata.name, p.status.phase, p.status.reason,
                  [(c.state.to_dict() if c.state else None) for c in p.status.container_statuses or []])
                 for p in self.pods(run)]
+
+
+S3_SECRET = "s3-credentials"  # what the runs' specs name as checkpoint.credentials_secret
+
+
+def create_namespace_with_s3_secret(core, namespace: str, s3_server) -> None:
+    """A namespace holding the SeaweedFS credentials (its AWS_* variables) as the Secret `S3_SECRET`."""
+    from kubernetes import client
+
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
+    core.create_namespaced_secret(namespace, client.V1Secret(
+        metadata=client.V1ObjectMeta(name=S3_SECRET),
+        string_data={k: v for k, v in s3_server.env().items() if k.startswith("AWS_")}))

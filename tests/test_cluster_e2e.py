@@ -14,7 +14,8 @@ import yaml
 from kubernetes import client
 
 from dlmctl.cli.app import main
-from operator_harness import Experiments, OperatorProcess, install_operator_rbac, wait_until
+from operator_harness import (S3_SECRET, Experiments, OperatorProcess, create_namespace_with_s3_secret,
+                              install_operator_rbac, wait_until)
 from testenv.executor import PodExecutor
 from trainer_runs import TINY, merge
 
@@ -29,7 +30,7 @@ def cluster_spec(s3_uri: str, endpoint: str, **overrides) -> dict:
         "data": {"epochs": 6},
         "resources": {"nodes": 2, "gpus_per_node": 0, "cpu": "1", "memory": "2Gi"},
         "checkpoint": {"uri": s3_uri, "interval_steps": 8, "endpoint_url": endpoint,
-                       "credentials_secret": "s3-credentials"},
+                       "credentials_secret": S3_SECRET},
         "scheduling": {"max_restarts": 2},
     }), overrides)
 
@@ -52,10 +53,7 @@ def site(cluster, s3_server, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("e2e")
     with cluster.api_client() as api:
         core = client.CoreV1Api(api)
-        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
-        core.create_namespaced_secret(namespace, client.V1Secret(
-            metadata=client.V1ObjectMeta(name="s3-credentials"),
-            string_data={k: v for k, v in s3_server.env().items() if k.startswith("AWS_")}))
+        create_namespace_with_s3_secret(core, namespace, s3_server)
     operator = OperatorProcess(install_operator_rbac(cluster), workdir / "operator.log",
                                env=s3_server.env()).start()
     executor = PodExecutor(cluster, namespaces={namespace}, workdir=workdir / "pods")

@@ -20,7 +20,8 @@ from dlmctl.operator.dashboards import ALL, DASHBOARDS, build, write
 from dlmctl.spec import experiment_from_dict
 from dlmctl.spec.contracts import RunPhase
 from dlmctl.spec.metrics import point_label
-from operator_harness import Experiments, OperatorProcess, install_operator_rbac, wait_until
+from operator_harness import (S3_SECRET, Experiments, OperatorProcess, create_namespace_with_s3_secret,
+                              install_operator_rbac, wait_until)
 from prometheus_server import ScrapeTarget
 from dlmctl.spec.metrics import STEP_PHASES
 from trainer_runs import TINY, events, free_port, launch, merge
@@ -56,7 +57,7 @@ def experiment_spec(s3_uri: str, endpoint: str) -> dict:
     return {"arms": ["diffusion", "autoregressive"], "sweep": SWEEP, **merge(TINY, {
         "eval": {"interval_steps": 8},
         "resources": {"nodes": 1, "gpus_per_node": 1, "cpu": "1", "memory": "2Gi"},
-        "checkpoint": {"uri": s3_uri, "endpoint_url": endpoint, "credentials_secret": "s3-credentials"},
+        "checkpoint": {"uri": s3_uri, "endpoint_url": endpoint, "credentials_secret": S3_SECRET},
         "metrics": {"port": 9400, "log_interval_steps": 1}})}
 
 
@@ -79,10 +80,7 @@ def observed(cluster, s3_server, prometheus, tmp_path_factory):
     start = time.time()
     with cluster.api_client() as api:
         core = client.CoreV1Api(api)
-        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
-        core.create_namespaced_secret(namespace, client.V1Secret(
-            metadata=client.V1ObjectMeta(name="s3-credentials"),
-            string_data={k: v for k, v in s3_server.env().items() if k.startswith("AWS_")}))
+        create_namespace_with_s3_secret(core, namespace, s3_server)
         experiments = Experiments(api, namespace)
         operator.start()
         try:
