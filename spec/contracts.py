@@ -112,7 +112,15 @@ class EvalEvent(_Event):
     tokens: int
     val_loss: Optional[float] = None
     val_loss_stderr: Optional[float] = None
+    val_bits_per_byte: Optional[float] = Field(
+        default=None, description="val_loss in bits per byte of validation text: comparable across tokenizers")
     choice_accuracy: Optional[float] = None
+    choice_accuracy_stderr: Optional[float] = Field(
+        default=None, description="binomial standard error of choice_accuracy, sqrt(a(1-a)/n)")
+    flops: Optional[float] = Field(default=None, description="training FLOPs spent up to this evaluation")
+    train_loss: Optional[float] = Field(
+        default=None, description="mean training loss over the steps since the previous evaluation (overfitting shows "
+                                  "as validation rising while this falls)")
 
 
 class CheckpointEvent(_Event):
@@ -159,7 +167,9 @@ class RunProgress(BaseModel):
     train_loss: Optional[float] = None
     val_loss: Optional[float] = None
     val_loss_stderr: Optional[float] = None
+    val_bits_per_byte: Optional[float] = None
     choice_accuracy: Optional[float] = None
+    choice_accuracy_stderr: Optional[float] = None
     unigram_entropy: Optional[float] = None
     last_checkpoint: Optional[str] = Field(default=None, description="the newest complete, verified checkpoint")
     last_checkpoint_step: Optional[int] = None
@@ -179,8 +189,9 @@ def fold_progress(events: Iterable[MetricsEvent], progress: Optional[RunProgress
             p.evals.append(e)
             if e.val_loss is not None:
                 p.val_loss, p.val_loss_stderr = e.val_loss, e.val_loss_stderr
+                p.val_bits_per_byte = e.val_bits_per_byte
             if e.choice_accuracy is not None:
-                p.choice_accuracy = e.choice_accuracy
+                p.choice_accuracy, p.choice_accuracy_stderr = e.choice_accuracy, e.choice_accuracy_stderr
         elif isinstance(e, StartEvent):
             p.total_steps = e.total_steps
             if e.unigram_entropy is not None:

@@ -14,9 +14,12 @@ PRESETS: dict[str, dict] = {
     "mini": dict(n_layer=6, d_model=256, n_head=8, n_kv_head=8, d_ff=704),
     "110m": dict(n_layer=12, d_model=768, n_head=12, n_kv_head=12, d_ff=2048),
     "350m": dict(n_layer=24, d_model=1024, n_head=16, n_kv_head=16, d_ff=2816),
-    "1b": dict(n_layer=26, d_model=1792, n_head=14, n_kv_head=14, d_ff=4736, tie_embeddings=True),
+    # MegaDLMs' 1B (hf_configs/gpt2_1b_dlm) and the Qwen3-1.7B shape: QK-norm and RMSNorm eps 1e-6 as there.
+    "1b": dict(n_layer=26, d_model=1792, n_head=14, n_kv_head=14, d_ff=4736, tie_embeddings=True, qk_norm=True,
+               norm_eps=1e-6),
     "1.7b": dict(
-        n_layer=28, d_model=2048, n_head=16, n_kv_head=16, d_ff=6144, tie_embeddings=False, qk_norm=True
+        n_layer=28, d_model=2048, n_head=16, n_kv_head=16, d_ff=6144, tie_embeddings=False, qk_norm=True,
+        norm_eps=1e-6,
     ),
 }
 

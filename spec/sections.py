@@ -112,10 +112,18 @@ def _check_source(value: str) -> str:
 
 class TokenizerSpec(SpecModel):
     kind: Literal["bpe", "byte", "file"] = Field(
-        default="bpe", description="bpe: byte-level BPE trained on the unique data; byte: raw bytes; file: tokenizer.json"
+        default="bpe",
+        description="bpe: byte-level BPE trained on the training source (the same for every sweep point); "
+                    "byte: raw bytes; file: tokenizer.json",
     )
     vocab_size: int = Field(default=DEFAULT_VOCAB_SIZE, ge=260, le=1_048_576,
                             description="BPE vocabulary size (kind: bpe)")
+    training_bytes: int = Field(
+        default=8 << 20, ge=1024, le=256 << 20,
+        description="kind: bpe: the BPE is trained on the first this many bytes of the training source (in its "
+                    "fixed document order), whatever `unique_tokens` is, so one experiment's sweep points share "
+                    "one tokenizer and their per-token losses compare",
+    )
     path: Optional[str] = Field(default=None, max_length=MAX_URI_LENGTH,
                                 description="tokenizer.json (a local file or an s3:// URI), for kind: file")
 
@@ -150,6 +158,12 @@ class DataSpec(SpecModel):
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
     cache: Optional[str] = Field(default=None, max_length=MAX_URI_LENGTH,
                                  description="token shard cache: local dir or s3:// prefix")
+    packing: Literal["fixed", "per-epoch"] = Field(
+        default="fixed",
+        description="fixed: the unique pool is cut into seq_len windows once and the windows are permuted each "
+                    "epoch; per-epoch: as Megatron, the pool's documents are reshuffled and re-packed into windows "
+                    "every epoch (keyed by seed and epoch), so window boundaries change between epochs",
+    )
 
     _source = field_validator("train", "validation")(lambda v: v if v is None else _check_source(v))
     _cache = field_validator("cache")(_check_location)
@@ -177,8 +191,19 @@ class DiffusionSpec(SpecModel):
     )
     antithetic: bool = Field(default=False, description="stratify t across the global batch")
     random_length_fraction: float = Field(
-        default=0.0, ge=0, le=1, description="fraction of batches cut to a random length (LLaDA uses 0.01)"
+        default=0.0, ge=0, le=1,
+        description="fraction of training sequences cut to a length drawn from U[1, seq_len], each keyed by its "
+                    "sample index (MegaDLMs' --difflm-varilen-prob, 0.01 there)",
     )
+
+    @model_validator(mode="after")
+    def _sampled_weight_needs_eps(self):
+        if self.loss_weight == "sampled" and self.eps == 0:
+            raise ValueError(
+                "loss_weight: 'sampled' needs eps > 0 (1e-3 as SMDM/LLaDA): with t near 0 the one masked token "
+                "divided by p(t) has an infinite expected loss"
+            )
+        return self
 
 
 class AutoregressiveSpec(SpecModel):

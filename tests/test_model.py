@@ -142,6 +142,8 @@ def test_flops_per_token_follow_the_palm_convention():
     expected = 6 * (model.num_params(exclude_embeddings=True) + s.vocab_size * s.d_model) + 12 * s.n_layer * s.d_model * T
     assert model.flops_per_token(T) == expected
     assert Transformer(tiny_shape(tie_embeddings=True)).flops_per_token(T) == expected  # tying saves no compute
+    # causal attention (AR) computes the lower triangle: half the attention term, the matmuls unchanged
+    assert model.flops_per_token(T, causal=True) == expected - 6 * s.n_layer * s.d_model * T
 
 
 def test_initialisation_scales_residual_projections():

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from dlmctl.spec import Run
+from dlmctl.spec.sections import Arm
 from dlmctl.spec.contracts import METRICS_FILE
 
 from . import checkpointing
@@ -108,7 +109,7 @@ def _train(run: Run, output: Path, world: World, held: _Held) -> int:
 
     accumulation = spec.global_batch_sequences // (spec.batch.micro_batch_sequences * world.world_size)
     peak = peak_flops(world.device)
-    flops_per_token = model.flops_per_token(spec.data.seq_len)
+    flops_per_token = model.flops_per_token(spec.data.seq_len, causal=run.arm is Arm.autoregressive)
     clock = StepClock(world.device)
     interval_steps, interval_seconds = 0, 0.0  # since the last step that logged: its throughput
     step = start_step

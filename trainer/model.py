@@ -184,12 +184,14 @@ class Transformer(nn.Module):
                 n -= numel(self.lm_head.weight)
         return n
 
-    def flops_per_token(self, seq_len: int) -> float:
+    def flops_per_token(self, seq_len: int, causal: bool = False) -> float:
         """Training FLOPs per token, forward + backward, PaLM appendix B convention:
         6 N + 12 n_layer d_attn seq_len, where N counts the parameters that enter matmuls (non-embedding
         parameters plus the output head, which is a real matmul; the input lookup is not) and the second
-        term is the attention score and value products. Causal attention is not halved (as PaLM and
-        nanoGPT), so AR and DLM report the same FLOPs per token."""
+        term is the attention score and value products. Causal attention (the AR arm) computes only the
+        lower triangle, so it counts half of that term: the DLM's bidirectional attention does the full
+        L^2 work, and counting both the same would flatter AR's MFU."""
         s = self.shape
         matmul_params = self.num_params(exclude_embeddings=True) + s.vocab_size * s.d_model
-        return 6.0 * matmul_params + 12.0 * s.n_layer * s.n_head * s.head_dim * seq_len
+        attention = 12.0 * s.n_layer * s.n_head * s.head_dim * seq_len
+        return 6.0 * matmul_params + (attention / 2 if causal else attention)
