@@ -49,6 +49,7 @@ from .sections import (
     BatchSpec,
     ChoiceTaskSpec,
     DataSpec,
+    DiffusionSpec,
     ResourcesSpec,
     ScheduleSpec,
     TokenizerSpec,
@@ -306,7 +307,18 @@ def validation_rules() -> dict[str, list[dict[str, str]]]:
                   ["spec.data.validation_tokens: ", (data_validation,), " is less than one sequence (seq_len=",
                    (data_seq_len,), ")"],
                   field=".validation_tokens"),
+            _rule(f"!has(self.total_tokens) || !has(self.epochs) || "
+                  f"(double(self.total_tokens) / double({unique}) <= self.epochs * (1.0 + 1e-9) && "
+                  f"double(self.total_tokens) / double({unique}) >= self.epochs * (1.0 - 1e-9))",
+                  "spec.data.epochs: disagrees with total_tokens / unique_tokens; set one of epochs and total_tokens",
+                  field=".epochs"),
             *(_checks_rule("spec.data", name, LOCATION_CHECKS) for name in ("train", "validation", "cache")),
+        ],
+        "spec.objective.diffusion": [
+            _rule(f"{_or('self.?loss_weight', _default(DiffusionSpec, 'loss_weight'))} != {_cel('sampled')} || "
+                  f"{_or('self.?eps', _default(DiffusionSpec, 'eps'))} > 0.0",
+                  "spec.objective.diffusion.loss_weight: 'sampled' needs eps > 0 (1e-3 as SMDM/LLaDA)",
+                  field=".loss_weight"),
         ],
         "spec.data.tokenizer": [
             _rule(f"{kind} != {_cel('file')} || {path} != {_cel('')}", f"spec.data.tokenizer.{TOKENIZER_PATH_REQUIRED}",

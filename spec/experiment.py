@@ -325,6 +325,8 @@ def _apply(spec: ExperimentSpec, point: dict[str, Any]) -> ExperimentSpec:
     if not point:
         return spec.model_copy(update={"sweep": {}})
     tree = spec.model_dump(mode="json", exclude={"sweep"}, exclude_none=True)
+    if spec.data.total_tokens is not None and "data.epochs" not in point:
+        del tree["data"]["epochs"]  # derived from total_tokens, again at this point's unique_tokens
     for path, value in point.items():
         node = tree
         *sections, leaf = path.split(".")

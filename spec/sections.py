@@ -1,6 +1,8 @@
 """The sections of `spec`: data, objectives, optimisation, resources, checkpoints, eval, metrics."""
 from __future__ import annotations
 
+import math
+
 import re
 from enum import Enum
 from typing import Annotated, Literal, Optional
@@ -154,6 +156,11 @@ class DataSpec(SpecModel):
         default=1_000_000, ge=1, le=10**13, description="unique training tokens, repeated for `epochs` passes"
     )
     epochs: float = Field(default=4, gt=0, le=100_000, description="passes over the unique tokens (may be fractional)")
+    total_tokens: Optional[int] = Field(
+        default=None, ge=1, le=10**15,
+        description="training tokens in all, instead of `epochs`: epochs = total_tokens / unique_tokens, so a sweep "
+                    "over unique_tokens keeps the compute fixed (the data-constrained studies' design)",
+    )
     seq_len: int = Field(default=256, ge=8, le=1_048_576, description="tokens per training sequence")
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
     cache: Optional[str] = Field(default=None, max_length=MAX_URI_LENGTH,
@@ -167,6 +174,25 @@ class DataSpec(SpecModel):
 
     _source = field_validator("train", "validation")(lambda v: v if v is None else _check_source(v))
     _cache = field_validator("cache")(_check_location)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_from_total_tokens(cls, data):
+        if not isinstance(data, dict) or data.get("total_tokens") is None:
+            return data
+        try:
+            epochs = float(data["total_tokens"]) / float(data.get("unique_tokens", cls.model_fields["unique_tokens"].default))
+        except (TypeError, ValueError, ZeroDivisionError):
+            return data  # the fields' own checks name the bad value
+        if data.get("epochs") is not None:
+            try:
+                given = float(data["epochs"])
+            except (TypeError, ValueError):
+                return data
+            if not math.isclose(given, epochs, rel_tol=1e-9):
+                raise ValueError(f"epochs: {data['epochs']} disagrees with total_tokens / unique_tokens = {epochs:g}; "
+                                 "set one of epochs and total_tokens")
+        return {**data, "epochs": epochs}
 
     @model_validator(mode="after")
     def _at_least_one_sequence(self):

@@ -132,9 +132,10 @@ def test_every_example_is_accepted_as_written(experiments, cluster_namespace, pa
         {"checkpoint": {"uri": "s3://bucket/prefix"}},
         {"sweep": {"optimizer.betas": [[0.9, 0.95], [0.9, 0.99]], "model.preset": ["nano", "micro"],
                    "data.tokenizer.vocab_size": [512, 1024], "model.n_layer": [None, 2]}},
+        {"data": {"total_tokens": 32768 * 32}, "sweep": {"data.unique_tokens": [32768, 65536]}},
     ],
     ids=["largest-seed", "custom-shape", "global-tokens", "processes-per-node", "gpus-make-the-world",
-         "tokenizer-file", "cosine-ignores-decay", "s3-checkpoint", "sweeps"],
+         "tokenizer-file", "cosine-ignores-decay", "s3-checkpoint", "sweeps", "fixed-total-tokens"],
 )
 def test_valid_specs_are_accepted_by_both(experiments, cluster_namespace, spec):
     document = quickstart(**spec)
@@ -187,6 +188,10 @@ REFUSED = {
     "epochs-out-of-range": ({"data": {"epochs": 0}}, ["spec.data.epochs"]),
     "seed-out-of-range": ({"seed": 2**53}, ["spec.seed"]),
     "arm-unknown": ({"arms": ["transformer"]}, ["spec.arms"]),
+    "epochs-disagree-with-total-tokens": ({"data": {"total_tokens": 10**6}},
+                                          ["spec.data.epochs: ", "disagrees with total_tokens / unique_tokens"]),
+    "sampled-weight-without-eps": ({"objective": {"diffusion": {"loss_weight": "sampled"}}},
+                                   ["spec.objective.diffusion.loss_weight: 'sampled' needs eps > 0"]),
 }
 
 

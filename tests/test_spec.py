@@ -107,6 +107,10 @@ def test_unknown_fields_and_wrong_resource_headers_are_refused(document, message
         ({"schedule": {"warmup_fraction": 0.5, "decay_fraction": 0.6}}, "spec.schedule: warmup_fraction + decay_fraction must be <= 1"),
         ({"data": {"tokenizer": {"kind": "file"}}}, "spec.data.tokenizer.path: required when kind is 'file'"),
         ({"arms": ["diffusion", "diffusion"]}, "spec.arms: each arm may be listed once"),
+        ({"data": {"unique_tokens": 1000, "seq_len": 8, "epochs": 3, "total_tokens": 64000}},
+         "spec.data.epochs: 3 disagrees with total_tokens / unique_tokens = 64"),
+        ({"objective": {"diffusion": {"loss_weight": "sampled", "eps": 0}}},
+         "spec.objective.diffusion.loss_weight: 'sampled' needs eps > 0"),
     ],
 )
 def test_cross_field_rules(spec, message):
@@ -312,3 +316,16 @@ def test_token_budgets_may_be_written_in_scientific_notation():
     exp = experiment_from_dict(document)
     assert exp.spec.data.unique_tokens == 2_000_000
     assert [r.spec.data.epochs for r in exp.runs()] == [10, 10, 4, 4]
+
+
+def test_a_fixed_total_token_budget_gives_each_unique_budget_its_epochs():
+    """total_tokens = unique_tokens x epochs at every sweep point: the data-constrained design (fixed compute)."""
+    exp = experiment_from_dict(experiment("fixed", data={"total_tokens": 96_000_000, "seq_len": 128},
+                                          sweep={"data.unique_tokens": [500_000, 1_000_000, 96_000_000]}))
+    epochs = {r.point["data.unique_tokens"]: r.spec.data.epochs for r in exp.runs()}
+    assert epochs == {500_000: 192, 1_000_000: 96, 96_000_000: 1}
+    for run in exp.runs():
+        assert run.spec.data.unique_tokens * run.spec.data.epochs == 96_000_000
+        assert Run.model_validate_json(run.model_dump_json()) == run, "the derived epochs survive the run's JSON"
+    again = Experiment.model_validate(exp.model_dump(mode="json"))
+    assert [r.spec.data.epochs for r in again.runs()] == [r.spec.data.epochs for r in exp.runs()]
