@@ -22,7 +22,7 @@ def refused(document) -> str:
     return message
 
 
-@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(EXAMPLES.rglob("*.yaml")), ids=lambda p: p.name)
 def test_the_examples_are_valid_and_expand_into_runs(path):
     exp = load_experiment(path)
     assert exp.runs()
