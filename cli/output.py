@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from dlmctl.spec import Experiment, Run, RunStatus
 
     from .backends import ExperimentSummary
+    from dlmctl.spec.comparison import ComparisonReport
+
     from .backends.base import Comparison
 
 # Piped output (CI logs, files) gets room for whole run names instead of rich's 80-column default.
@@ -115,49 +117,184 @@ def comparison_table(experiment: "Experiment") -> Table:
     return table
 
 
-def print_comparison(comparison: "Comparison") -> None:
+def print_comparison(comparison: "Comparison", metric: str = "val_loss", by: str = "tokens",
+                     report: Optional["ComparisonReport"] = None) -> None:
+    """The per-run table, then per sweep point the comparison of the arms (spec.comparison) and, where the
+    sweep sweeps `seed`, whether the seeds agree."""
+    from dlmctl.spec.comparison import compare
+
     console.print(comparison_table(comparison.experiment))
-    crossovers = crossover_table(comparison)
-    if crossovers is not None:
-        console.print(crossovers)
+    report = report or compare(comparison.experiment, comparison.evals, metric, by)
+    for table in (crossover_table(report), seeds_table(report)):
+        if table is not None:
+            console.print(table)
 
 
-def crossover_table(comparison: "Comparison") -> Optional[Table]:
-    """Per sweep point with both arms (spec.comparison): each arm's best validation loss and where it was
-    reached, AR's final one and whether it overfits, and the crossover as spec.crossover defines it (the
-    dashboards mark the same). None when the experiment does not train both arms."""
-    from dlmctl.spec.comparison import BIAS_NOTE, compare_points
+def report_title(report: "ComparisonReport") -> str:
+    direction = "higher" if report.higher_is_better else "lower"
+    return (f"{report.name}: DLM vs AR per sweep point, {report.metric.title} ({direction} is better) "
+            f"aligned by {report.by.title}")
 
-    points = compare_points(comparison.experiment, comparison.evals)
-    if not points:
+
+def report_notes(report: "ComparisonReport") -> str:
+    from dlmctl.spec.comparison import SIGNIFICANT_STDERRS
+
+    better = "above" if report.higher_is_better else "below"
+    return (f"crossover: the first DLM evaluation after which its {report.metric.title} stays {better} AR's best "
+            f"so far (at the same {report.by.title}); significant: margin > {SIGNIFICANT_STDERRS:g} standard "
+            "errors. AR overfits when its last evaluation is worse than its best by more than its standard error "
+            f"while its train loss falls. {report.bias_note}")
+
+
+CROSSOVER_COLUMNS = ("sweep point", "DLM best", "DLM last", "AR best", "AR last", "choice acc", "AR overfitting",
+                     "crossover")
+SEED_COLUMNS = ("sweep point", "seeds compared", "seeds crossing over", "crossover tokens", "seeds agree")
+
+
+def crossover_rows(report: "ComparisonReport") -> list[tuple[str, ...]]:
+    """One row of CROSSOVER_COLUMNS per sweep point: what the table and the HTML page show."""
+    digits = 3
+    rows = []
+    for p in report.points:
+        point = _point_cell(p.point, p.label) + ("\n(running: provisional)" if p.provisional else "")
+        choice = f"DLM {_choice(p.dlm)}\nAR {_choice(p.ar)}"
+        flops = report.by.value == "flops"
+        rows.append((point, _best(p.dlm, digits, flops), _last(p.dlm, digits), _best(p.ar, digits, flops),
+                     _last(p.ar, digits), choice, _overfitting_cell(p), _crossover_cell(p, report)))
+    return rows
+
+
+def crossover_table(report: "ComparisonReport") -> Optional[Table]:
+    """Per sweep point: each arm's best value (± s.e.) and where it was reached, its last, choice accuracy,
+    whether AR overfits, and the crossover as spec.crossover defines it (the dashboards mark the same).
+    None when the experiment has no runs."""
+    if not report.points:
         return None
-    table = Table(title=f"{comparison.experiment.metadata.name}: crossover (validation loss against tokens seen)",
-                  title_justify="left", caption_justify="left",
-                  caption="crossover: the first DLM evaluation after which its validation loss stays below AR's best "
-                          f"so far. {BIAS_NOTE}")
-    for col in ("sweep point", "DLM best (at tokens)", "AR best (at tokens)", "AR final", "AR overfitting", "crossover"):
-        table.add_column(col, justify="left" if col in ("sweep point", "crossover") else "right")
-    for p in points:
-        overfitting = "-" if p.ar_overfitting is None else ("yes" if p.ar_overfitting else "no")
-        table.add_row(p.label or "-", _at(p.dlm_best), _at(p.ar_best), fmt(p.ar_final and p.ar_final.val_loss),
-                      overfitting, _crossover_cell(p.crossover))
+    table = Table(title=report_title(report), title_justify="left", caption=report_notes(report),
+                  caption_justify="left")
+    for col in CROSSOVER_COLUMNS:
+        table.add_column(col, justify="right" if col in ("DLM last", "AR last") else "left")
+    for row in crossover_rows(report):
+        table.add_row(*row)
     return table
 
 
-def _at(e) -> str:
-    if e is None:
+def seed_rows(report: "ComparisonReport") -> list[tuple[str, ...]]:
+    rows = []
+    for s in report.seeds:
+        point = _point_cell(s.point, s.label) + ("\n(running: provisional)" if s.provisional else "")
+        compared = f"{len(s.compared)}/{len(s.seeds)}"
+        crossed = f"{len(s.crossed)}/{len(s.compared)}" + (f" (seeds {', '.join(map(str, s.crossed))})"
+                                                            if s.crossed else "")
+        if not s.crossover_tokens:
+            spread = "-"
+        elif len(s.crossover_tokens) == 1:
+            spread = fmt_tokens(s.tokens_min)
+        else:
+            spread = (f"{fmt_tokens(s.tokens_min)} to {fmt_tokens(s.tokens_max)}, mean "
+                      f"{fmt_tokens(round(s.tokens_mean))} (sd {fmt_tokens(round(s.tokens_std))})")
+        agree = "-" if s.agree is None else "yes" if s.agree else "no"
+        rows.append((point, compared, crossed, spread, agree))
+    return rows
+
+
+def seeds_table(report: "ComparisonReport") -> Optional[Table]:
+    """Per point swept over seeds: how many seeds cross over and the spread of their crossover tokens."""
+    if not report.seeds:
+        return None
+    table = Table(title=f"{report.name}: agreement across seeds", title_justify="left")
+    for col in SEED_COLUMNS:
+        table.add_column(col)
+    for row in seed_rows(report):
+        table.add_row(*row)
+    return table
+
+
+def _num(value: float, digits: int = 3) -> str:
+    return f"{value:.{digits}f}"
+
+
+def _stderr(se: Optional[float], digits: int = 3) -> str:
+    if se is None:
+        return ""
+    return f" ± {se:.{digits}f}" if se >= 10 ** -digits or se == 0 else f" ± {se:.1g}"
+
+
+def _missing(arm) -> Optional[str]:
+    """Why an arm has nothing to compare, or None."""
+    if arm is None:
+        return "not trained"
+    if arm.best is None:
+        return f"none measured ({arm.phase})" if arm.finished else f"none yet ({arm.phase or 'no status'})"
+    return None
+
+
+def fmt_flops(flops: Optional[float]) -> str:
+    return "-" if flops is None else f"{flops:.2g}".replace("e+", "e")
+
+
+def _point_cell(point: dict, label: str) -> str:
+    return "\n".join(f"{k}={v}" for k, v in point.items()) if point else (label or "-")
+
+
+def _best(arm, digits: int, flops: bool = False) -> str:
+    """The best value and where: tokens and epochs (and FLOPs when the arms are aligned by them)."""
+    if (missing := _missing(arm)) is not None:
+        return missing
+    b = arm.best
+    where = f"{fmt_tokens(b.tokens)} tokens, epoch {b.epoch:.2f}" + (f"\n{fmt_flops(b.flops)} FLOPs" if flops else "")
+    return f"{_num(b.value, digits)}{_stderr(b.stderr, digits)}\n{where}"
+
+
+def _last(arm, digits: int) -> str:
+    if arm is None or arm.final is None:
         return "-"
-    stderr = f" ± {e.val_loss_stderr:.3f}" if e.val_loss_stderr else ""
-    return f"{e.val_loss:.3f}{stderr} ({fmt_tokens(e.tokens)})"
+    phase = "" if arm.phase in (None, "Succeeded") else f"\n{arm.phase}"
+    return f"{_num(arm.final.value, digits)}{_stderr(arm.final.stderr, digits)}{phase}"
 
 
-def _crossover_cell(c) -> str:
+def _choice(arm) -> str:
+    if arm is None or arm.choice_accuracy is None:
+        return "-"
+    return f"{arm.choice_accuracy:.3f}{_stderr(arm.choice_accuracy_stderr)}"
+
+
+def _overfitting_cell(p) -> str:
+    o = p.ar_overfitting
+    if o is None:
+        return "-"
+    train = {True: "train loss falling", False: "train loss rising too", None: "train loss not recorded"}
+    if o.overfitting:
+        return f"yes: last {o.worse_by:.3f} worse\nthan its best,\n{train[o.train_loss_falling]}"
+    if o.best_is_final:
+        return "no: never overfit\n(best at its last\nevaluation)"
+    if o.validation_worse:
+        return f"no: last {o.worse_by:.3f} worse\nthan its best but\n{train[o.train_loss_falling]}"
+    return f"no: last within its\ns.e. of its best\n({o.worse_by:.3f} worse)"
+
+
+def _crossover_cell(p, report: "ComparisonReport") -> str:
+    from dlmctl.spec.comparison import Axis
+
+    if p.missing:
+        arms = {"DLM": p.dlm, "AR": p.ar}
+        return "n/a: " + "; ".join(f"{short} {_missing(arm)}" for short, arm in arms.items() if _missing(arm))
+    if report.by is Axis.flops and (p.dlm.best.flops is None or p.ar.best.flops is None):
+        return "n/a: the runs recorded no FLOPs to align on"
+    c = p.crossover
     if c is None:
-        return "none"
-    stderr = f" ± {c.dlm_val_loss_stderr:.3f}" if c.dlm_val_loss_stderr else ""
-    where = (f"at {fmt_tokens(c.tokens)} tokens (epoch {c.epoch:.2f}): DLM {c.dlm_val_loss:.3f}{stderr} "
-             f"< AR best {c.ar_best_val_loss:.3f}")
-    return where + (" (DLM ahead from its first comparable evaluation)" if c.from_start else "")
+        return "none yet" if p.provisional else "none"
+    sign = ">" if report.higher_is_better else "<"
+    lines = [f"at {fmt_tokens(c.tokens)} tokens, epoch {c.epoch:.2f},", f"{fmt_flops(c.flops)} FLOPs (step {c.step})" if c.flops else f"(step {c.step})",
+             f"DLM {c.dlm_value:.3f}{_stderr(c.dlm_stderr)}", f"{sign} AR best {c.ar_best:.3f}{_stderr(c.ar_best_stderr)}"]
+    if c.margin_stderr:
+        verdict = "significant" if c.significant else "not significant"
+        lines += [f"margin {c.margin:.3f} = {c.margin / c.margin_stderr:.1f} s.e.", f"({verdict})"]
+    else:
+        lines += [f"margin {c.margin:.3f}", "(no s.e. measured)"]
+    if c.from_start:
+        lines.append("(DLM ahead from its first comparable evaluation)")
+    return "\n".join(lines)
 
 
 def progress_line(r: "RunStatus") -> str:

@@ -208,11 +208,59 @@ def cancel(ctx: typer.Context, name: NameArg) -> None:
     console.print(f"experiment {name} cancelled")
 
 
+class CompareMetric(str, Enum):  # spec.comparison.Metric's values (pydantic stays out of start-up)
+    val_loss = "val_loss"
+    val_bpb = "val_bpb"
+    choice_acc = "choice_acc"
+
+
+class CompareAxis(str, Enum):  # spec.comparison.Axis's values
+    tokens = "tokens"
+    epochs = "epochs"
+    flops = "flops"
+
+
 @app.command()
 @backend_options
-def compare(ctx: typer.Context, name: NameArg) -> None:
+def compare(
+    ctx: typer.Context,
+    name: NameArg,
+    metric: Annotated[CompareMetric, typer.Option(
+        "--metric", help="val_loss (nats/token), val_bpb (bits per byte) or choice_acc (higher is better)")
+    ] = CompareMetric.val_loss,
+    by: Annotated[CompareAxis, typer.Option(
+        "--by", help="align the arms' evaluations by tokens seen, epochs or training FLOPs")] = CompareAxis.tokens,
+    output: Annotated[GetFormat, typer.Option(
+        "--output", "-o", help="table, or json/yaml (spec.comparison.ComparisonReport) for scripts")
+    ] = GetFormat.table,
+    plot: Annotated[Optional[str], typer.Option(
+        "--plot", metavar="FILE.png", help="draw DLM against AR per sweep point (needs matplotlib)")] = None,
+    html: Annotated[Optional[str], typer.Option(
+        "--html", metavar="FILE.html", help="one self-contained page: the plot, the tables, the command")] = None,
+) -> None:
     """Per run: its arm, train and validation loss, tokens seen, epochs, wall time; per sweep point: each arm's
-    best validation loss, whether AR overfits, and where the DLM crosses over."""
-    from .output import print_comparison
+    best and last value (± s.e.) and where, choice accuracy, whether AR overfits, and where the DLM crosses
+    over (with its margin in standard errors), and whether the seeds agree when the sweep sweeps `seed`."""
+    if plot or html:
+        from .plots import require_matplotlib
 
-    print_comparison(backend(ctx).compare(name))
+        require_matplotlib("--plot" if plot else "--html")
+    from dlmctl.spec.comparison import compare as build_report
+
+    from .output import dump, print_comparison
+
+    comparison = backend(ctx).compare(name)
+    report = build_report(comparison.experiment, comparison.evals, metric.value, by.value)
+    if output is GetFormat.table:
+        print_comparison(comparison, report=report)
+    else:
+        typer.echo(dump(report.model_dump(mode="json"), output.value), nl=output is GetFormat.json)
+    if plot or html:
+        from .plots import write_outputs
+
+        command = ["dlmctl", "compare", name, "--metric", metric.value, "--by", by.value]
+        for key, value in (ctx.obj or {}).items():
+            if value is not None:
+                command += [f"--{key}", str(value)]
+        for path in write_outputs(report, comparison.evals, plot=plot, html=html, command=command):
+            print(f"wrote {path}", file=sys.stderr)

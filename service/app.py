@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dlmctl.operator import client as experiments
 from dlmctl.spec import Experiment, SpecError, experiment_from_dict, parse_yaml
-from dlmctl.spec.comparison import compare_points
+from dlmctl.spec.comparison import Axis, Metric, compare
 from dlmctl.spec.experiment import DNS_1123_LABEL, MAX_LABEL
 from dlmctl.spec.redact import redact_text
 
@@ -288,18 +288,20 @@ def create_app(settings: Optional[Settings] = None, cluster: Optional[Cluster] =
         return JSONResponse({"cancelled": name})
 
     @app.get(item + "/compare", response_model=ComparisonBody, operation_id="compare_experiment", responses=errors,
-             summary="Per sweep point: best and final losses, AR overfitting, the crossover")
-    def compare_experiment(namespace: Namespace, name: Name, who: CallerDep):
+             summary="Per sweep point: best and last values, AR overfitting, the crossover, seeds' agreement")
+    def compare_experiment(namespace: Namespace, name: Name, who: CallerDep,
+                           metric: Annotated[Metric, Query(description="what the arms are compared on")]
+                           = Metric.val_loss,
+                           by: Annotated[Axis, Query(description="where their evaluations are aligned")]
+                           = Axis.tokens):
         allowed(who, Action("get", namespace, name=name))
         experiment, evals, failed = cluster_call(lambda: client_for(who).compare(name, namespace))
         if failed:
             log.warning("compare %s/%s: cannot read %s (%s); the operator's last status is shown", namespace, name,
                         redact_text(failed[0]), experiments.describe(failed[1]))
-        points = compare_points(experiment, evals)
-        return JSONResponse({"experiment": experiment.model_dump(mode="json"),
-                             "evals": {run: [e.model_dump(mode="json") for e in events]
-                                       for run, events in evals.items()},
-                             "points": [p.model_dump(mode="json") for p in points]})
+        report = compare(experiment, evals, metric, by)
+        body = ComparisonBody.model_construct(**dict(report), experiment=experiment, evals=evals)
+        return Response(body.model_dump_json(), media_type="application/json")  # a diverged run's NaN: null
 
     @app.get(item + "/runs/{run}/logs", operation_id="run_logs", response_class=StreamingResponse,
              responses={**errors, 200: {"content": {"text/plain": {"schema": {"type": "string"}}},

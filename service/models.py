@@ -8,7 +8,7 @@ from typing import Optional
 from pydantic import BaseModel, Field
 
 from dlmctl.spec import Experiment
-from dlmctl.spec.comparison import PointComparison
+from dlmctl.spec.comparison import ComparisonReport
 from dlmctl.spec.contracts import EvalEvent
 
 
@@ -35,12 +35,12 @@ class Cancelled(BaseModel):
     phase: Optional[str] = Field(default=None, description="present when the experiment had already finished")
 
 
-class ComparisonBody(BaseModel):
-    """What `dlmctl compare` shows: the experiment with each run's freshest metrics, each run's evaluations,
-    and per sweep point the best/final losses and the crossover (spec.comparison)."""
+class ComparisonBody(ComparisonReport):
+    """What `dlmctl compare` shows: per sweep point each arm's best and last value, AR overfitting and the
+    crossover, and the seeds' agreement (spec.comparison.ComparisonReport), with the experiment (each run's
+    freshest metrics in its status) and each run's evaluations it was computed from."""
     experiment: Experiment
     evals: dict[str, list[EvalEvent]]
-    points: list[PointComparison]
 
 
 class FieldError(BaseModel):

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from dlmctl.spec.contracts import EvalEvent
-from dlmctl.spec.crossover import find_crossover
+from dlmctl.spec.crossover import find_crossover, metric_stderr
 
 
 def curve(*values, tokens_per_step: int = 1000, epochs_per_step: float = 0.25, first_step: int = 1,
@@ -84,3 +84,38 @@ def test_choice_accuracy_crosses_over_upwards():
     assert (found.step, found.dlm_value, found.ar_best, found.dlm_stderr) == (3, 0.65, 0.62, None)
     assert found.margin == pytest.approx(0.03)
     assert find_crossover(dlm, ar, metric="choice_accuracy") is None, "lower is better by default"
+
+
+def test_flops_align_the_arms_by_compute_and_evaluations_without_flops_are_skipped():
+    # AR's causal attention makes a token cheaper: 4 FLOPs per token against the DLM's 6 (made-up units)
+    ar = [e.model_copy(update={"flops": 4.0 * e.tokens}) for e in curve(4.0, 3.0, 2.5, 2.7)]
+    dlm = [e.model_copy(update={"flops": 6.0 * e.tokens}) for e in curve(3.5, 2.8, 2.45, 2.4)]
+    # by tokens: at 2000 AR's best is 3.0 (2.8 wins), at 3000 it is 2.5 (2.45 wins), at 4000 2.5 (2.4 wins)
+    assert find_crossover(dlm, ar).step == 1 and find_crossover(dlm, ar).from_start
+    # by FLOPs the DLM at step s has spent 6000 s: AR's evaluations up to then are those with 4000 t <= 6000 s
+    by_flops = find_crossover(dlm, ar, by="flops")
+    # step 1 (6000): AR best 4.0 (at 4000), 3.5 wins; step 2 (12000): AR 2.5 (at 12000), 2.8 loses;
+    # step 3 (18000): AR best 2.5, 2.45 wins; step 4 (24000): 2.4 wins
+    assert (by_flops.step, by_flops.flops, by_flops.ar_best, by_flops.from_start) == (3, 18000.0, 2.5, False)
+    without = dlm[:2] + [e.model_copy(update={"flops": None}) for e in dlm[2:]]
+    assert find_crossover(without, ar, by="flops") is None, "its last evaluations are not on the axis"
+    assert find_crossover(curve(3.5, 2.8), ar, by="flops") is None
+
+
+def test_the_margin_has_the_standard_error_of_a_difference_of_two_independent_estimates():
+    ar = curve(4.0, 3.5, 3.3, 3.4, 3.6, stderr=0.03)
+    found = find_crossover(curve(5.0, 4.0, 3.4, 3.2, 3.1, stderr=0.04), ar)
+    assert (found.dlm_stderr, found.ar_best_stderr) == (0.04, 0.03)
+    assert found.margin_stderr == pytest.approx(0.05)  # sqrt(0.04^2 + 0.03^2)
+    only_dlm = find_crossover(curve(5.0, 4.0, 3.4, 3.2, 3.1, stderr=0.04), curve(4.0, 3.5, 3.3, 3.4, stderr=None))
+    assert (only_dlm.ar_best_stderr, only_dlm.margin_stderr) == (None, 0.04)
+    assert find_crossover(curve(5.0, 3.2, stderr=None), curve(4.0, 3.3, stderr=None)).margin_stderr is None
+
+
+def test_bits_per_byte_carry_the_validation_losss_relative_standard_error():
+    # bits per byte = val_loss x (tokens per byte / ln 2): the same factor scales the error
+    e = EvalEvent(event="eval", time=0.0, step=1, total_steps=1, epoch=1.0, tokens=1, val_loss=2.0,
+                  val_loss_stderr=0.02, val_bits_per_byte=0.75, choice_accuracy=0.6, choice_accuracy_stderr=0.05)
+    assert metric_stderr(e, "val_bits_per_byte") == pytest.approx(0.0075)
+    assert metric_stderr(e, "val_loss") == 0.02 and metric_stderr(e, "choice_accuracy") == 0.05
+    assert metric_stderr(e.model_copy(update={"val_loss_stderr": None}), "val_bits_per_byte") is None
