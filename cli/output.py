@@ -230,7 +230,11 @@ def _missing(arm) -> Optional[str]:
 
 
 def fmt_flops(flops: Optional[float]) -> str:
-    return "-" if flops is None else f"{flops:.2g}".replace("e+", "e")
+    """Two significant digits: 4.3e15."""
+    if flops is None:
+        return "-"
+    mantissa, _, exponent = f"{flops:.1e}".partition("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
 
 
 def _point_cell(point: dict, label: str) -> str:

@@ -119,14 +119,24 @@ def _panel(ax: "Axes", report: "ComparisonReport", points: Sequence["PointCompar
     _zoom(ax, curves, report.higher_is_better)
     for p in points:
         _mark_crossover(ax, report, p, seeded)
+    crossed = [p.crossover for p in points if p.crossover]
     if seeded:
-        crossed = [p.crossover.tokens for p in points if p.crossover]
-        spread = "" if not crossed else (f", at {fmt_tokens(min(crossed))}" if len(crossed) == 1 else
-                                         f", at {fmt_tokens(min(crossed))} to {fmt_tokens(max(crossed))} tokens")
+        tokens = sorted(c.tokens for c in crossed)
+        spread = "" if not tokens else (f", at {fmt_tokens(tokens[0])} tokens" if len(tokens) == 1 else
+                                        f", at {fmt_tokens(tokens[0])} to {fmt_tokens(tokens[-1])} tokens")
         notes.append(f"{len(crossed)}/{len(points)} seeds cross over{spread}")
-    if notes:
-        ax.text(0.02, 0.03, "\n".join(notes), transform=ax.transAxes, fontsize=8, va="bottom", ha="left",
-                color="0.25", bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 2})
+    elif crossed:
+        (c,) = crossed
+        flops = f"{fmt_flops(c.flops)} FLOPs, " if report.by.value == "flops" else ""
+        note = f"crossover at {flops}{fmt_tokens(c.tokens)} tokens, epoch {c.epoch:.2f}\nmargin {c.margin:.3f}"
+        if c.margin_stderr:
+            note += f" = {c.margin / c.margin_stderr:.1f} s.e.{'' if c.significant else ', not significant'}"
+        notes.append(note)
+    if notes:  # in the corner the early evaluations leave empty: low for a loss, high for an accuracy
+        top = report.higher_is_better
+        ax.text(0.02, 0.97 if top else 0.03, "\n".join(notes), transform=ax.transAxes, fontsize=8,
+                va="top" if top else "bottom", ha="left", color="0.15",
+                bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "0.8", "pad": 3})
     if report.by.value != "epochs":
         _count_axis(ax, [x for xs, _ in curves for x in xs], "tokens" if report.by.value == "tokens" else "FLOPs")
     title = ", ".join(f"{k}={v}" for k, v in points[0].point.items() if k != "seed") or report.name
@@ -146,17 +156,6 @@ def _mark_crossover(ax: "Axes", report: "ComparisonReport", p: "PointComparison"
     x = {"tokens": c.tokens, "epochs": c.epoch, "flops": c.flops}[report.by.value]
     ax.axvline(x, color=CROSSOVER_COLOR, linestyle="--", linewidth=0.9 if seeded else 1.4,
                gid=f"{p.runs.get('diffusion')}:crossover")
-    if seeded:
-        return
-    text = f"crossover\n{fmt_tokens(c.tokens)} tokens, epoch {c.epoch:.2f}\nmargin {c.margin:.3f}"
-    if c.margin_stderr:
-        text += f" ({c.margin / c.margin_stderr:.1f} s.e.{'' if c.significant else ', not significant'})"
-    left, right = ax.get_xlim()
-    on_right = (x - left) > 0.55 * (right - left)  # the note goes where there is room: inside the panel
-    ax.annotate(text, xy=(x, 1.0), xycoords=("data", "axes fraction"), xytext=(-4 if on_right else 4, -4),
-                textcoords="offset points", va="top", ha="right" if on_right else "left", fontsize=8,
-                color=CROSSOVER_COLOR,
-                bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 1})
 
 
 def _zoom(ax: "Axes", curves: Sequence[tuple[list[float], list[float]]], higher_is_better: bool) -> None:
