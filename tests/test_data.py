@@ -198,7 +198,8 @@ def test_validation_never_shares_a_document_with_training(tmp_path, corpus):
         train_docs, val_docs = documents_in(prepared.train.ravel()), documents_in(prepared.val)
         assert len(prepared.val) == 1500 and train_docs and val_docs and not train_docs & val_docs
         meta = prepared.metadata
-        assert meta["tokenizer_training_documents"] <= meta["pool_documents"]  # BPE saw pool text only
+        # the BPE reads from the start of the hash order, validation from its end: they never meet
+        assert meta["tokenizer_training_documents"] + meta["validation_documents"] <= meta["source_documents"]
 
 
 def test_a_validation_source_of_its_own_takes_priority_over_shared_documents(tmp_path, corpus):
@@ -249,6 +250,44 @@ def test_python_stdlib_with_bpe_end_to_end(tmp_path):
     assert 3.0 < meta["unigram_entropy"] < np.log(512)
     text = prepared.tokenizer.decode(prepared.train.ravel())
     assert "def " in text and "import " in text
+
+
+# --- bytes per validation token (for bits per byte) ----------------------------------------------
+
+
+def test_with_the_byte_tokenizer_every_validation_token_but_eos_is_one_byte_of_ascii_text(tmp_path, corpus):
+    folder, _ = corpus
+    prepared = prepare_data(data_spec(folder), 0, tmp_path / "cache")
+    val, eos = prepared.val, prepared.tokenizer.eos_id
+    assert 0 < (val == eos).sum() and val[-1] != eos  # whole documents, and a last one cut
+    meta = prepared.metadata
+    assert meta["validation_bytes"] == len(val) - (val == eos).sum()
+    assert meta["validation_bytes_per_token"] == (len(val) - (val == eos).sum()) / len(val)
+
+
+def test_with_bpe_the_ratio_is_the_texts_bytes_over_its_tokens(tmp_path, corpus):
+    folder, _ = corpus
+    (tmp_path / "val").mkdir()
+    text = "A held-out validation text, in plain ASCII: def f(x): return x * 2  # twice\n" * 12
+    (tmp_path / "val" / "v.txt").write_text(text)
+    spec = data_spec(folder, validation=str(tmp_path / "val"), validation_tokens=64,
+                     tokenizer={"kind": "bpe", "vocab_size": 300})
+    ids = prepare_data(spec, 0, tmp_path / "cache").tokenizer.encode(text)  # the tokenizer ignores validation
+    whole = prepare_data(spec.model_copy(update={"validation_tokens": len(ids)}), 0, tmp_path / "cache")
+    assert whole.val.tolist() == ids  # the whole text, its end-of-document cut off
+    assert whole.metadata["validation_bytes_per_token"] == len(text.encode()) / len(ids)
+    with_eos = prepare_data(spec.model_copy(update={"validation_tokens": len(ids) + 1}), 0, tmp_path / "cache")
+    assert with_eos.metadata["validation_bytes_per_token"] == len(text.encode()) / (len(ids) + 1)  # EOS: 0 bytes
+    cut = prepare_data(spec.model_copy(update={"validation_tokens": 50}), 0, tmp_path / "cache")
+    assert cut.metadata["validation_bytes"] == len(cut.tokenizer.decode(ids[:50]).encode())
+
+
+def test_a_character_split_by_the_cut_counts_whole(tmp_path, corpus):
+    folder, _ = corpus
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "v.txt").write_text("é" * 20)  # 2 bytes, 2 byte tokens each
+    spec = data_spec(folder, validation=str(tmp_path / "val"), validation_tokens=17)
+    assert prepare_data(spec, 0, tmp_path / "cache").metadata["validation_bytes"] == 18  # 8½ characters -> 9
 
 
 # --- the cache -----------------------------------------------------------------------------------

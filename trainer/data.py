@@ -8,26 +8,34 @@ training sequences, the validation tokens and a metadata dict. How the data is c
 2. Validation: with `spec.data.validation` set, its documents in hash order; otherwise documents
    held out from the *end* of the training source's hash order, while training documents are
    taken from its *start*, so the two never share a document. Exactly `validation_tokens` tokens.
-3. Tokenizer: a byte-level BPE is trained on the first training documents in hash order whose
-   bytes (plus one per document) reach `unique_tokens` (at most `TOKENIZER_TRAINING_BYTES_MAX`).
-   A BPE token is at least one byte, so these documents are provably all inside the unique pool:
-   the tokenizer never sees validation text, nor training text beyond the unique budget.
+3. Tokenizer (one per experiment): a byte-level BPE is trained on the first
+   `spec.data.tokenizer.training_bytes` bytes of the training documents in hash order (the last
+   one cut), whatever `unique_tokens` is, so every sweep point of an experiment gets the same
+   tokenizer and per-token losses compare across the sweep. Held-out validation documents are
+   never part of that text (see `_hold_out_validation`).
 4. Unique pool: training documents in hash order, each followed by `eos_id`, concatenated and cut
-   at exactly `unique_tokens` tokens (whole documents, except the last which may be cut). The pool
-   is then cut into floor(unique_tokens / seq_len) sequences of seq_len tokens; the *effective*
-   unique tokens reported in the metadata are that number × seq_len.
-5. Epochs (`EpochSampler`): global sample k → epoch e = k // N, position p = k % N → sequence
+   at exactly `unique_tokens` tokens (whole documents, except the last which may be cut). N =
+   floor(unique_tokens / seq_len) windows of seq_len tokens are trained on per epoch; the
+   *effective* unique tokens reported in the metadata are N × seq_len.
+5. Packing (`spec.data.packing`). fixed: the pool is cut into its N windows once (`PreparedData.
+   train`), the same every epoch. per-epoch (Megatron): for every epoch e the pool's whole
+   documents are permuted (keyed by seed and e), concatenated with the cut last document kept at
+   the end (it has no end-of-document, so only the end can hold it), and re-cut into N windows, so
+   window boundaries move from epoch to epoch while every epoch holds the pool's tokens less the
+   stream's last unique_tokens mod seq_len; a window is gathered through document offsets, so
+   nothing but the pool is held in memory.
+6. Epochs (`EpochSampler`): global sample k → epoch e = k // N, position p = k % N → window
    perm_e[p], with perm_e a permutation seeded by (seed, e). Step s of global batch G consumes
    samples s*G ... s*G+G-1; rank r of W at micro-step a with micro batch m takes samples
    s*G + (a*W + r)*m + [0, m). Nothing depends on the rank beyond choosing its slice, so a run
    sees the same sequences on any world size, and after resuming on a different one.
 
 The token pool, validation tokens and tokenizer are cached under a key hashing (source content
-fingerprints, tokenizer config, unique_tokens, validation_tokens): not seq_len nor seed, so every
-arm, seed and sequence length of a sweep shares one cache entry. A second run loads it without
-tokenizing; entries are written atomically (a temporary directory renamed into place; on S3 the
-manifest is uploaded last), processes on one machine wait on a lock for the one that builds, and
-processes elsewhere build byte-identical entries.
+fingerprints, tokenizer config with its training bytes, unique_tokens, validation_tokens): not seq_len,
+packing nor seed, so every arm, seed, sequence length and packing of a sweep shares one cache entry.
+A second run loads it without tokenizing; entries are written atomically (a temporary directory
+renamed into place; on S3 the manifest is uploaded last), processes on one machine wait on a lock
+for the one that builds, and processes elsewhere build byte-identical entries.
 """
 from __future__ import annotations
 
@@ -53,14 +61,15 @@ from .corpus import DataError, Document, Source, open_source, s3_filesystem
 from .tokenizer import BPE_RECIPE_VERSION, Tokenizer
 
 __all__ = [
-    "ChoiceExample", "DataError", "EpochSampler", "PreparedData", "TrainBatches", "Tokenizer",
-    "choice_examples", "hash_order", "prepare_data", "sample_indices", "unigram_entropy", "val_batches",
+    "ChoiceExample", "DataError", "EpochSampler", "PreparedData", "RepackedBatches", "TrainBatches", "Tokenizer",
+    "choice_examples", "hash_order", "prepare_data", "sample_indices", "tokenizer_training_texts", "unigram_entropy",
+    "val_batches",
 ]
 
-DATA_FORMAT_VERSION = 1  # bump when what a cache entry holds, or how it is chosen, changes
-TOKENIZER_TRAINING_BYTES_MAX = 256 << 20
+DATA_FORMAT_VERSION = 2  # bump when what a cache entry holds, or how it is chosen, changes
 ENCODE_CHUNK_CHARS = 1 << 20
 DATA_ORDER_STREAM = 0x64617461  # "data": keeps the data-order RNG apart from other users of the seed
+PACKING_STREAM = 0x7061636B  # "pack": the per-epoch document order
 CHOICE_STREAM = 0x63686F69  # "choi"
 CACHE_FILES = ("tokenizer.json", "train.npy", "val.npy")
 
@@ -99,19 +108,25 @@ def take_tokens(tokenizer: Tokenizer, docs: Sequence[Document], budget: int) -> 
     return tokens, used
 
 
-def tokenizer_training_prefix(docs: Sequence[Document], unique_tokens: int) -> int:
-    """How many documents (from the start) the BPE is trained on: the fewest whose bytes plus one
-    per document reach `unique_tokens`. Any shorter prefix holds fewer than `unique_tokens` tokens
-    under any byte-level tokenizer, so the unique pool contains all of these documents."""
-    budget, size = min(unique_tokens, TOKENIZER_TRAINING_BYTES_MAX), 0
-    for n, doc in enumerate(docs, 1):
-        size += len(doc.text.encode("utf-8", "surrogatepass")) + 1
-        if size >= budget:
-            return n
-    return len(docs)
+def utf8_bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
 
 
-def make_tokenizer(spec: TokenizerSpec, training_docs: Sequence[Document]) -> Tokenizer:
+def tokenizer_training_texts(docs: Sequence[Document], training_bytes: int) -> list[str]:
+    """The BPE's training text: the first `training_bytes` UTF-8 bytes of `docs` in order, one text
+    per document, the last one cut (a character the cut splits is left out)."""
+    texts, size = [], 0
+    for doc in docs:
+        if size >= training_bytes:
+            break
+        data = utf8_bytes(doc.text)
+        kept = data[: training_bytes - size]
+        texts.append(doc.text if len(kept) == len(data) else kept.decode("utf-8", "ignore"))
+        size += len(kept)
+    return texts
+
+
+def make_tokenizer(spec: TokenizerSpec, training_texts: Sequence[str]) -> Tokenizer:
     if spec.kind == "byte":
         return Tokenizer.byte()
     if spec.kind == "file":
@@ -119,7 +134,22 @@ def make_tokenizer(spec: TokenizerSpec, training_docs: Sequence[Document]) -> To
             return Tokenizer.from_json(_read_tokenizer_file(spec.path).decode("utf-8", "replace"))
         except Exception as err:  # tokenizers raises a bare Exception on a malformed file
             raise DataError(f"spec.data.tokenizer.path: {spec.path} is not a tokenizer.json: {str(err).splitlines()[0]}") from None
-    return Tokenizer.train_bpe((d.text for d in training_docs), spec.vocab_size)
+    return Tokenizer.train_bpe(training_texts, spec.vocab_size)
+
+
+def text_bytes(tokenizer: Tokenizer, docs: Sequence[Document], tokens: np.ndarray) -> int:
+    """UTF-8 bytes of the text a stream of `take_tokens(tokenizer, docs, ...)` encodes: every whole
+    document's text, plus, when the stream ends inside a document (no end-of-document last), the
+    characters its kept tokens cover (a character split between kept and cut tokens counts whole).
+    End-of-document tokens count 0 bytes."""
+    eos = np.flatnonzero(np.asarray(tokens) == tokenizer.eos_id)
+    whole = len(eos)
+    total = sum(len(utf8_bytes(d.text)) for d in docs[:whole])
+    kept = len(tokens) - (eos[-1] + 1 if whole else 0)
+    if kept:
+        text = docs[whole].text
+        total += len(utf8_bytes(text[: tokenizer.char_offsets(text)[kept - 1][1]]))
+    return total
 
 
 def _read_tokenizer_file(path: str) -> bytes:
@@ -135,7 +165,8 @@ def _read_tokenizer_file(path: str) -> bytes:
 
 def _tokenizer_key(spec: TokenizerSpec) -> dict:
     if spec.kind == "bpe":
-        return {"kind": "bpe", "vocab_size": spec.vocab_size, "recipe": BPE_RECIPE_VERSION}
+        return {"kind": "bpe", "vocab_size": spec.vocab_size, "recipe": BPE_RECIPE_VERSION,
+                "training_bytes": spec.training_bytes}
     if spec.kind == "file":
         return {"kind": "file", "sha256": hashlib.sha256(_read_tokenizer_file(spec.path)).hexdigest()}
     return {"kind": "byte"}
@@ -149,6 +180,30 @@ class _Built:
     manifest: dict
 
 
+def _hold_out_validation(spec: DataSpec, train_docs: list[Document]) -> tuple[Tokenizer, list[str], np.ndarray, int]:
+    """(tokenizer, its training texts, validation tokens, validation documents) when validation is held
+    out of the training source: the last documents in hash order, read backwards, up to
+    `validation_tokens` tokens. How many documents that takes depends on the tokenizer, which must not
+    see them: train it on the start of all documents; while its text reaches into the documents
+    validation takes, train it again without them. The excluded tail only grows, so this ends (at once
+    when the training text and the validation are far apart, as on any source much larger than
+    `training_bytes`)."""
+    V, excluded = spec.validation_tokens, 0
+    while True:
+        texts = (tokenizer_training_texts(train_docs[: len(train_docs) - excluded], spec.tokenizer.training_bytes)
+                 if spec.tokenizer.kind == "bpe" else [])
+        tokenizer = make_tokenizer(spec.tokenizer, texts)
+        val, val_used = take_tokens(tokenizer, train_docs[::-1], V)
+        if len(val) < V:
+            raise DataError(
+                f"spec.data.validation_tokens: {V:,} tokens asked but {spec.train} has only {len(val):,} tokens in all "
+                f"(and spec.data.unique_tokens must be left); lower them or set spec.data.validation"
+            )
+        if len(texts) <= len(train_docs) - val_used:
+            return tokenizer, texts, val, val_used
+        excluded = val_used
+
+
 def _build(spec: DataSpec, train_source: Source, val_source: Optional[Source]) -> _Built:
     U, V = spec.unique_tokens, spec.validation_tokens
     train_docs = hash_order(train_source.documents())
@@ -157,42 +212,29 @@ def _build(spec: DataSpec, train_source: Source, val_source: Optional[Source]) -
         val_docs = hash_order(val_source.documents())
         held = {d.digest for d in val_docs}
         train_docs = [d for d in train_docs if d.digest not in held]  # a text in both sources is validation
-    prefix = tokenizer_training_prefix(train_docs, U) if spec.tokenizer.kind == "bpe" else 0
-    if val_source is None and prefix >= len(train_docs):
-        raise DataError(
-            f"spec.data.unique_tokens: {U:,} tokens asked but {spec.train} has only "
-            f"{sum(len(d.text.encode()) for d in train_docs):,} bytes of text, with validation still to be held out"
-        )
-    tokenizer = make_tokenizer(spec.tokenizer, train_docs[:prefix])
-
-    if val_source is not None:
+        texts = tokenizer_training_texts(train_docs, spec.tokenizer.training_bytes) if spec.tokenizer.kind == "bpe" else []
+        tokenizer = make_tokenizer(spec.tokenizer, texts)
         val, val_used = take_tokens(tokenizer, val_docs, V)
         if len(val) < V:
             raise DataError(f"spec.data.validation_tokens: {V:,} tokens asked but {spec.validation} has only {len(val):,}")
-        pool_candidates = train_docs
+        pool_candidates, val_read = train_docs, val_docs
     else:
-        val, val_used = take_tokens(tokenizer, train_docs[prefix:][::-1], V)
-        if len(val) < V:
-            raise DataError(
-                f"spec.data.validation_tokens: {V:,} tokens asked but only {len(val):,} tokens of {spec.train} "
-                f"are left to hold out besides the spec.data.unique_tokens pool; lower one of them or set spec.data.validation"
-            )
-        pool_candidates = train_docs[: len(train_docs) - val_used]
+        tokenizer, texts, val, val_used = _hold_out_validation(spec, train_docs)
+        pool_candidates, val_read = train_docs[: len(train_docs) - val_used], train_docs[::-1]
     pool, pool_used = take_tokens(tokenizer, pool_candidates, U)
     if len(pool) < U:
         held_out = "" if val_source is not None else f" after holding out {V:,} validation tokens"
         raise DataError(
             f"spec.data.unique_tokens: {U:,} tokens asked but {spec.train} has only {len(pool):,} training tokens{held_out}"
         )
-    assert pool_used >= prefix, "the tokenizer saw text outside the unique pool"
     manifest = {
         "format": DATA_FORMAT_VERSION,
         "source_documents": source_documents,
         "pool_documents": pool_used,
         "validation_documents": val_used,
-        "tokenizer_training_documents": prefix,
-        "tokenizer_training_bytes": sum(len(d.text.encode()) for d in train_docs[:prefix]),
-        "validation_bytes": len(tokenizer.decode(val, skip_special_tokens=True).encode()),
+        "tokenizer_training_documents": len(texts),
+        "tokenizer_training_bytes": sum(len(utf8_bytes(t)) for t in texts),
+        "validation_bytes": text_bytes(tokenizer, val_read, val),
         "vocab_size": tokenizer.vocab_size,
         "eos_id": tokenizer.eos_id,
         "mask_id": tokenizer.mask_id,
@@ -317,7 +359,8 @@ def unigram_entropy(tokens: np.ndarray) -> float:
 class PreparedData:
     """What a run trains and evaluates on.
 
-    `train` is [N, seq_len], the N = floor(unique_tokens / seq_len) unique sequences, so the
+    `pool` is the 1-D unique pool of exactly `unique_tokens` tokens; `train` is [N, seq_len], the
+    pool's first N = floor(unique_tokens / seq_len) windows (what `packing: fixed` trains on), so the
     effective unique tokens are N × seq_len (`metadata["unique_tokens"]`); `val` is the 1-D
     validation token stream of exactly `validation_tokens` tokens.
     """
@@ -327,12 +370,17 @@ class PreparedData:
     val: np.ndarray
     metadata: dict
     seed: int
+    pool: Optional[np.ndarray] = None  # None: `train` is the pool
+    packing: str = "fixed"
 
     @property
     def seq_len(self) -> int:
         return self.train.shape[1]
 
-    def train_batches(self) -> "TrainBatches":
+    def train_batches(self) -> "TrainBatches | RepackedBatches":
+        if self.packing == "per-epoch":
+            pool = self.train.ravel() if self.pool is None else self.pool
+            return RepackedBatches(pool, self.tokenizer.eos_id, self.seq_len, self.seed)
         return TrainBatches(self.train, self.seed)
 
     def val_batches(self, batch_size: int, seq_len: Optional[int] = None) -> list[torch.Tensor]:
@@ -349,10 +397,14 @@ def prepare_data(data_spec: DataSpec, seed: int, cache_root: Path) -> PreparedDa
     `cache_root`; with an S3 cache, `cache_root` keeps the local copy. Raises `DataError` (one
     line naming the spec field) on bad input. `metadata` holds: `unique_tokens` (effective, =
     `unique_sequences` × `seq_len`), `unique_tokens_requested`, `unique_sequences`, `seq_len`,
-    `validation_tokens`, `validation_bytes` (UTF-8 bytes of the validation text, for bits per
-    byte), `source_fingerprint`, `validation_fingerprint`, `source_documents`, `pool_documents`,
-    `validation_documents`, `unigram_entropy` (nats, of the training tokens), `vocab_size`,
-    `eos_id`, `mask_id`, `tokenizer_kind`, `cache_key`, `cache_dir`, `cache_hit`, `seconds`.
+    `packing`, `validation_tokens`, `validation_bytes` (UTF-8 bytes of the text the validation
+    tokens encode: see `text_bytes`; end-of-document tokens count 0), `validation_bytes_per_token`
+    (their ratio: a loss of L nats per token is L / (bytes_per_token × ln 2) bits per byte),
+    `source_fingerprint`, `validation_fingerprint`, `source_documents`, `pool_documents`,
+    `validation_documents`, `tokenizer_training_documents` and `tokenizer_training_bytes` (the BPE's
+    training text; 0 for other tokenizers), `unigram_entropy` (nats, of the N × seq_len training
+    tokens of the fixed windows), `vocab_size`, `eos_id`, `mask_id`, `tokenizer_kind`, `cache_key`,
+    `cache_dir`, `cache_hit`, `seconds`.
     """
     started = time.perf_counter()
     train_source = open_source(data_spec.train, "spec.data.train")
@@ -380,7 +432,9 @@ def prepare_data(data_spec: DataSpec, seed: int, cache_root: Path) -> PreparedDa
         "unique_tokens_requested": data_spec.unique_tokens,
         "unique_sequences": n,
         "seq_len": data_spec.seq_len,
+        "packing": data_spec.packing,
         "validation_tokens": len(val),
+        "validation_bytes_per_token": manifest["validation_bytes"] / len(val),
         "source": data_spec.train,
         "validation_source": data_spec.validation,
         "source_fingerprint": key_parts["train"],
@@ -392,7 +446,7 @@ def prepare_data(data_spec: DataSpec, seed: int, cache_root: Path) -> PreparedDa
         "cache_hit": hit,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    return PreparedData(tokenizer, train, val, metadata, seed)
+    return PreparedData(tokenizer, train, val, metadata, seed, pool=pool, packing=data_spec.packing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,32 +500,39 @@ class EpochSampler:
         return samples_consumed / self.num_sequences
 
 
-def pool_fingerprint(sequences: np.ndarray) -> str:
+def pool_fingerprint(sequences: np.ndarray, *extra: object) -> str:
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{sequences.shape}{sequences.dtype}".encode())
+    h.update(f"{sequences.shape}{sequences.dtype}{''.join(map(str, extra))}".encode())
     h.update(np.ascontiguousarray(sequences).tobytes())
     return h.hexdigest()
 
 
-class TrainBatches:
-    """Training batches of the unique sequences; a pure function of (seed, step, slice), plus the
-    counter of samples consumed that checkpoints carry."""
+class _Batches:
+    """Training batches: a pure function of (seed, step, slice) given the data, plus the counter of
+    samples consumed that checkpoints carry. Subclasses give `packing`, `num_sequences` (windows per
+    epoch), `_pool_fingerprint()` and `rows(samples)`."""
 
-    def __init__(self, sequences: np.ndarray, seed: int):
-        self.sequences, self.seed = sequences, seed
-        self.sampler = EpochSampler(len(sequences), seed)
+    packing: str
+    num_sequences: int
+
+    def __init__(self, seed: int, num_sequences: int):
+        self.seed, self.num_sequences = seed, num_sequences
+        self.sampler = EpochSampler(num_sequences, seed)
         self.samples_consumed = 0
         self._fingerprint: Optional[str] = None
 
     @property
-    def num_sequences(self) -> int:
-        return len(self.sequences)
-
-    @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = pool_fingerprint(self.sequences)
+            self._fingerprint = self._pool_fingerprint()
         return self._fingerprint
+
+    def _pool_fingerprint(self) -> str:
+        raise NotImplementedError
+
+    def rows(self, samples: np.ndarray) -> np.ndarray:
+        """The [len(samples), seq_len] tokens of global samples `samples`."""
+        raise NotImplementedError
 
     def indices_for(self, step: int, micro_step: int, rank: int, world: int, micro_batch: int, global_batch: int) -> np.ndarray:
         """The global sample indices of this rank's micro-batch (see `sample_indices`)."""
@@ -480,8 +541,7 @@ class TrainBatches:
     def batch(self, step: int, micro_step: int, rank: int, world: int, micro_batch: int, global_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens LongTensor[m, seq_len], global sample index LongTensor[m]) of this rank's micro-batch."""
         samples = self.indices_for(step, micro_step, rank, world, micro_batch, global_batch)
-        rows = self.sequences[self.sampler.sequence_ids(samples)]
-        return torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(samples)
+        return torch.from_numpy(self.rows(samples).astype(np.int64)), torch.from_numpy(samples)
 
     def step_done(self, step: int, global_batch: int) -> None:
         """Record that optimizer step `step` (0-based) finished: its samples are consumed."""
@@ -500,10 +560,13 @@ class TrainBatches:
         return self.samples_consumed // global_batch
 
     def state_dict(self) -> dict:
-        return {"samples_consumed": self.samples_consumed, "seed": self.seed,
+        return {"samples_consumed": self.samples_consumed, "seed": self.seed, "packing": self.packing,
                 "num_sequences": self.num_sequences, "pool_fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
+        packing = state.get("packing", "fixed")  # checkpoints from before per-epoch packing were fixed
+        if packing != self.packing:
+            raise DataError(f"spec.data.packing: the checkpoint was trained with packing {packing}, not {self.packing}")
         if state["pool_fingerprint"] != self.fingerprint:
             raise DataError(
                 f"spec.data: the checkpoint was trained on other data (pool {state['pool_fingerprint']}, "
@@ -512,6 +575,76 @@ class TrainBatches:
         if state["seed"] != self.seed:
             raise DataError(f"spec.seed: the checkpoint was trained with seed {state['seed']}, not {self.seed}")
         self.samples_consumed = int(state["samples_consumed"])
+
+
+class TrainBatches(_Batches):
+    """packing: fixed. The unique sequences [N, seq_len], cut from the pool once; sample k is
+    sequence perm_e[k % N] of epoch e = k // N."""
+
+    packing = "fixed"
+
+    def __init__(self, sequences: np.ndarray, seed: int):
+        super().__init__(seed, len(sequences))
+        self.sequences = sequences
+
+    def _pool_fingerprint(self) -> str:
+        return pool_fingerprint(self.sequences)
+
+    def rows(self, samples: np.ndarray) -> np.ndarray:
+        return self.sequences[self.sampler.sequence_ids(samples)]
+
+
+class RepackedBatches(_Batches):
+    """packing: per-epoch (Megatron). Epoch e's stream is the pool's whole documents (each ending in
+    `eos_id`) in a permutation keyed by (seed, e, PACKING_STREAM), then the pool's cut last document
+    if it has one; it is cut into N = len(pool) // seq_len windows (the last len(pool) % seq_len tokens
+    of the stream are left out), and sample k is window perm_e[k % N] of epoch e = k // N (the
+    `EpochSampler` order, as for fixed packing). A window's tokens are gathered from the pool through
+    the documents' offsets: memory stays that of the pool plus O(documents) per epoch."""
+
+    packing = "per-epoch"
+
+    def __init__(self, pool: np.ndarray, eos_id: int, seq_len: int, seed: int):
+        super().__init__(seed, len(pool) // seq_len)
+        self.pool, self.eos_id, self.seq_len = np.asarray(pool), eos_id, seq_len  # a memory map stays one
+        ends = np.flatnonzero(self.pool == eos_id) + 1
+        self.whole_documents = len(ends)
+        if not len(ends) or ends[-1] != len(pool):
+            ends = np.append(ends, len(pool))  # the cut last document: no end-of-document
+        self.doc_starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+        self.doc_lengths = (ends - self.doc_starts).astype(np.int64)
+        self._layouts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _pool_fingerprint(self) -> str:
+        return pool_fingerprint(self.pool, "per-epoch", self.seq_len, self.eos_id)
+
+    def layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(document order, start of each of them in the epoch's stream) of epoch `epoch`."""
+        if epoch not in self._layouts:
+            if len(self._layouts) >= 2:  # a step spans at most two epochs unless G > N
+                self._layouts.pop(next(iter(self._layouts)))
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch, PACKING_STREAM])))
+            order = np.concatenate([rng.permutation(self.whole_documents),
+                                    np.arange(self.whole_documents, len(self.doc_starts))])
+            starts = np.concatenate([[0], np.cumsum(self.doc_lengths[order])[:-1]])
+            self._layouts[epoch] = order, starts
+        return self._layouts[epoch]
+
+    def windows(self, epoch: int, window_ids: np.ndarray) -> np.ndarray:
+        """Windows `window_ids` of epoch `epoch`'s stream: [len(window_ids), seq_len] tokens."""
+        order, starts = self.layout(epoch)
+        positions = np.asarray(window_ids, dtype=np.int64)[:, None] * self.seq_len + np.arange(self.seq_len)
+        doc = np.searchsorted(starts, positions, side="right") - 1
+        return self.pool[self.doc_starts[order[doc]] + positions - starts[doc]]
+
+    def rows(self, samples: np.ndarray) -> np.ndarray:
+        samples = np.asarray(samples, dtype=np.int64)
+        epochs, window_ids = samples // self.num_sequences, self.sampler.sequence_ids(samples)
+        out = np.empty((len(samples), self.seq_len), dtype=self.pool.dtype)
+        for epoch in np.unique(epochs):
+            where = epochs == epoch
+            out[where] = self.windows(int(epoch), window_ids[where])
+        return out
 
 
 # ---------------------------------------------------------------------------------------------

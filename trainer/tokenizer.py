@@ -1,4 +1,4 @@
-"""Tokenizers: byte-level BPE trained on the unique training text, plain bytes, or a tokenizer.json.
+"""Tokenizers: byte-level BPE trained on the start of the training source, plain bytes, or a tokenizer.json.
 
 Every tokenizer is a Hugging Face `tokenizers.Tokenizer` underneath, so each one saves to and
 loads from a single `tokenizer.json` that checkpoints and exports carry. Two special tokens always
@@ -106,6 +106,11 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def char_offsets(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) character offsets in `text` of each token of `encode(text)`; the tokens of a
+        character split over several tokens (byte-level) each cover that whole character."""
+        return self.hf.encode(text, add_special_tokens=False).offsets
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
