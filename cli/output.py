@@ -153,14 +153,13 @@ SEED_COLUMNS = ("sweep point", "seeds compared", "seeds crossing over", "crossov
 
 def crossover_rows(report: "ComparisonReport") -> list[tuple[str, ...]]:
     """One row of CROSSOVER_COLUMNS per sweep point: what the table and the HTML page show."""
-    digits = 3
     rows = []
     for p in report.points:
         point = _point_cell(p.point, p.label) + ("\n(running: provisional)" if p.provisional else "")
         choice = f"DLM {_choice(p.dlm)}\nAR {_choice(p.ar)}"
         flops = report.by.value == "flops"
-        rows.append((point, _best(p.dlm, digits, flops), _last(p.dlm, digits), _best(p.ar, digits, flops),
-                     _last(p.ar, digits), choice, _overfitting_cell(p), _crossover_cell(p, report)))
+        rows.append((point, _best(p.dlm, flops), _last(p.dlm), _best(p.ar, flops), _last(p.ar), choice,
+                     _overfitting_cell(p), _crossover_cell(p, report)))
     return rows
 
 
@@ -210,14 +209,11 @@ def seeds_table(report: "ComparisonReport") -> Optional[Table]:
     return table
 
 
-def _num(value: float, digits: int = 3) -> str:
-    return f"{value:.{digits}f}"
-
-
-def _stderr(se: Optional[float], digits: int = 3) -> str:
+def _stderr(se: Optional[float]) -> str:
+    """` ± 0.012`, or with one significant digit when smaller than the values' last digit (` ± 4e-05`)."""
     if se is None:
         return ""
-    return f" ± {se:.{digits}f}" if se >= 10 ** -digits or se == 0 else f" ± {se:.1g}"
+    return f" ± {se:.3f}" if se >= 1e-3 or se == 0 else f" ± {se:.1g}"
 
 
 def _missing(arm) -> Optional[str]:
@@ -241,20 +237,20 @@ def _point_cell(point: dict, label: str) -> str:
     return "\n".join(f"{k}={v}" for k, v in point.items()) if point else (label or "-")
 
 
-def _best(arm, digits: int, flops: bool = False) -> str:
+def _best(arm, flops: bool = False) -> str:
     """The best value and where: tokens and epochs (and FLOPs when the arms are aligned by them)."""
     if (missing := _missing(arm)) is not None:
         return missing
     b = arm.best
     where = f"{fmt_tokens(b.tokens)} tokens, epoch {b.epoch:.2f}" + (f"\n{fmt_flops(b.flops)} FLOPs" if flops else "")
-    return f"{_num(b.value, digits)}{_stderr(b.stderr, digits)}\n{where}"
+    return f"{b.value:.3f}{_stderr(b.stderr)}\n{where}"
 
 
-def _last(arm, digits: int) -> str:
+def _last(arm) -> str:
     if arm is None or arm.final is None:
         return "-"
     phase = "" if arm.phase in (None, "Succeeded") else f"\n{arm.phase}"
-    return f"{_num(arm.final.value, digits)}{_stderr(arm.final.stderr, digits)}{phase}"
+    return f"{arm.final.value:.3f}{_stderr(arm.final.stderr)}{phase}"
 
 
 def _choice(arm) -> str:
