@@ -1,4 +1,5 @@
 """The real trainer, end to end: both arms learn, N processes reproduce 1 process, exports load back."""
+import json
 import math
 
 import pytest
@@ -28,6 +29,17 @@ def test_a_run_trains_evaluates_checkpoints_and_exports(tmp_path, arm):
     assert done["epoch"] == pytest.approx(4.0)
 
     from dlmctl.trainer.export import load_export
+    from dlmctl.trainer.loop import build_model
+
+    data = json.loads((out / "data.json").read_text())
+    model = build_model(run, data["vocab_size"])
+    causal, bidirectional = (model.flops_per_token(run.spec.data.seq_len, causal=c) for c in (True, False))
+    assert causal < bidirectional  # AR attention computes the lower triangle only
+    per_token = causal if arm == "autoregressive" else bidirectional
+    tokens = steps * run.spec.global_batch_sequences * run.spec.data.seq_len
+    assert final_eval["flops"] == pytest.approx(per_token * tokens, rel=1e-12)
+    bits = final_eval["val_loss"] * data["validation_tokens"] / data["validation_bytes"] / math.log(2)
+    assert final_eval["val_bits_per_byte"] == pytest.approx(bits)
 
     model, tokenizer, loaded_arm = load_export(out / "export")
     assert loaded_arm.value == arm
@@ -35,9 +47,9 @@ def test_a_run_trains_evaluates_checkpoints_and_exports(tmp_path, arm):
     assert model(ids, causal=arm == "autoregressive").shape[-1] == model.shape.vocab_size
 
 
-@pytest.mark.parametrize("zero_stage", [1, 2])
-def test_two_processes_give_the_loss_curve_of_one(tmp_path, zero_stage):
-    run = tiny_run("diffusion", deepspeed={"zero_stage": zero_stage})
+@pytest.mark.parametrize("zero_stage,packing", [(1, "fixed"), (2, "fixed"), (1, "per-epoch")])
+def test_two_processes_give_the_loss_curve_of_one(tmp_path, zero_stage, packing):
+    run = tiny_run("diffusion", deepspeed={"zero_stage": zero_stage}, data={"packing": packing})
     launch(run, tmp_path / "one", processes=1)
     launch(run, tmp_path / "two", processes=2)
 

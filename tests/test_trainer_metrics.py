@@ -2,6 +2,7 @@
 (spec.metrics), labelled with the run's experiment, run, arm and sweep point, holding exactly what its
 metrics.jsonl events say; the step phases account for the steps' wall time."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -29,7 +30,8 @@ sys.stdin.read()
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """(run, its events by kind, its exposition, the wall time of the whole process up to the end of training)."""
+    """(run, its events by kind, its exposition, the wall time of the whole process up to the end of training,
+    its output folder)."""
     output = tmp_path_factory.mktemp("run") / "out"
     port = free_port()
     run = tiny_run("diffusion", name="metrics", sweep={"data.epochs": [1]}, metrics={"port": port})
@@ -52,11 +54,11 @@ def finished_run(tmp_path_factory):
     events: dict[str, list[dict]] = {}
     for record in map(json.loads, (output / "metrics.jsonl").read_text().splitlines()):
         events.setdefault(record["event"], []).append(record)
-    return run, events, page, wall
+    return run, events, page, wall, output
 
 
 def test_every_series_of_the_catalogue_is_served_with_the_runs_labels(finished_run):
-    run, _, page, _ = finished_run
+    run, _, page, _, _ = finished_run
     labels = run_labels(run)
     assert labels == {"experiment": "metrics", "run": run.name, "arm": "diffusion", "point": "data.epochs=1"}
     for metric in TRAINER_METRICS + CHECKPOINT_METRICS:
@@ -68,7 +70,7 @@ def test_every_series_of_the_catalogue_is_served_with_the_runs_labels(finished_r
 
 
 def test_the_series_hold_what_the_events_say(finished_run):
-    run, events, page, _ = finished_run
+    run, events, page, _, _ = finished_run
     labels = run_labels(run)
     train, evaluation, done = events["train"][-1], events["eval"][-1], events["done"][-1]
 
@@ -92,7 +94,7 @@ def test_the_series_hold_what_the_events_say(finished_run):
 
 
 def test_the_checkpoint_series_count_the_checkpoints_the_events_record(finished_run):
-    run, events, page, _ = finished_run
+    run, events, page, _, _ = finished_run
     labels = run_labels(run)
     saved = events["checkpoint"]
     assert len(saved) == run.spec.total_steps // run.spec.checkpoint.interval_steps
@@ -107,7 +109,7 @@ def test_the_checkpoint_series_count_the_checkpoints_the_events_record(finished_
 
 
 def test_the_step_phases_split_the_steps_wall_time(finished_run):
-    run, _, page, wall = finished_run
+    run, _, page, wall, _ = finished_run
     labels = run_labels(run)
     seconds = {phase: page.value(STEP_PHASE_SECONDS.series, **labels, phase=phase) for phase in STEP_PHASES}
     assert all(value > 0 for value in seconds.values()), seconds
@@ -116,3 +118,22 @@ def test_the_step_phases_split_the_steps_wall_time(finished_run):
     assert in_steps == pytest.approx(page.value("dlm_train_step_duration_seconds_sum", **labels), rel=1e-6)
     assert seconds["checkpoint_stall"] >= page.value("dlm_checkpoint_stall_seconds_sum", **labels), \
         "the loop's wait for a checkpoint includes the store's part of it"
+
+
+def test_an_evaluation_reports_bits_per_byte_the_accuracys_error_flops_and_the_training_loss(finished_run):
+    run, events, _, _, output = finished_run
+    [evaluation] = events["eval"]  # one, at the end: the interval is longer than the run
+    data = json.loads((output / "data.json").read_text())
+    bytes_per_token = data["validation_bytes"] / data["validation_tokens"]
+    assert evaluation["val_bits_per_byte"] == pytest.approx(evaluation["val_loss"] / bytes_per_token / math.log(2))
+    a, n = evaluation["choice_accuracy"], run.spec.eval.choice_task.examples
+    assert evaluation["choice_accuracy_stderr"] == pytest.approx(math.sqrt(a * (1 - a) / n))
+    # every step logged its loss (log_interval_steps: 1): the evaluation's is their mean
+    step_losses = [e["train_loss"] for e in events["train"]]
+    assert len(step_losses) == evaluation["step"] == run.spec.total_steps
+    assert evaluation["train_loss"] == pytest.approx(sum(step_losses) / len(step_losses), rel=1e-12)
+
+    from dlmctl.trainer.loop import build_model
+
+    per_token = build_model(run, data["vocab_size"]).flops_per_token(run.spec.data.seq_len, causal=False)
+    assert evaluation["flops"] == pytest.approx(per_token * evaluation["tokens"], rel=1e-12)

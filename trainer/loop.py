@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -112,11 +113,13 @@ def _train(run: Run, output: Path, world: World, held: _Held) -> int:
     flops_per_token = model.flops_per_token(spec.data.seq_len, causal=run.arm is Arm.autoregressive)
     clock = StepClock(world.device)
     interval_steps, interval_seconds = 0, 0.0  # since the last step that logged: its throughput
+    since_eval = _LossMean()  # training losses since the last evaluation (after a resume: since the resume)
     step = start_step
     stop_now = False
     while step < total_steps and not stop_now:
         clock.start()
         train_loss = _train_step(run, engine, batches, data.tokenizer.mask_id, step, accumulation, world, clock)
+        since_eval.add(train_loss)
         step += 1
         stop_now, failure = _stop_or_failure(stop.requested, store, world)
         if failure:  # a permanent store error, or an outage past the retry deadline: training on saves nothing
@@ -137,7 +140,8 @@ def _train(run: Run, output: Path, world: World, held: _Held) -> int:
         if log_now:
             interval_steps, interval_seconds = 0, 0.0
         if step % spec.eval.interval_steps == 0 or step == total_steps:
-            _evaluate(evaluator, engine, metrics, step, total_steps, batches, spec, world)
+            _evaluate(evaluator, engine, metrics, step, total_steps, batches, spec, world,
+                      flops=flops_per_token * step * tokens_per_step, train_loss=since_eval.take())
         if step % spec.checkpoint.interval_steps == 0 or step == total_steps or stop_now:
             began = time.perf_counter()
             checkpointing.save(store, engine, batches, step, world, metrics if world.is_main else None)
@@ -218,14 +222,31 @@ def _train_step(run: Run, engine, batches, mask_id: int, step: int, accumulation
     return _mean_over_ranks(total / accumulation, world)
 
 
-def _evaluate(evaluator, engine, metrics, step, total_steps, batches, spec, world):
+def _evaluate(evaluator, engine, metrics, step, total_steps, batches, spec, world, *, flops, train_loss):
     result = evaluator.run(engine.module)
     if world.is_main:
         metrics.evaluation(step=step, total_steps=total_steps,
                            epoch=batches.epoch_at(),
-                           tokens=step * spec.global_batch_sequences * spec.data.seq_len, **result)
-        log.info("eval step %d: validation loss %.4f ± %.4f, choice accuracy %s", step, result["val_loss"],
-                 result["val_loss_stderr"], result.get("choice_accuracy"))
+                           tokens=step * spec.global_batch_sequences * spec.data.seq_len, flops=flops,
+                           train_loss=train_loss, **result)
+        log.info("eval step %d: validation loss %.4f ± %.4f (%.4f bits/byte), choice accuracy %s", step,
+                 result["val_loss"], result["val_loss_stderr"], result.get("val_bits_per_byte", math.nan),
+                 result.get("choice_accuracy"))
+
+
+class _LossMean:
+    """Mean of the step losses added since the last `take()` (None when there were none)."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def add(self, loss: float) -> None:
+        self.total, self.count = self.total + loss, self.count + 1
+
+    def take(self):
+        mean = self.total / self.count if self.count else None
+        self.total, self.count = 0.0, 0
+        return mean
 
 
 def _prepare_data_once(run: Run, output: Path, world: World):

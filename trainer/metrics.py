@@ -170,14 +170,19 @@ class TrainMetrics:
         for phase, value in seconds.items():
             self.phase_seconds[phase].inc(value)
 
-    def evaluation(self, *, step, total_steps, epoch, tokens, val_loss, val_loss_stderr, choice_accuracy=None):
+    def evaluation(self, *, step, total_steps, epoch, tokens, val_loss, val_loss_stderr, val_bits_per_byte=None,
+                   choice_accuracy=None, choice_accuracy_stderr=None, flops=None, train_loss=None):
+        """An evaluation at `step`: the `Evaluator`'s results, the training FLOPs spent so far (`flops`) and
+        the mean training loss since the previous evaluation (`train_loss`)."""
         self.val_loss.set(val_loss)
         self.val_loss_stderr.set(val_loss_stderr)
         self.val_tokens.set(tokens)
         if choice_accuracy is not None:
             self.accuracy.set(choice_accuracy)
         self.write("eval", step=step, total_steps=total_steps, epoch=epoch, tokens=tokens, val_loss=val_loss,
-                   val_loss_stderr=val_loss_stderr, choice_accuracy=choice_accuracy)
+                   val_loss_stderr=val_loss_stderr, val_bits_per_byte=val_bits_per_byte,
+                   choice_accuracy=choice_accuracy, choice_accuracy_stderr=choice_accuracy_stderr, flops=flops,
+                   train_loss=train_loss)
 
     def checkpoint_saved(self, info) -> None:
         """A CheckpointStore's `on_saved`: the checkpoint's manifest is written, a run can resume from it."""
