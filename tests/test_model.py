@@ -186,3 +186,54 @@ def test_activation_checkpointing_wraps_blocks_from_outside():
     model(idx, causal=False).square().mean().backward()
     for expected, p in zip(reference, model.parameters()):
         torch.testing.assert_close(p.grad, expected)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_key_padding_makes_each_row_its_prefix_run_alone(causal, n_kv_head):
+    torch.manual_seed(0)
+    model = Transformer(tiny_shape(n_kv_head=n_kv_head)).eval()
+    idx, lengths = torch.randint(0, 50, (3, 12)), torch.tensor([12, 5, 1])
+    padded = model(idx, causal=causal, lengths=lengths)
+    for row, length in enumerate(lengths.tolist()):
+        alone = model(idx[row:row + 1, :length], causal=causal)[0]
+        torch.testing.assert_close(padded[row, :length], alone, atol=1e-5, rtol=1e-5)
+    # Full lengths hide nothing: the same logits as no key padding.
+    torch.testing.assert_close(model(idx, causal=causal, lengths=torch.full((3,), 12)), model(idx, causal=causal),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_key_padding_only_masks_attention_when_asked(monkeypatch):
+    """Without lengths SDPA gets no mask (its fused kernels stay available); with them, a [B, 1, 1, T] one."""
+    model, idx = Transformer(tiny_shape()), torch.randint(0, 50, (2, 6))
+    sdpa, masks = F.scaled_dot_product_attention, []
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: masks.append((kw["attn_mask"], kw["is_causal"])) or sdpa(q, k, v, **kw))
+    model(idx, causal=False)
+    assert masks[0] == (None, False)
+    model(idx, causal=False, lengths=torch.tensor([6, 2]))
+    mask, is_causal = masks[model.shape.n_layer]
+    assert mask.shape == (2, 1, 1, 6) and not is_causal
+    assert mask[1, 0, 0].tolist() == [True, True, False, False, False, False]
+
+
+def test_key_padding_is_refused_with_a_kv_cache():
+    model = Transformer(tiny_shape())
+    with pytest.raises(ValueError, match="lengths"):
+        model(torch.zeros(1, 4, dtype=torch.long), causal=True, kv_cache=model.new_kv_cache(1),
+              lengths=torch.tensor([2]))
+
+
+def test_key_padding_passes_through_checkpointed_blocks():
+    from dlmctl.trainer.engine import apply_activation_checkpointing
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_shape())
+    idx, lengths = torch.randint(0, 50, (2, 8)), torch.tensor([8, 3])
+    model(idx, causal=False, lengths=lengths).square().mean().backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    apply_activation_checkpointing(model)
+    model(idx, causal=False, lengths=lengths).square().mean().backward()
+    for expected, p in zip(reference, model.parameters()):
+        torch.testing.assert_close(p.grad, expected)

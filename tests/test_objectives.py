@@ -1,7 +1,8 @@
 """The masked-diffusion and autoregressive objectives: their expectations, masking statistics,
-label conventions and rank-independent randomness."""
+label conventions, random lengths and rank-independent randomness."""
 import math
 
+import pydantic
 import pytest
 import torch
 
@@ -9,7 +10,8 @@ from dlmctl.spec import ModelShape
 from dlmctl.spec.sections import AutoregressiveSpec, DiffusionSpec, ObjectiveSpec
 from dlmctl.trainer.model import Transformer
 from dlmctl.trainer.objectives import (
-    ar_loss, diffusion_loss, diffusion_mask, mask_probability, objective_loss, step_length,
+    ar_input_mask, ar_loss, diffusion_loss, diffusion_mask, keyed_uniforms, mask_probability, objective_loss,
+    sequence_lengths,
 )
 
 V, MASK = 64, 63
@@ -133,18 +135,21 @@ def test_diffusion_predicts_the_clean_token_at_the_same_position_and_ar_the_next
 
 
 def test_loss_is_normalised_by_rows_times_sequence_length():
-    x = tokens(4, 12)
-    noisy, masked, _, p = diffusion_mask(x, indices(5, 4), 5, 1, DiffusionSpec(), MASK, 4)
-    model = tiny_model()
-    logits = model(noisy, causal=False)
-    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x, reduction="none")
-    realized = masked.float().mean(1, keepdim=True)
-    expected = (ce * masked / realized).sum() / (4 * 12)
-    loss, stats = diffusion_loss(model, x, indices(5, 4), 5, 1, DiffusionSpec(), MASK, 4)
-    torch.testing.assert_close(loss, expected)
-    sampled = (ce * masked / p[:, None].float()).sum() / (4 * 12)
-    torch.testing.assert_close(diffusion_loss(model, x, indices(5, 4), 5, 1, DiffusionSpec(loss_weight="sampled"), MASK, 4)[0], sampled)
-    assert stats["mask_ratio"].item() == pytest.approx(realized.mean().item())
+    x, model = tokens(4, 12), tiny_model()
+    for cfg in (DiffusionSpec(), DiffusionSpec(eps=1e-3, loss_weight="sampled")):
+        noisy, masked, _, p = diffusion_mask(x, indices(5, 4), 5, 1, cfg, MASK, 4)
+        ce = torch.nn.functional.cross_entropy(model(noisy, causal=False).transpose(1, 2), x, reduction="none")
+        realized = masked.float().mean(1, keepdim=True)
+        weight = realized if cfg.loss_weight == "realized" else p[:, None].float()
+        expected = (ce * masked / weight).sum() / (4 * 12)
+        loss, stats = diffusion_loss(model, x, indices(5, 4), 5, 1, cfg, MASK, 4)
+        torch.testing.assert_close(loss, expected)
+        assert stats["mask_ratio"].item() == pytest.approx(realized.mean().item())
+
+
+def test_the_spec_rejects_the_sampled_weight_without_eps():
+    with pytest.raises(pydantic.ValidationError, match="loss_weight.*eps"):
+        DiffusionSpec(loss_weight="sampled", eps=0.0)
 
 
 @pytest.mark.parametrize("antithetic", [False, True])
@@ -183,18 +188,156 @@ def test_antithetic_times_stratify_the_global_batch():
         assert sorted((u * B).floor().long().tolist()) == list(range(B))
 
 
-def test_random_length_steps_are_shared_by_every_micro_batch_and_happen_at_the_configured_rate():
-    assert all(step_length(0, s, 64, 0.0) == 64 for s in range(100))
-    lengths = [step_length(0, s, 64, 1.0) for s in range(300)]
-    assert min(lengths) >= 1 and max(lengths) <= 64 and len(set(lengths)) > 30
-    cut = [step_length(9, s, 64, 0.2) < 64 for s in range(3000)]
-    rate = sum(cut) / len(cut)
-    assert rate == pytest.approx(0.2 * 63 / 64, abs=5 * math.sqrt(0.2 * 0.8 / 3000))
-    cfg, x = DiffusionSpec(random_length_fraction=1.0), tokens(4, 64)
-    step = next(s for s in range(100) if 1 < step_length(2, s, 64, 1.0) < 64)
-    _, first = diffusion_loss(UniformModel(), x[:2], indices(step, 4)[:2], step, 2, cfg, MASK, 4)
-    _, second = diffusion_loss(UniformModel(), x[2:], indices(step, 4)[2:], step, 2, cfg, MASK, 4)
-    assert first["seq_len"] == second["seq_len"] == step_length(2, step, 64, 1.0)
+def cut_batch(B=8, L=32, fraction=0.5, seed=2):
+    """A step whose micro-batch holds full rows and rows cut strictly inside (1 < l < L)."""
+    for step in range(100):
+        lengths = sequence_lengths(seed, step, indices(step, B), L, fraction)
+        if (lengths == L).any() and ((lengths > 1) & (lengths < L)).sum() >= 2:
+            return step, lengths
+    raise AssertionError("no step mixes full and cut rows")
+
+
+def test_random_lengths_cut_the_configured_fraction_of_sequences_uniformly():
+    L, n = 64, 64_000
+    index = torch.arange(n)
+    assert torch.equal(sequence_lengths(9, 4, index, L, 0.0), torch.full((n,), L))
+    # A cut sequence draws l ~ U{1..L}: it is shorter than L with probability fraction * (L - 1) / L.
+    lengths = sequence_lengths(9, 4, index, L, 0.2)
+    rate = (lengths < L).double().mean().item()
+    assert rate == pytest.approx(0.2 * (L - 1) / L, abs=5 * math.sqrt(0.2 * 0.8 / n))
+    everything_cut = sequence_lengths(9, 5, index, L, 1.0)
+    assert everything_cut.min() >= 1 and everything_cut.max() <= L
+    counts = torch.bincount(everything_cut - 1, minlength=L).double()
+    assert chi_square(counts, torch.full((L,), n / L)) < chi_square_bound(L - 1)
+    # Keyed by sample and step: other samples or steps are cut independently.
+    again = sequence_lengths(9, 4, index, L, 0.2)
+    assert torch.equal(lengths, again)
+    other_step = sequence_lengths(9, 6, index, L, 0.2)
+    both = ((lengths < L) & (other_step < L)).double().mean().item()
+    assert both == pytest.approx(rate ** 2, abs=5 * math.sqrt(rate ** 2 / n))
+
+
+def test_a_cut_row_trains_exactly_as_its_prefix_run_alone():
+    """The oracle: each row on its own, cut rows truncated to their length, with random lengths off."""
+    cfg, model, B, L = DiffusionSpec(random_length_fraction=0.5), tiny_model(), 8, 32
+    step, lengths = cut_batch(B, L)
+    x, index = tokens(B, L, step), indices(step, B)
+    loss, stats = diffusion_loss(model, x, index, step, 2, cfg, MASK, B)
+    uncut = cfg.model_copy(update={"random_length_fraction": 0.0})
+    alone = [diffusion_loss(model, x[r:r + 1, :l], index[r:r + 1], step, 2, uncut, MASK, B)[0]
+             for r, l in enumerate(lengths.tolist())]
+    torch.testing.assert_close(loss, torch.stack(alone).mean())
+    assert stats["cut_rows"] == int((lengths < L).sum())
+    # The forward process of a cut row is that of its prefix: never masked at or past l, ratio masked / l.
+    _, masked, _, _ = diffusion_mask(x, index, step, 2, cfg, MASK, B, lengths)
+    for r, l in enumerate(lengths.tolist()):
+        prefix = diffusion_mask(x[r:r + 1, :l], index[r:r + 1], step, 2, uncut, MASK, B)[1][0]
+        assert torch.equal(masked[r, :l], prefix) and not masked[r, l:].any()
+
+
+def test_positions_past_a_cut_change_neither_the_loss_nor_the_gradients():
+    cfg, B, L = DiffusionSpec(random_length_fraction=0.5), 8, 32
+    step, lengths = cut_batch(B, L)
+    x, index = tokens(B, L, step), indices(step, B)
+    perturbed = x.clone()
+    beyond = torch.arange(L) >= lengths[:, None]
+    perturbed[beyond] = (x[beyond] + 1 + torch.randint(0, MASK - 1, x.shape)[beyond]) % MASK
+    assert (perturbed != x).any(1).sum() >= 2
+
+    def loss_and_grads(batch):
+        model = tiny_model()
+        loss = diffusion_loss(model, batch, index, step, 2, cfg, MASK, B)[0]
+        loss.backward()
+        return loss, [p.grad for p in model.parameters()]
+
+    (loss, grads), (perturbed_loss, perturbed_grads) = loss_and_grads(x), loss_and_grads(perturbed)
+    torch.testing.assert_close(perturbed_loss, loss)
+    for a, b in zip(grads, perturbed_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_random_lengths_do_not_depend_on_how_the_global_batch_is_split():
+    cfg, model, B, L = DiffusionSpec(random_length_fraction=0.5), tiny_model(), 8, 32
+    step, lengths = cut_batch(B, L)
+    x, index = tokens(B, L, step), indices(step, B)
+    whole = diffusion_loss(model, x, index, step, 2, cfg, MASK, B)[0]
+    for parts in (2, 4):  # two ranks, or micro-batches of two rows
+        pieces = [(x[i::parts], index[i::parts]) for i in range(parts)]  # interleaved: rank r gets rows r, r+parts, ...
+        assert torch.equal(torch.cat([sequence_lengths(2, step, i, L, 0.5) for _, i in pieces]),
+                           torch.cat([lengths[i::parts] for i in range(parts)]))
+        losses = [diffusion_loss(model, xs, ids, step, 2, cfg, MASK, B)[0] for xs, ids in pieces]
+        torch.testing.assert_close(torch.stack(losses).mean(), whole)
+
+
+def test_the_fallback_position_of_a_cut_row_is_uniform_within_its_length():
+    """Rows with exactly one masked token (drawn or the fallback): its position is uniform over [0, l)."""
+    cfg, B, L, l = DiffusionSpec(), 4096, 16, 5
+    counts = torch.zeros(L)
+    for step in range(3):
+        x = tokens(B, L, step)
+        _, masked, _, _ = diffusion_mask(x, indices(step, B), step, 0, cfg, MASK, B, torch.full((B,), l))
+        assert masked[:, :l].any(1).all() and not masked[:, l:].any()
+        single = masked[masked.sum(1) == 1]
+        counts += single.sum(0)
+    assert counts[l:].sum() == 0 and counts.sum() > 2000
+    assert chi_square(counts[:l], torch.full((l,), counts.sum() / l)) < chi_square_bound(l - 1)
+
+
+def chi_square(observed, expected) -> float:
+    return float(((observed - expected) ** 2 / expected).sum())
+
+
+def chi_square_bound(dof: int) -> float:
+    """Mean + 5 standard deviations of a chi-square with `dof` degrees of freedom: the draws are keyed,
+    so this is a fixed outcome rather than a flaky one, and a biased generator lands far above it."""
+    return dof + 5 * math.sqrt(2 * dof)
+
+
+def test_keyed_uniforms_are_uniform_and_uncorrelated_across_positions_samples_steps_and_seeds():
+    n_samples, n_positions = 512, 512
+    u = keyed_uniforms(7, 3, torch.arange(n_samples), "diffusion-mask", n_positions)
+    assert u.dtype == torch.float64 and u.shape == (n_samples, n_positions)
+    # Kolmogorov-Smirnov against U(0, 1); 1.95 / sqrt(n) is the 0.1% critical value.
+    flat = u.flatten().sort().values
+    n = flat.numel()
+    grid = torch.arange(1, n + 1, dtype=torch.float64) / n
+    ks = max((grid - flat).max().item(), (flat - (grid - 1 / n)).max().item())
+    assert ks < 1.95 / math.sqrt(n)
+    # Neighbouring positions, samples, steps and seeds: correlation ~ N(0, 1/n), and pairs fill the unit
+    # square uniformly (a 16 x 16 chi-square catches dependence a correlation misses).
+    pairs = {
+        "positions": (u[:, :-1], u[:, 1:]),
+        "samples": (u[:-1], u[1:]),
+        "steps": (u, keyed_uniforms(7, 4, torch.arange(n_samples), "diffusion-mask", n_positions)),
+        "seeds": (u, keyed_uniforms(8, 3, torch.arange(n_samples), "diffusion-mask", n_positions)),
+        "streams": (u, keyed_uniforms(7, 3, torch.arange(n_samples), "ar-input-mask", n_positions)),
+    }
+    for name, (a, b) in pairs.items():
+        a, b = a.flatten(), b.flatten()
+        correlation = torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+        assert abs(correlation) < 5 / math.sqrt(a.numel()), name
+        cells = torch.bincount((a * 16).long() * 16 + (b * 16).long(), minlength=256).double()
+        assert chi_square(cells, torch.full((256,), a.numel() / 256)) < chi_square_bound(255), name
+
+
+def test_keyed_uniforms_of_a_sample_are_its_own_and_a_shorter_row_is_a_prefix():
+    whole = keyed_uniforms(1, 2, torch.tensor([5, 9, 11]), "s", 40)
+    assert torch.equal(keyed_uniforms(1, 2, torch.tensor([9]), "s", 40)[0], whole[1])
+    assert torch.equal(keyed_uniforms(1, 2, torch.tensor([11, 5]), "s", 7), whole[[2, 0], :7])
+
+
+def test_keyed_bernoulli_draws_are_the_uniforms_below_each_rows_probability():
+    index, p = torch.arange(40), torch.linspace(0, 1, 40, dtype=torch.float64)
+    u = keyed_uniforms(3, 1, index, "s", 300)
+    assert torch.equal(keyed_uniforms(3, 1, index, "s", 300, below=p), u < p[:, None])
+
+
+def test_ar_input_mask_rate_and_keys():
+    x, index = tokens(64, 256), indices(2, 64)
+    masked = ar_input_mask(x, index, 2, 4, 0.3)
+    assert masked.float().mean().item() == pytest.approx(0.3, abs=5 * math.sqrt(0.3 * 0.7 / masked.numel()))
+    assert torch.equal(ar_input_mask(x[10:12], index[10:12], 2, 4, 0.3), masked[10:12])
+    assert not torch.equal(ar_input_mask(x, index, 3, 4, 0.3), masked)
 
 
 def test_ar_input_masking_replaces_inputs_only():

@@ -84,13 +84,14 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(shape.head_dim, shape.norm_eps) if shape.qk_norm else nn.Identity()
         self.attention_dropout = shape.attention_dropout
 
-    def forward(self, x, cos, sin, causal: bool, kv_cache: KVCache | None = None, start_pos: int = 0):
+    def forward(self, x, cos, sin, causal: bool, kv_cache: KVCache | None = None, start_pos: int = 0,
+                attn_mask: torch.Tensor | None = None):
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask, is_causal = None, causal
+        mask, is_causal = attn_mask, causal and attn_mask is None  # a given mask already holds causality
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v, start_pos)
             if start_pos > 0:  # queries sit at start_pos..start_pos+T-1 and may see every key up to themselves
@@ -125,8 +126,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(shape)
         self.dropout = nn.Dropout(shape.dropout)
 
-    def forward(self, x, cos, sin, causal: bool, kv_cache: KVCache | None = None, start_pos: int = 0):
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, causal, kv_cache, start_pos))
+    def forward(self, x, cos, sin, causal: bool, kv_cache: KVCache | None = None, start_pos: int = 0,
+                attn_mask: torch.Tensor | None = None):
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, causal, kv_cache, start_pos, attn_mask))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -155,18 +157,36 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def forward(self, idx: torch.Tensor, *, causal: bool, kv_cache: KVCache | None = None, start_pos: int = 0):
-        """idx [B, T] -> logits [B, T, V]. causal=True for AR, False (bidirectional) for DLM."""
+    def forward(self, idx: torch.Tensor, *, causal: bool, kv_cache: KVCache | None = None, start_pos: int = 0,
+                lengths: torch.Tensor | None = None):
+        """idx [B, T] -> logits [B, T, V]. causal=True for AR, False (bidirectional) for DLM.
+
+        lengths [B] (key padding): row b's positions >= lengths[b] are hidden as attention keys, so its
+        first lengths[b] outputs are those of the row cut to that length. Leave it None when no row is
+        cut: only then can scaled_dot_product_attention use its unmasked (flash) kernels."""
         T = idx.shape[1]
         if start_pos + T > self.shape.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len {self.shape.max_seq_len}")
         if kv_cache is not None and not causal:
             raise ValueError("a KV cache only applies to causal (autoregressive) decoding")
+        if kv_cache is not None and lengths is not None:
+            raise ValueError("lengths (key padding) does not combine with a KV cache")
+        attn_mask = None
+        if lengths is not None:
+            keys = torch.arange(T, device=idx.device)
+            attn_mask = (keys < lengths.to(idx.device)[:, None])[:, None, None, :]  # [B, 1, 1, T]
+            if causal:
+                attn_mask = attn_mask & (keys[None, :] <= keys[:, None])  # [B, 1, T, T]
         positions = torch.arange(start_pos, start_pos + T, device=idx.device)
         cos, sin = rope_angles(positions, self.shape.head_dim, self.shape.rope_theta)
         x = self.dropout(self.embed(idx))
         for block in self.blocks:
-            x = block(x, cos, sin, causal) if kv_cache is None else block(x, cos, sin, causal, kv_cache, start_pos)
+            if kv_cache is not None:
+                x = block(x, cos, sin, causal, kv_cache, start_pos)
+            elif attn_mask is not None:  # positional: a checkpoint wrapper around the block may take no keywords
+                x = block(x, cos, sin, causal, None, 0, attn_mask)
+            else:
+                x = block(x, cos, sin, causal)
         return self.lm_head(self.norm(x))
 
     def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
