@@ -70,7 +70,9 @@ def export(
         "--output", "-o", help="a folder, or an s3:// URI (written to <URI>/export/); default: <checkpoint uri>/export/"
     )] = None,
 ) -> None:
-    """Export a trained run's newest verified checkpoint as safetensors + config.json + tokenizer.json."""
+    """Export a trained run's newest verified checkpoint as a Hugging Face transformers checkpoint: AR as Llama
+    (Qwen3 with QK-norm) for AutoModelForCausalLM, DLM with its bidirectional code for AutoModelForMaskedLM
+    (trust_remote_code=True); safetensors, config.json and the tokenizer for AutoTokenizer."""
     fn = trainer_function("export", "export_run")
     written = fn(run_dir(ctx, run), output)
     typer.echo(f"exported {run} to {written}")

@@ -54,7 +54,9 @@ def test_submit_wait_trains_both_arms_and_prints_the_comparison(home, tmp_path, 
     assert {r["phase"] for r in status["runs"]} == {"Succeeded"}
 
     assert main(["export", "laptop-ar", "-o", str(tmp_path / "exported")]) == 0
-    assert {p.name for p in (tmp_path / "exported").iterdir()} == {"model.safetensors", "config.json", "tokenizer.json"}
+    assert {p.name for p in (tmp_path / "exported").iterdir()} == {  # a transformers Llama (tests/test_export_hf.py)
+        "model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+        "special_tokens_map.json"}
     for run in ("laptop-dlm", "laptop-ar"):
         capsys.readouterr()
         assert main(["sample", run, "--prompt", "def ", "--max-new-tokens", "8"]) == 0
