@@ -122,11 +122,12 @@ def test_tied_and_untied_parameter_counts():
 def test_published_1b_shape_builds_on_the_meta_device():
     shape = ModelSpec(preset="1b").resolve(vocab_size=50_304, max_seq_len=2048)
     assert (shape.n_layer, shape.d_model, shape.n_head, shape.d_ff, shape.tie_embeddings) == (26, 1792, 14, 4736, True)
+    assert (shape.qk_norm, shape.norm_eps) == (True, 1e-6), "MegaDLMs' gpt2_1b_dlm: QK-norm, RMSNorm eps 1e-6"
     with torch.device("meta"):
         model = Transformer(shape)
-    per_layer = 4 * 1792**2 + 3 * 1792 * 4736 + 2 * 1792
+    per_layer = 4 * 1792**2 + 3 * 1792 * 4736 + 2 * 1792 + 2 * 128  # + the per-head q and k norms (head_dim 128)
     assert model.num_params() == 26 * per_layer + 1792 + 50_304 * 1792 == expected_params(shape)
-    assert model.num_params(exclude_embeddings=True) == 996_045_568  # ~1.0B non-embedding
+    assert model.num_params(exclude_embeddings=True) == 996_052_224  # ~1.0B non-embedding
 
 
 def test_published_1_7b_shape_builds_on_the_meta_device():
