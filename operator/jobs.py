@@ -104,6 +104,23 @@ def job_gpus(run: Run) -> int:
     return run.spec.resources.nodes * run.spec.resources.gpus_per_node
 
 
+def threads_per_process(run: Run) -> int:
+    """CPU threads of each trainer process in a pod: the pod's CPUs (its limit, equal to its request)
+    shared by its processes, at least 1."""
+    from kubernetes.utils import parse_quantity
+
+    res = run.spec.resources
+    return max(1, int(parse_quantity(res.cpu_request) // res.procs_per_node))
+
+
+def thread_env(run: Run) -> list[k.V1EnvVar]:
+    """OpenMP/MKL threads per process, waiting passively: threads that spin-wait on cores another process
+    needs burn several times the CPU of the work itself."""
+    threads = str(threads_per_process(run))
+    return [_new(k.V1EnvVar, name=name, value=value)
+            for name, value in (("OMP_NUM_THREADS", threads), ("MKL_NUM_THREADS", threads), ("OMP_WAIT_POLICY", "PASSIVE"))]
+
+
 def _pod_template(run: Run, labels: dict[str, str]) -> k.V1PodTemplateSpec:
     spec, res = run.spec, run.spec.resources
     annotations = None
@@ -132,7 +149,7 @@ def _pod_template(run: Run, labels: dict[str, str]) -> k.V1PodTemplateSpec:
         name=CONTAINER,
         image=res.image,
         command=[*TORCHRUN, "-m", "dlmctl.trainer", "--output", OUTPUT_DIR],
-        env=[_new(k.V1EnvVar, name=RUN_SPEC_ENV, value=run.model_dump_json())],
+        env=[_new(k.V1EnvVar, name=RUN_SPEC_ENV, value=run.model_dump_json()), *thread_env(run)],
         env_from=env_from,
         ports=ports,
         resources=_new(k.V1ResourceRequirements, requests=dict(quantities), limits=dict(quantities)),

@@ -354,3 +354,158 @@ def test_each_fresh_submission_has_its_own_token_and_a_resubmission_keeps_it():
     assert first and second and first != second
     assert _pending_state(False, keep=first)["fresh"] == first
     assert "fresh" not in _pending_state(False)
+
+
+# ---- 6. following progress ------------------------------------------------------------------------
+
+
+def metrics_lines(steps, base=5.0, time=1000.0):
+    """metrics.jsonl lines of a run (the trainer's own writer): a start, then train, checkpoint and eval events."""
+    from dlmctl.trainer.metrics import build_event, event_line
+
+    lines = [event_line(build_event("start", time=time, step=0, total_steps=100, world_size=1, parameters=1000))]
+    for step in steps:
+        at = dict(step=step, total_steps=100, epoch=step / 100, tokens=step * 64)
+        lines.append(event_line(build_event("train", time=time + step, train_loss=base / step, lr=1e-3, **at)))
+        if step % 4 == 0:
+            lines.append(event_line(build_event("checkpoint", time=time + step, step=step, epoch=step / 100,
+                                                uri=f"store/step-{step}")))
+            lines.append(event_line(build_event("eval", time=time + step, val_loss=base / step + 0.1, **at)))
+    return [line.encode() for line in lines]
+
+
+def folded_whole(path):
+    """The reference: every event of the file's complete lines folded from scratch."""
+    from dlmctl.spec.contracts import fold_progress, parse_event
+
+    data = path.read_bytes()
+    return fold_progress(e for e in (parse_event(json.loads(line)) for line in data[:data.rfind(b"\n") + 1].splitlines())
+                         if e is not None)
+
+
+class CountingOpen:
+    """Stands in for `open` in local_state: counts the bytes read through the files it opens."""
+
+    def __init__(self):
+        self.bytes = 0
+
+    def __call__(self, *args, **kwargs):
+        f = open(*args, **kwargs)
+        counter = self
+        read = f.read
+
+        def counted(*a):
+            data = read(*a)
+            counter.bytes += len(data)
+            return data
+
+        f.read = counted
+        return f
+
+    def take(self):
+        count, self.bytes = self.bytes, 0
+        return count
+
+
+@pytest.fixture
+def follower(monkeypatch):
+    from dlmctl.cli.backends import local_state
+
+    counting = CountingOpen()
+    monkeypatch.setattr(local_state, "open", counting, raising=False)
+    return local_state.ProgressFollower(), counting
+
+
+def test_following_reads_only_the_appended_lines(tmp_path, follower):
+    follow, opened = follower
+    path = tmp_path / "metrics.jsonl"
+    lines = metrics_lines(range(1, 101))
+    path.write_bytes(b"".join(lines[:140]))
+    assert follow.read(path) == folded_whole(path)
+    assert opened.take() == path.stat().st_size, "the first read reads the file once"
+
+    with open(path, "ab") as f:
+        appended = b"".join(lines[140:143])
+        f.write(appended + lines[143][:20])  # and the start of the next line, still being written
+    assert follow.read(path) == folded_whole(path)
+    checked = len(lines[0]) + len(lines[139])  # still the same file? its first line and the last one folded
+    assert opened.take() <= checked + len(appended) + 20 < path.stat().st_size / 10
+
+    with open(path, "ab") as f:
+        f.write(lines[143][20:])
+    assert follow.read(path) == folded_whole(path)
+    assert opened.take() <= len(lines[0]) + len(lines[142]) + len(lines[143])
+    assert follow.read(path) == folded_whole(path)
+    assert opened.take() <= len(lines[0]) + len(lines[143]), "nothing new: only the check"
+
+
+REWRITES = {
+    # a resumed real trainer: the events up to its checkpoint, through os.replace (a new file)
+    "replaced, cut back to the checkpoint": lambda path, kept, new: _replace(path, kept + new),
+    # a resumed trainer writing in place: the same file, cut back (shorter than what was folded)
+    "cut back in place": lambda path, kept, new: path.write_bytes(kept),
+    # the same file, cut back and grown past the old end before the next read: the line before it changed
+    "cut back in place and grown again": lambda path, kept, new: path.write_bytes(kept + new),
+    # another run's file in its place: a different first line
+    "rewritten from its first line": lambda path, kept, new: path.write_bytes(
+        b"".join(metrics_lines(range(1, 120), base=9.0, time=5000.0))),
+}
+
+
+def _replace(path, data):
+    tmp = path.with_name(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+@pytest.mark.parametrize("rewrite", REWRITES)
+def test_a_rewritten_file_is_folded_again_from_its_start(tmp_path, follower, rewrite):
+    follow, opened = follower
+    path = tmp_path / "metrics.jsonl"
+    first = metrics_lines(range(1, 41))
+    path.write_bytes(b"".join(first))
+    before = follow.read(path)
+    assert before.step == 40 and len(before.evals) == 10
+
+    # the run resumes from its checkpoint at step 20: the events after it are dropped and logged again
+    kept = b"".join(line for line in first if json.loads(line).get("step", 0) <= 20)
+    again = b"".join(metrics_lines(range(21, 45), base=7.0, time=3000.0)[1:])
+    REWRITES[rewrite](path, kept, again)
+    after = follow.read(path)
+    assert after == folded_whole(path), "the same as reading the whole file anew"
+    assert after != before
+    assert before.step == 40 and len(before.evals) == 10, "what was returned before is left alone"
+
+
+def test_a_damaged_appended_line_is_named_by_its_line_number_every_time(tmp_path, follower):
+    from dlmctl.cli.backends.local_state import CorruptState
+
+    follow, _ = follower
+    path = tmp_path / "metrics.jsonl"
+    lines = metrics_lines(range(1, 9))
+    path.write_bytes(b"".join(lines))
+    assert follow.read(path, "tiny").step == 8
+    with open(path, "ab") as f:
+        f.write(b'{"event": "train", "st\n')
+    for _ in range(2):
+        with pytest.raises(CorruptState, match=f"line {len(lines) + 1} is not valid JSON"):
+            follow.read(path, "tiny")
+    assert follow.read(path).step == 8, "read tolerantly, the damaged line is skipped"
+
+
+def test_get_wait_follows_each_runs_metrics_without_reading_them_again(capsys, home, finished_experiments, follower):
+    from dlmctl.trainer.metrics import build_event, event_line
+
+    _, opened = follower
+    shutil.copytree(finished_experiments, home / "experiments")
+    backend = LocalBackend()  # `get --wait` asks the same backend every second
+    metrics = {run: run_dir(home, "good", run) / "metrics.jsonl" for run in ("good-dlm", "good-ar")}
+    assert [r.step for r in backend.get("good").status.runs] == [4, 4]
+    assert opened.take() == sum(p.stat().st_size for p in metrics.values())
+
+    checked = sum(len(lines[0]) + len(lines[-1]) for lines in (p.read_bytes().splitlines(True) for p in metrics.values()))
+    line = event_line(build_event("train", step=5, total_steps=5, epoch=2.0, tokens=5 * 8 * 64, train_loss=0.5)).encode()
+    with open(metrics["good-ar"], "ab") as f:
+        f.write(line)
+    assert [(r.step, r.train_loss) for r in backend.get("good").status.runs] == [(4, 1.25), (5, 0.5)]
+    assert opened.take() <= checked + len(line) < sum(p.stat().st_size for p in metrics.values()) / 2

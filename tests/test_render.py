@@ -2,7 +2,9 @@
 models, and accepted by a real API server and the training-operator's validating webhook."""
 import copy
 import json
+import math
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -100,6 +102,29 @@ def test_cpu_and_memory_follow_the_gpus_unless_the_spec_sets_them():
     assert container(jobs()[0])["resources"]["limits"] == {"cpu": "4", "memory": "16Gi"}, "no GPUs: a small pod"
     explicit = job_for(resources={"gpus_per_node": 8, "cpu": "48", "memory": "500Gi"}, batch={"micro_batch_sequences": 4})
     assert container(explicit)["resources"]["requests"] == {"cpu": "48", "memory": "500Gi", "nvidia.com/gpu": "8"}
+
+
+def cpus(quantity: str) -> Fraction:
+    """A Kubernetes CPU quantity as the spec allows it (decimal cores, or millicores with `m`)."""
+    return Fraction(quantity[:-1]) / 1000 if quantity.endswith("m") else Fraction(quantity)
+
+
+@pytest.mark.parametrize("resources, cpu, procs", [
+    ({"gpus_per_node": 8}, "80", 8),  # the default: 10 CPUs per GPU, a process per GPU
+    ({"gpus_per_node": 8, "cpu": "48", "processes_per_node": 8}, "48", 8),
+    ({"cpu": "7", "processes_per_node": 2}, "7", 2),
+    ({"cpu": "2.5"}, "2.5", 1),
+    ({"cpu": "1500m", "processes_per_node": 1}, "1500m", 1),
+    ({"cpu": "500m"}, "500m", 1),  # less than a core: still one thread
+    ({"gpus_per_node": 4, "cpu": "2"}, "2", 4),
+])
+def test_each_trainer_process_gets_its_share_of_the_pods_cpus_as_passive_openmp_threads(resources, cpu, procs):
+    batch = {"micro_batch_sequences": 4} if procs > 1 else {}
+    c = container(job_for(resources=resources, batch=batch))
+    assert c["resources"]["limits"]["cpu"] == cpu and c["resources"]["requests"]["cpu"] == cpu
+    threads = str(max(1, math.floor(cpus(cpu) / procs)))
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert (env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"], env["OMP_WAIT_POLICY"]) == (threads, threads, "PASSIVE")
 
 
 def test_s3_credentials_are_only_a_secret_reference():

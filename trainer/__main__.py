@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     from .checkpointing import RunFailed
     from .loop import train
 
+    apply_thread_count()
     try:
         return train(run, output)
     except RunFailed as err:
@@ -58,6 +59,25 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr, flush=True)
         _termination_message(f"error: {err}")
         return err.exit_code
+
+
+def apply_thread_count() -> int:
+    """torch's CPU threads from OMP_NUM_THREADS (set by the local supervisor and in a pod from the CPUs per
+    process), should torch not have taken it already; logged once per node. Returns the count in use."""
+    import logging
+
+    import torch
+
+    wanted = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if wanted.isdigit() and int(wanted) >= 1 and torch.get_num_threads() != int(wanted):
+        torch.set_num_threads(int(wanted))
+    threads = torch.get_num_threads()
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        logging.getLogger("dlmctl.trainer").info(
+            "%d CPU threads per process (OMP_NUM_THREADS=%s, OMP_WAIT_POLICY=%s)", threads,
+            wanted or "unset", os.environ.get("OMP_WAIT_POLICY", "unset"))
+    return threads
 
 
 def _termination_message(text: str, path: Path = Path("/dev/termination-log")) -> None:

@@ -37,12 +37,14 @@ from .local_state import (
     CorruptState,
     ExperimentDir,
     LockBusy,
+    ProgressFollower,
     corrupt,
     experiment_lock,
     experiments_dir,
     find_process,
     home,
     iter_experiment_dirs,
+    newest_checkpoint_step,
     now,
     read_events,
     read_json,
@@ -66,6 +68,9 @@ UNKNOWN_PHASE = "Unknown"  # `list` for an experiment whose state cannot be read
 
 class LocalBackend(Backend):
     name = "local"
+
+    def __init__(self):
+        self._progress = ProgressFollower()  # `get --wait` asks every second: read only what was appended
 
     # -- submit ---------------------------------------------------------------------------------
     def submit(self, experiment: "Experiment", replace: bool = False, fresh: bool = False) -> list[str]:
@@ -166,7 +171,7 @@ class LocalBackend(Backend):
                 _note(f"{run.name} starts over at step 0; its previous output is kept in {aside}")
             folder.mkdir(parents=True, exist_ok=True)
             if not fresh:
-                step = _progress(exp.metrics(run.name)).get("last_checkpoint_step")
+                step = newest_checkpoint_step(exp.metrics(run.name))
                 if step is not None:
                     _note(f"{run.name} resumes from its checkpoint at step {step} (`--fresh` starts it over)")
             write_text(exp.run_json(run.name), text)
@@ -249,6 +254,7 @@ class LocalBackend(Backend):
         cannot be read (never a guess: a damaged experiment must not look finished)."""
         from dlmctl.spec import ExperimentStatus, RunStatus
         from dlmctl.spec.contracts import RunPhase, experiment_phase
+        from dlmctl.spec.experiment import status_progress
 
         from .local_supervisor import SUPERVISOR_LOST
 
@@ -260,7 +266,7 @@ class LocalBackend(Backend):
         runs = []
         for run in supervisor["runs"]:
             state, doc = exp.load_state(run), exp.load_run(run)
-            progress = _progress(exp.metrics(run), exp.name)
+            progress = status_progress(self._progress.read(exp.metrics(run), exp.name))
             phase, reason, message = RunPhase(state["phase"]), state.get("reason"), state.get("message")
             if not phase.terminal and gone:
                 left = processes.of(exp.key, run)
@@ -405,21 +411,6 @@ class _Processes:
                 if EXPERIMENT_ENV in env and process.pid != os.getpid():
                     self._found.setdefault((env[EXPERIMENT_ENV], env.get(RUN_ENV, "")), []).append(process.pid)
         return sorted(self._found.get((experiment, run), []))
-
-
-def _progress(metrics: Path, experiment: Optional[str] = None) -> dict[str, Any]:
-    """The run's position, losses and newest checkpoint, folded from its metrics events (with
-    `experiment`, a damaged line raises CorruptState; without, it is skipped). Includes
-    last_checkpoint_step only when read without `experiment` (not a RunStatus field)."""
-    from dlmctl.spec.contracts import fold_progress
-    from dlmctl.spec.experiment import status_progress
-
-    events, _ = read_events(metrics, experiment=experiment)
-    progress = fold_progress(events)
-    fields = status_progress(progress)
-    if experiment is None:
-        fields["last_checkpoint_step"] = progress.last_checkpoint_step
-    return fields
 
 
 def _spec_of(experiment: "Experiment") -> dict[str, Any]:

@@ -31,14 +31,17 @@ import os
 import signal
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Optional
 
 from ..errors import UserError
 
 if TYPE_CHECKING:
     import psutil
+
+    from dlmctl.spec.contracts import RunProgress
 
 HOME_ENV = "DLMCTL_HOME"
 # In every trainer process's environment: which experiment (its folder), run and submission it belongs to.
@@ -239,9 +242,16 @@ def read_events(path: Path, offset: int = 0, experiment: Optional[str] = None) -
     the offset to continue from. Other tools' lines (JSON objects that are not events) are skipped. A
     line that is not JSON, or an event that breaks its contract, is skipped too -- unless `experiment`
     is given: then it raises CorruptState naming the file and the line."""
+    lines, end = read_lines(path, offset)
+    where = (lambda n: f"line {n}") if offset == 0 else (lambda n: f"line {n} after byte {offset}")
+    return parse_events(lines, path, experiment, where), end
+
+
+def parse_events(lines: Iterable[str], path: Path, experiment: Optional[str] = None,
+                 where: Callable[[int], str] = lambda n: f"line {n}") -> list:
+    """The events of metrics lines (see read_events); `where(n)` names the n-th line in an error."""
     from dlmctl.spec.contracts import EVENT_TYPES, parse_event
 
-    lines, end = read_lines(path, offset)
     events = []
     for number, line in enumerate(lines, 1):
         try:
@@ -253,9 +263,77 @@ def read_events(path: Path, offset: int = 0, experiment: Optional[str] = None) -
             events.append(event)
         elif experiment is not None and (record is _BROKEN or (isinstance(record, dict) and record.get("event") in EVENT_TYPES)):
             what = "is not valid JSON" if record is _BROKEN else f"is not a valid {record['event']!r} event"
-            where = f"line {number}" if offset == 0 else f"line {number} after byte {offset}"
-            raise corrupt(experiment, path, f"{where} {what}: {line[:80]!r}")
-    return events, end
+            raise corrupt(experiment, path, f"{where(number)} {what}: {line[:80]!r}")
+    return events
+
+
+def newest_checkpoint_step(metrics: Path) -> Optional[int]:
+    """The step of a run's newest checkpoint, from its metrics events (damaged lines skipped)."""
+    from dlmctl.spec.contracts import fold_progress
+
+    return fold_progress(read_events(metrics)[0]).last_checkpoint_step
+
+
+@dataclass
+class _Followed:
+    inode: int
+    offset: int = 0  # the end of the complete lines folded so far
+    lines: int = 0  # how many
+    first_line: bytes = b""  # the file's first line and the one ending at `offset`: if either changed,
+    last_line: bytes = b""  # the file was rewritten (a resumed run cuts it back to its checkpoint)
+    progress: "RunProgress" = None
+
+
+class ProgressFollower:
+    """Follows the metrics files of runs for `get --wait`: each read folds only the complete lines appended
+    since the last one into the run's progress. A file replaced, cut back or rewritten (a resumed run drops
+    the events past its checkpoint) is folded again from its start."""
+
+    def __init__(self):
+        self._followed: dict[Path, _Followed] = {}
+
+    def read(self, path: Path, experiment: Optional[str] = None) -> "RunProgress":
+        """The run's progress (never changed afterwards: do not change it); with `experiment`, a damaged
+        line raises CorruptState naming the file and the line, as read_events does."""
+        from dlmctl.spec.contracts import RunProgress, fold_progress
+
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            self._followed.pop(path, None)
+            return RunProgress()
+        with f:
+            stat = os.fstat(f.fileno())
+            state = self._followed.get(path)
+            if state is None or not _unchanged(f, stat, state):
+                state = _Followed(inode=stat.st_ino, progress=RunProgress())
+            f.seek(state.offset)
+            data = f.read(stat.st_size - state.offset) if stat.st_size > state.offset else b""
+        end = data.rfind(b"\n") + 1  # a line still being written is read next time
+        if end:
+            raw = data[:end].splitlines()
+            before = state.lines
+            lines = [line.decode("utf-8", errors="replace") for line in raw]
+            events = parse_events(lines, path, experiment, lambda n: f"line {before + n}")
+            progress = state.progress.model_copy(update={"evals": list(state.progress.evals)})  # no list shared
+            state = _Followed(inode=state.inode, offset=state.offset + end, lines=before + len(raw),
+                              first_line=state.first_line or raw[0] + b"\n", last_line=raw[-1] + b"\n",
+                              progress=fold_progress(events, progress))
+        self._followed[path] = state
+        return state.progress
+
+
+def _unchanged(f: BinaryIO, stat: os.stat_result, state: _Followed) -> bool:
+    """Whether the file still begins with what was folded: the same file, no shorter, and the same first
+    line and line before the offset (two short reads, not the whole file)."""
+    if stat.st_ino != state.inode or stat.st_size < state.offset:
+        return False
+    for start, expected in ((0, state.first_line), (state.offset - len(state.last_line), state.last_line)):
+        if expected:
+            f.seek(start)
+            if f.read(len(expected)) != expected:
+                return False
+    return True
 
 
 _BROKEN = object()

@@ -23,6 +23,11 @@ Environment: DLMCTL_LOCAL_PARALLEL (runs at once, default 1), DLMCTL_TRAINER_MOD
 dlmctl.trainer), DLMCTL_LOCAL_LAUNCHER (torchrun, the default, or python: the trainer module
 directly with single-process RANK/WORLD_SIZE, for tests), DLMCTL_CANCEL_GRACE (seconds, default 10),
 DLMCTL_RESTART_BACKOFF (seconds before the first restart, default 10; doubling, at most 300).
+
+CPU threads: each trainer process gets OMP_NUM_THREADS = MKL_NUM_THREADS = the CPUs this machine gives
+us (affinity, capped by a cgroup CPU quota) shared among the runs running at once and their processes,
+and OMP_WAIT_POLICY=PASSIVE: OpenMP threads that spin-wait on busy cores burn several times the CPU of
+the work itself. A user's own OMP_NUM_THREADS (or OMP_WAIT_POLICY) is kept.
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from dlmctl.spec.contracts import RUN_SPEC_ENV, RunPhase, fold_progress
+from dlmctl.spec.contracts import RUN_SPEC_ENV, RunPhase
 
 from .local_state import (
     EXPERIMENT_ENV,
@@ -53,8 +58,8 @@ from .local_state import (
     experiment_processes,
     held_lock,
     identity,
+    newest_checkpoint_step,
     now,
-    read_events,
     read_json,
     terminate,
     write_json,
@@ -68,6 +73,7 @@ SUPERVISOR_LOST = ("the local supervisor exited before this run finished; its pr
                    "submit the same spec again to resume from the newest checkpoint")
 # torchrun exits 1 whatever its worker's code was; its failure report names the worker's.
 TORCHRUN_ROOT_CAUSE = re.compile(r"Root Cause \(first observed failure\):.*?exitcode\s*:\s*(-?\d+)", re.S)
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def grace_seconds() -> float:
@@ -84,10 +90,79 @@ def launcher() -> str:
     return os.environ.get("DLMCTL_LOCAL_LAUNCHER", "torchrun")
 
 
+def processes_per_node(run_json: Path) -> int:
+    res = json.loads(run_json.read_text())["spec"]["resources"]
+    return res.get("processes_per_node") or res.get("gpus_per_node") or 1
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT, membership: Path = Path("/proc/self/cgroup")) -> Optional[float]:
+    """The CPUs a cgroup CPU quota lets this process use (the tightest along its cgroup's path; v2 cpu.max,
+    v1 cpu.cfs_quota_us / cpu.cfs_period_us), or None without a quota."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        lines = []
+    limits = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base, read = root, _cpu_max
+        elif "cpu" in controllers.split(","):
+            base, read = root / controllers, _cfs_quota
+        else:
+            continue
+        folder = base / path.lstrip("/")  # absent in a container that sees its own cgroup as the root
+        for level in [folder, *folder.parents]:
+            if level == base or base in level.parents:
+                limits.append(read(level))
+    found = [limit for limit in limits if limit]
+    return min(found) if found else None
+
+
+def _cpu_max(folder: Path) -> Optional[float]:
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def _cfs_quota(folder: Path) -> Optional[float]:
+    try:
+        quota, period = (int((folder / f"cpu.cfs_{name}_us").read_text()) for name in ("quota", "period"))
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity), capped by a cgroup CPU quota."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        import psutil
+
+        cpus = psutil.cpu_count() or 1
+    quota = cgroup_cpu_limit()
+    return max(1, min(cpus, int(quota)) if quota else cpus)
+
+
+def threads_per_process(cpus: int, runs_at_once: int, procs: int) -> int:
+    return max(1, cpus // (max(1, runs_at_once) * max(1, procs)))
+
+
+def thread_env(threads: int, environ: dict[str, str]) -> dict[str, str]:
+    """The thread settings a trainer's environment lacks: a user's OMP_NUM_THREADS wins (MKL follows it)."""
+    env = {} if "OMP_NUM_THREADS" in environ else {"OMP_NUM_THREADS": str(threads)}
+    if env and "MKL_NUM_THREADS" not in environ:
+        env["MKL_NUM_THREADS"] = str(threads)
+    if "OMP_WAIT_POLICY" not in environ:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return env
+
+
 def trainer_command(run_json: Path, output: Path) -> list[str]:
-    run = json.loads(run_json.read_text())
-    res = run["spec"]["resources"]
-    procs = res.get("processes_per_node") or res.get("gpus_per_node") or 1
+    procs = processes_per_node(run_json)
     module = os.environ.get("DLMCTL_TRAINER_MODULE") or "dlmctl.trainer"
     trainer = ["-m", module, "--output", str(output)]
     if launcher() == "python":
@@ -96,10 +171,12 @@ def trainer_command(run_json: Path, output: Path) -> list[str]:
 
 
 def trainer_env(run_json: Path, exp: Optional[ExperimentDir] = None, run: str = "", generation: str = "",
-                fresh: Optional[str] = None) -> dict[str, str]:
-    """The trainer's environment: the Run, the markers that find its processes later, DLMCTL_FRESH."""
+                fresh: Optional[str] = None, runs_at_once: int = 1) -> dict[str, str]:
+    """The trainer's environment: the Run, the markers that find its processes later, DLMCTL_FRESH, and
+    its CPU threads (this machine's CPUs shared by `runs_at_once` runs and their processes)."""
     env = {k: v for k, v in os.environ.items() if k not in (*MARKERS, FRESH_ENV)}
     env.update(PYTHONUNBUFFERED="1")
+    env.update(thread_env(threads_per_process(available_cpus(), runs_at_once, processes_per_node(run_json)), env))
     env[RUN_SPEC_ENV] = run_json.read_text()
     if exp is not None:
         env.update({EXPERIMENT_ENV: exp.key, RUN_ENV: run, GENERATION_ENV: generation})
@@ -108,10 +185,6 @@ def trainer_env(run_json: Path, exp: Optional[ExperimentDir] = None, run: str = 
     if launcher() == "python":
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     return env
-
-
-def newest_checkpoint_step(metrics: Path) -> Optional[int]:
-    return fold_progress(read_events(metrics)[0]).last_checkpoint_step
 
 
 @dataclass
@@ -128,6 +201,7 @@ class Supervisor:
         self.exp = exp
         self.generation = str(exp.supervisor().get("generation") or "")
         self.parallel = max(1, int(os.environ.get("DLMCTL_LOCAL_PARALLEL", "1")))
+        self.pending: list[str] = []
         self.running: dict[str, Life] = {}
         self.waiting: dict[str, float] = {}  # run -> when it restarts (time.monotonic)
         self.cancelled = False
@@ -138,7 +212,7 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
-        pending = [r for r in self.exp.run_names() if not self.exp.finished(r)]
+        pending = self.pending = [r for r in self.exp.run_names() if not self.exp.finished(r)]
         try:
             while (pending or self.running or self.waiting) and not self.cancelled:
                 for run, due in list(self.waiting.items()):
@@ -175,7 +249,9 @@ class Supervisor:
         fresh = str(token) if token and newest_checkpoint_step(self.exp.metrics(run)) is None else None
         try:
             cmd = trainer_command(self.exp.run_json(run), run_dir)
-            env = trainer_env(self.exp.run_json(run), self.exp, run, self.generation, fresh)
+            # this run, those running or waiting to restart, and those still to start share the CPUs
+            runs_at_once = min(self.parallel, 1 + len(self.running) + len(self.waiting) + len(self.pending))
+            env = trainer_env(self.exp.run_json(run), self.exp, run, self.generation, fresh, runs_at_once)
             with open(self.exp.train_log(run), "ab") as log:
                 offset = log.tell()
                 log.write(f"$ {f'{FRESH_ENV}={fresh} ' if fresh else ''}{' '.join(cmd)}\n".encode())
