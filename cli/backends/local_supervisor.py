@@ -103,8 +103,7 @@ def cgroup_cpu_limit(root: Path = CGROUP_ROOT, membership: Path = Path("/proc/se
     except OSError:
         lines = []
     limits = []
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
+    for _, controllers, path in (line.split(":", 2) for line in lines if line.count(":") >= 2):
         if controllers == "":
             base, read = root, _cpu_max
         elif "cpu" in controllers.split(","):
