@@ -5,20 +5,28 @@
   * DLM step cost / AR step cost on our model (should be ~1: only the attention mask differs);
   * with CUDA: MFU of a ~350M model (preset `350m`) in bf16, AR and DLM.
 
-Variants are timed interleaved, round by round, and the median kept, so a busy machine slows them alike.
-Results go to stdout and benchmarks/results/bench_model-<device>.json.
+Variants are timed in rounds: each round runs one step of every variant, in a random order (seeded), so
+a busy machine slows them alike and none always follows another. Reported per variant: wall and CPU
+seconds per step (min and median over the rounds); ratios are paired per round (median, min and max over
+the rounds) and also taken of the fastest steps. On CPU one thread waiting passively by default
+(--threads): on a shared machine more threads mostly measure the neighbours. Results go to stdout, and
+to a JSON file only with --out.
 
-  python benchmarks/bench_model.py                       # small CPU defaults, well under a minute
-  python benchmarks/bench_model.py --device cuda --dtype bf16 --n-layer 24 --d-model 1024 ...
+  python benchmarks/bench_model.py                       # small CPU defaults, about a minute
+  python benchmarks/bench_model.py --device cuda --dtype bf16 --n-layer 24 --d-model 1024 ... --out r.json
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP
 
 import torch
 import torch.nn.functional as F
@@ -45,14 +53,15 @@ def parse_args():
     p.add_argument("--untied", action="store_true", help="untied embeddings (default tied)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--steps", type=int, default=6, help="timed steps per variant")
+    p.add_argument("--rounds", type=int, default=20, help="timed rounds; each times one step of every variant")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0, help="of the order of the variants in each round")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU)")
     p.add_argument("--mfu-preset", default="350m", help="preset for the CUDA MFU measurement; 'none' skips it")
     p.add_argument("--mfu-seq-len", type=int, default=2048)
     p.add_argument("--mfu-batch", type=int, default=8)
     p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak, if not recognised")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
     return p.parse_args()
 
 
@@ -121,19 +130,37 @@ def step_functions(shape, batch, dtype, device, with_llama=True):
     return functions, params, flops_model
 
 
-def time_interleaved(functions, steps, warmup, device):
+def time_rounds(functions, rounds, warmup, device, seed):
+    """Per variant, the wall and CPU seconds of its step in each round; each round runs every variant once,
+    in a random order."""
     for fn in functions.values():
         for _ in range(warmup):
             fn()
     sync(device)
-    times = {name: [] for name in functions}
-    for _ in range(steps):
-        for name, fn in functions.items():
-            began = time.perf_counter()
-            fn()
+    order = random.Random(seed)
+    wall = {name: [] for name in functions}
+    cpu = {name: [] for name in functions}
+    for _ in range(rounds):
+        names = list(functions)
+        order.shuffle(names)
+        for name in names:
+            began_cpu, began = time.process_time(), time.perf_counter()
+            functions[name]()
             sync(device)
-            times[name].append(time.perf_counter() - began)
-    return times
+            wall[name].append(time.perf_counter() - began)
+            cpu[name].append(time.process_time() - began_cpu)
+    return wall, cpu
+
+
+def spread(values) -> dict:
+    return {"min": min(values), "median": statistics.median(values)}
+
+
+def paired(numerator, denominator) -> dict:
+    """numerator / denominator per round (median, min, max), and of their fastest rounds."""
+    ratios = [n / d for n, d in zip(numerator, denominator)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+            "of_fastest": min(numerator) / min(denominator)}
 
 
 def peak_flops(device, override):
@@ -147,9 +174,9 @@ def peak_flops(device, override):
 
 def main():
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     shape = ModelShape(
         n_layer=args.n_layer, d_model=args.d_model, n_head=args.n_head, n_kv_head=args.n_kv_head or args.n_head,
@@ -158,21 +185,18 @@ def main():
     tokens_per_step = args.batch * args.seq_len
     functions, params, model = step_functions(shape, args.batch, dtype, device)
     assert params["ours"] == params["llama"], f"shapes differ: ours {params['ours']} vs llama {params['llama']} params"
-    times = time_interleaved(functions, args.steps, args.warmup, device)
-    seconds = {name: statistics.median(t) for name, t in times.items()}
-    fastest = {name: min(t) for name, t in times.items()}  # least disturbed by other load on a shared machine
+    wall, cpu = time_rounds(functions, args.rounds, args.warmup, device, args.seed)
+    seconds = {name: statistics.median(t) for name, t in wall.items()}
     del functions
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')})",
         "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "shape": shape.model_dump(),
-        "params": params["ours"], "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,
-        "step_seconds": seconds,
+        "params": params["ours"], "batch": args.batch, "seq_len": args.seq_len, "rounds": args.rounds,
+        "step_seconds": {name: {"wall": spread(wall[name]), "cpu": spread(cpu[name])} for name in wall},
         "tokens_per_second": {name: tokens_per_step / s for name, s in seconds.items()},
-        "ours_over_llama_tokens_per_second": seconds["llama_ar"] / seconds["ours_ar"],
-        "dlm_over_ar_step_cost": seconds["ours_dlm"] / seconds["ours_ar"],
-        "fastest_step_seconds": fastest,
-        "ours_over_llama_tokens_per_second_fastest": fastest["llama_ar"] / fastest["ours_ar"],
-        "dlm_over_ar_step_cost_fastest": fastest["ours_dlm"] / fastest["ours_ar"],
+        "ours_over_llama_tokens_per_second": paired(wall["llama_ar"], wall["ours_ar"]),
+        "dlm_over_ar_step_cost": paired(wall["ours_dlm"], wall["ours_ar"]),
+        "ours_over_llama_cpu": paired(cpu["llama_ar"], cpu["ours_ar"]),
     }
     peak = peak_flops(device, args.peak_tflops)
     if peak:
@@ -181,7 +205,8 @@ def main():
     if device.type == "cuda" and args.mfu_preset != "none":
         mfu_shape = ModelSpec(preset=args.mfu_preset).resolve(vocab_size=32768, max_seq_len=args.mfu_seq_len)
         fns, mfu_params, mfu_model = step_functions(mfu_shape, args.mfu_batch, torch.bfloat16, device, with_llama=False)
-        mfu_seconds = {k: statistics.median(t) for k, t in time_interleaved(fns, args.steps, args.warmup, device).items()}
+        mfu_wall, _ = time_rounds(fns, args.rounds, args.warmup, device, args.seed)
+        mfu_seconds = {k: statistics.median(t) for k, t in mfu_wall.items()}
         mfu_tokens = args.mfu_batch * args.mfu_seq_len
         result["mfu"] = {
             "preset": args.mfu_preset, "params": mfu_params["ours"], "batch": args.mfu_batch,
@@ -194,13 +219,12 @@ def main():
         }
     text = json.dumps(result, indent=2)
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"bench_model-{device.type}.json").write_text(text + "\n")
-    print(f"ours/llama tokens/s: {result['ours_over_llama_tokens_per_second']:.3f} "
-          f"(fastest steps {result['ours_over_llama_tokens_per_second_fastest']:.3f})   "
-          f"DLM/AR step cost: {result['dlm_over_ar_step_cost']:.3f} "
-          f"(fastest steps {result['dlm_over_ar_step_cost_fastest']:.3f})" +
+    if args.out:
+        args.out.write_text(text + "\n")
+    speed, cost = result["ours_over_llama_tokens_per_second"], result["dlm_over_ar_step_cost"]
+    print(f"ours/llama tokens/s: median {speed['median']:.3f} (rounds {speed['min']:.3f}..{speed['max']:.3f}, "
+          f"fastest steps {speed['of_fastest']:.3f})   DLM/AR step cost: median {cost['median']:.3f} "
+          f"(rounds {cost['min']:.3f}..{cost['max']:.3f}, fastest steps {cost['of_fastest']:.3f})" +
           (f"   MFU 350m bf16 AR {result['mfu']['mfu']['ours_ar']:.1%} DLM {result['mfu']['mfu']['ours_dlm']:.1%}"
            if result.get("mfu", {}).get("mfu", {}).get("ours_ar") else ""))
 
