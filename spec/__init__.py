@@ -11,7 +11,7 @@ from .experiment import (
     Run,
     RunStatus,
 )
-from .load import SpecError, check_local_paths, experiment_from_dict, load_experiment, parse_yaml
+from .load import SpecError, absolute_local_paths, check_local_paths, experiment_from_dict, load_experiment, parse_yaml
 from .model import PRESETS, ModelShape, ModelSpec
 from .redact import redact
 from .sections import Arm
@@ -19,5 +19,5 @@ from .sections import Arm
 __all__ = [
     "API_VERSION", "GROUP", "KIND", "PLURAL", "VERSION", "Arm", "Experiment", "ExperimentSpec",
     "ExperimentStatus", "ModelShape", "ModelSpec", "PRESETS", "Run", "RunStatus", "SpecError",
-    "check_local_paths", "experiment_from_dict", "load_experiment", "parse_yaml", "redact",
+    "absolute_local_paths", "check_local_paths", "experiment_from_dict", "load_experiment", "parse_yaml", "redact",
 ]

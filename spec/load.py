@@ -249,6 +249,34 @@ def check_local_paths(experiment: Experiment) -> None:
             _check_enough_text(data, train, validation, where)
 
 
+LOCAL_PATH_FIELDS = ("data.train", "data.validation", "data.cache", "data.tokenizer.path", "checkpoint.uri")
+
+
+def absolute_local_paths(experiment: Experiment, cwd: Optional[Path] = None) -> Experiment:
+    """The experiment with each relative local path of LOCAL_PATH_FIELDS (in the spec and in its sweep) made
+    absolute from `cwd` (default: the current directory), as check_local_paths reads them. The local backend
+    stores this: its trainers run in their own folders, where a relative path would name something else."""
+    base = Path.cwd() if cwd is None else cwd
+
+    def absolute(value):
+        if not isinstance(value, str) or not _is_local(value):
+            return value
+        scheme = "file://" if value.startswith("file://") else ""
+        path = _local_path(value)
+        return value if path.is_absolute() else scheme + str((base / path).resolve())
+
+    tree = experiment.model_dump(mode="json")
+    for dotted in LOCAL_PATH_FIELDS:
+        *sections, leaf = dotted.split(".")
+        node = tree["spec"]
+        for part in sections:
+            node = node[part]
+        node[leaf] = absolute(node.get(leaf))
+        if dotted in tree["spec"]["sweep"]:
+            tree["spec"]["sweep"][dotted] = [absolute(v) for v in tree["spec"]["sweep"][dotted]]
+    return Experiment.model_validate(tree)
+
+
 def _check_enough_text(data, train: Optional[int], validation: Optional[int], where: str) -> None:
     if train is not None and data.unique_tokens > 2 * train:
         raise SpecError(f"spec.data.unique_tokens: {data.unique_tokens:,} tokens asked but {_shown_path(data.train)} "

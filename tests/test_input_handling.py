@@ -556,3 +556,20 @@ def test_a_local_submit_of_a_missing_corpus_fails_naming_it_and_writes_nothing(t
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: spec.data.train:") and "does not exist" in err and "\n" not in err, err
     assert not home.exists(), "nothing written"
+
+
+def test_a_trainer_whose_data_is_missing_exits_2_with_one_line_naming_the_field(tmp_path):
+    """Exit code 2 is what a person must fix: the local supervisor and the operator do not retry it."""
+    import subprocess
+    import sys
+
+    from dlmctl.spec import experiment_from_dict
+
+    run = experiment_from_dict({"metadata": {"name": "gone"}, "spec": {
+        "arms": ["diffusion"], "model": {"preset": "nano"}, "data": {"train": str(tmp_path / "missing.txt")},
+        "metrics": {"port": 0}}}).runs()[0]
+    (tmp_path / "run.json").write_text(run.model_dump_json())
+    done = subprocess.run([sys.executable, "-m", "dlmctl.trainer", "--run", str(tmp_path / "run.json"),
+                           "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == f"error: spec.data.train: {tmp_path / 'missing.txt'} does not exist"

@@ -509,3 +509,19 @@ def test_get_wait_follows_each_runs_metrics_without_reading_them_again(capsys, h
         f.write(line)
     assert [(r.step, r.train_loss) for r in backend.get("good").status.runs] == [(4, 1.25), (5, 0.5)]
     assert opened.take() <= checked + len(line) < sum(p.stat().st_size for p in metrics.values()) / 2
+
+
+def test_relative_data_paths_are_stored_absolute_so_trainers_in_their_own_folders_find_them(tmp_path, monkeypatch):
+    from dlmctl.spec import absolute_local_paths, experiment_from_dict
+
+    (tmp_path / "corpus").mkdir()
+    monkeypatch.chdir(tmp_path)
+    experiment = experiment_from_dict({"metadata": {"name": "rel"}, "spec": {
+        "data": {"train": "./corpus/train.txt", "validation": "../elsewhere/valid.txt", "cache": "s3://bucket/cache"},
+        "checkpoint": {"uri": "file://ckpt"}, "sweep": {"data.tokenizer.path": [None]}}})
+    fixed = absolute_local_paths(experiment).spec
+    assert fixed.data.train == str(tmp_path / "corpus" / "train.txt")
+    assert fixed.data.validation == str(tmp_path.parent / "elsewhere" / "valid.txt")
+    assert (fixed.data.cache, fixed.checkpoint.uri) == ("s3://bucket/cache", f"file://{tmp_path / 'ckpt'}")
+    assert absolute_local_paths(experiment, cwd=tmp_path).spec == fixed
+    assert [r.name for r in absolute_local_paths(experiment).runs()] == [r.name for r in experiment.runs()]

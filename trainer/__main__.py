@@ -54,11 +54,11 @@ def main(argv=None) -> int:
     apply_thread_count()
     try:
         return train(run, output)
-    except RunFailed as err:
+    except (RunFailed, SpecError) as err:  # SpecError: e.g. the data the spec names is not there; not retried
         sys.stderr.flush()
         print(f"error: {err}", file=sys.stderr, flush=True)
         _termination_message(f"error: {err}")
-        return err.exit_code
+        return getattr(err, "exit_code", 2)
 
 
 def apply_thread_count() -> int:

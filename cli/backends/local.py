@@ -74,9 +74,10 @@ class LocalBackend(Backend):
 
     # -- submit ---------------------------------------------------------------------------------
     def submit(self, experiment: "Experiment", replace: bool = False, fresh: bool = False) -> list[str]:
-        from dlmctl.spec import check_local_paths
+        from dlmctl.spec import absolute_local_paths, check_local_paths
 
         check_local_paths(experiment)  # what this machine must read is here, before anything is written
+        experiment = absolute_local_paths(experiment)  # the trainers run in their own folders
         runs = experiment.runs()
         for run in runs:
             if run.spec.resources.nodes != 1:
