@@ -6,6 +6,7 @@ import base64
 import html as htmlmod
 import io
 import shlex
+import textwrap
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Optional, Sequence
@@ -74,8 +75,10 @@ def comparison_figure(report: "ComparisonReport", evals: Mapping[str, Sequence["
                 continue
             _panel(ax, report, groups[label], evals)
     direction = "higher" if report.higher_is_better else "lower"
-    fig.suptitle(f"{report.name}: DLM vs AR, {report.metric.title} ({direction} is better) against "
-                 f"{report.by.title}", fontsize=12)
+    title = (f"{report.name}: DLM vs AR, {report.metric.title} ({direction} is better) against "
+             f"{report.by.title}")
+    # one column of panels is narrower than the title: wrap it to the figure's width
+    fig.suptitle(textwrap.fill(title, width=max(40, int(11 * ncols * PANEL_INCHES[0]))), fontsize=12)
     handles = [Line2D([], [], color=COLORS[a], marker="o", markersize=4, label=f"{NAMES[a]} (± s.e.)")
                for a in ("diffusion", "autoregressive")]
     handles += [Line2D([], [], color="0.3", marker="*", markersize=11, linestyle="none", label="best"),

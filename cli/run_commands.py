@@ -263,4 +263,5 @@ def compare(
             if value is not None:
                 command += [f"--{key}", str(value)]
         for path in write_outputs(report, comparison.evals, plot=plot, html=html, command=command):
+            sys.stdout.flush()  # the tables first, then where the files went
             print(f"wrote {path}", file=sys.stderr)
