@@ -167,9 +167,7 @@ class RunProgress(BaseModel):
     train_loss: Optional[float] = None
     val_loss: Optional[float] = None
     val_loss_stderr: Optional[float] = None
-    val_bits_per_byte: Optional[float] = None
     choice_accuracy: Optional[float] = None
-    choice_accuracy_stderr: Optional[float] = None
     unigram_entropy: Optional[float] = None
     last_checkpoint: Optional[str] = Field(default=None, description="the newest complete, verified checkpoint")
     last_checkpoint_step: Optional[int] = None
@@ -189,9 +187,8 @@ def fold_progress(events: Iterable[MetricsEvent], progress: Optional[RunProgress
             p.evals.append(e)
             if e.val_loss is not None:
                 p.val_loss, p.val_loss_stderr = e.val_loss, e.val_loss_stderr
-                p.val_bits_per_byte = e.val_bits_per_byte
             if e.choice_accuracy is not None:
-                p.choice_accuracy, p.choice_accuracy_stderr = e.choice_accuracy, e.choice_accuracy_stderr
+                p.choice_accuracy = e.choice_accuracy
         elif isinstance(e, StartEvent):
             p.total_steps = e.total_steps
             if e.unigram_entropy is not None:

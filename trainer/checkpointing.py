@@ -22,7 +22,7 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -142,8 +142,10 @@ def check_staging_is_reachable(engine, world: World) -> None:
         )
 
 
-def save(store: Optional[CheckpointStore], engine, batches, step: int, world: World, metrics=None) -> None:
-    """Every rank writes its part of checkpoint `step`; rank 0 adds the trainer state and a copy of its
+def save(store: Optional[CheckpointStore], engine, batches, step: int, world: World, metrics=None,
+         loop_state: Optional[dict] = None) -> None:
+    """Every rank writes its part of checkpoint `step`; rank 0 adds the trainer state (with `loop_state`, the
+    loop's own JSON-able running values, returned by `resume` as `Resumed.loop_state`) and a copy of its
     metrics events (`metrics.snapshot(path)`) and commits the folder to the store. A staging disk too
     small for the checkpoint ends the run (RunFailed) with its size and the free space, and leaves no
     partial checkpoint behind."""
@@ -164,7 +166,8 @@ def save(store: Optional[CheckpointStore], engine, batches, step: int, world: Wo
         rng.mkdir(exist_ok=True)
         torch.save(_rng_state(), rng / f"rank-{world.rank}.pt")
         if store:
-            state = {"step": step, "world_size": world.world_size, "data": batches.state_dict()}
+            state = {"step": step, "world_size": world.world_size, "data": batches.state_dict(),
+                     "loop": loop_state or {}}
             (Path(folder) / STATE).write_text(json.dumps(state))
             if metrics is not None:
                 metrics.snapshot(Path(folder) / METRICS_FILE)
@@ -230,6 +233,7 @@ class Resumed:
     step: int = 0
     checkpoint: Optional[CheckpointInfo] = None
     events: Optional[bytes] = None
+    loop_state: dict = field(default_factory=dict)
 
 
 def resume(store: Optional[CheckpointStore], engine, batches, world: World, run: Run, output: Path) -> Resumed:
@@ -283,7 +287,7 @@ def resume(store: Optional[CheckpointStore], engine, batches, world: World, run:
     if world.local_rank == 0:
         shutil.rmtree(folder, ignore_errors=True)
     log.info("resumed from step %d (%s)", state["step"], chosen)
-    return Resumed(state["step"], info, events)
+    return Resumed(state["step"], info, events, state.get("loop", {}))
 
 
 def restore_metrics(store: CheckpointStore, path: Path, resumed: Resumed) -> None:

@@ -113,7 +113,7 @@ def _train(run: Run, output: Path, world: World, held: _Held) -> int:
     flops_per_token = model.flops_per_token(spec.data.seq_len, causal=run.arm is Arm.autoregressive)
     clock = StepClock(world.device)
     interval_steps, interval_seconds = 0, 0.0  # since the last step that logged: its throughput
-    since_eval = _LossMean()  # training losses since the last evaluation (after a resume: since the resume)
+    since_eval = _LossMean(*resumed.loop_state.get("since_eval", (0.0, 0)))  # saved with each checkpoint
     step = start_step
     stop_now = False
     while step < total_steps and not stop_now:
@@ -144,7 +144,8 @@ def _train(run: Run, output: Path, world: World, held: _Held) -> int:
                       flops=flops_per_token * step * tokens_per_step, train_loss=since_eval.take())
         if step % spec.checkpoint.interval_steps == 0 or step == total_steps or stop_now:
             began = time.perf_counter()
-            checkpointing.save(store, engine, batches, step, world, metrics if world.is_main else None)
+            checkpointing.save(store, engine, batches, step, world, metrics if world.is_main else None,
+                               loop_state={"since_eval": (since_eval.total, since_eval.count)})
             metrics.phase({"checkpoint_stall": time.perf_counter() - began})
 
     # A preempted pod has a grace period; a finished run waits for its last upload as long as the store
@@ -237,8 +238,8 @@ def _evaluate(evaluator, engine, metrics, step, total_steps, batches, spec, worl
 class _LossMean:
     """Mean of the step losses added since the last `take()` (None when there were none)."""
 
-    def __init__(self):
-        self.total, self.count = 0.0, 0
+    def __init__(self, total: float = 0.0, count: int = 0):
+        self.total, self.count = total, count
 
     def add(self, loss: float) -> None:
         self.total, self.count = self.total + loss, self.count + 1
