@@ -57,14 +57,16 @@ def site(cluster, s3_server, tmp_path_factory):
     operator = OperatorProcess(install_operator_rbac(cluster), workdir / "operator.log",
                                env=s3_server.env()).start()
     executor = PodExecutor(cluster, namespaces={namespace}, workdir=workdir / "pods")
-    with executor:
-        yield {"namespace": namespace, "operator": operator, "executor": executor, "workdir": workdir}
-        with cluster.api_client() as api:  # while the operator runs: it lets its experiments go
-            client.CoreV1Api(api).delete_namespace(namespace)
-            experiments = Experiments(api, namespace)
-            wait_until("the experiments deleted", lambda: not experiments.custom.list_namespaced_custom_object(
-                "dlmctl.io", "v1alpha1", namespace, "experiments")["items"], timeout=60)
-    operator.stop()
+    try:
+        with executor:
+            yield {"namespace": namespace, "operator": operator, "executor": executor, "workdir": workdir}
+            with cluster.api_client() as api:  # while the operator runs: it lets its experiments go
+                client.CoreV1Api(api).delete_namespace(namespace)
+                experiments = Experiments(api, namespace)
+                wait_until("the experiments deleted", lambda: not experiments.custom.list_namespaced_custom_object(
+                    "dlmctl.io", "v1alpha1", namespace, "experiments")["items"], timeout=180)
+    finally:  # never left running: it would reconcile the experiments of the tests after this module
+        operator.stop()
 
 
 @pytest.fixture(scope="module")
