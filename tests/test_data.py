@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from trainer_runs import step_tokens
 
 from dlmctl.spec.sections import DataSpec
 from dlmctl.trainer.corpus import Document, documents_from_file, open_source
@@ -334,15 +335,6 @@ def test_concurrent_preparations_build_once_and_agree(tmp_path, corpus):
 def pool(n: int = 10, seq_len: int = 4) -> np.ndarray:
     return np.arange(n * seq_len, dtype=np.uint16).reshape(n, seq_len)
 
-
-def step_tokens(batches: TrainBatches, step: int, world: int, micro_batch: int, global_batch: int) -> np.ndarray:
-    """Every sequence of one step, gathered from all ranks and micro-steps, in sample order."""
-    rows = {}
-    for rank in range(world):
-        for micro_step in range(global_batch // (micro_batch * world)):
-            tokens, samples = batches.batch(step, micro_step, rank, world, micro_batch, global_batch)
-            rows.update(zip(samples.tolist(), tokens.numpy()))
-    return np.stack([rows[k] for k in sorted(rows)])
 
 
 def test_k_epochs_see_exactly_k_copies_of_the_unique_pool():

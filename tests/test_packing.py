@@ -6,6 +6,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from trainer_runs import step_tokens
 
 from dlmctl.spec.sections import DataSpec
 from dlmctl.trainer.data import DataError, RepackedBatches, TrainBatches, prepare_data
@@ -29,15 +30,6 @@ def epoch_rows(batches: RepackedBatches, epoch: int) -> np.ndarray:
     n = batches.num_sequences
     return batches.rows(np.arange(epoch * n, (epoch + 1) * n))
 
-
-def step_tokens(batches, step: int, world: int, micro_batch: int, global_batch: int) -> np.ndarray:
-    """Every sequence of one step, gathered from all ranks and micro-steps, in sample order."""
-    rows = {}
-    for rank in range(world):
-        for micro_step in range(global_batch // (micro_batch * world)):
-            tokens, samples = batches.batch(step, micro_step, rank, world, micro_batch, global_batch)
-            rows.update(zip(samples.tolist(), tokens.numpy()))
-    return np.stack([rows[k] for k in sorted(rows)])
 
 
 LENGTHS = [5, 17, 3, 9, 30, 1, 12, 7, 22, 4, 11, 6, 14, 2, 19]

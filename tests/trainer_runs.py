@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from dlmctl.spec import experiment_from_dict
 
 TINY = {
@@ -111,3 +113,14 @@ def wait_until(proc, condition, timeout=300):
         assert proc.poll() is None, "the trainer ended before the awaited moment"
         assert time.monotonic() < deadline, "the awaited moment never came"
         time.sleep(0.05)
+
+
+def step_tokens(batches, step: int, world: int, micro_batch: int, global_batch: int) -> np.ndarray:
+    """Every sequence of one step of a sampler (fixed or re-packed), gathered from all ranks and micro-steps,
+    in sample order: what a layout-invariance test compares between world sizes."""
+    rows = {}
+    for rank in range(world):
+        for micro_step in range(global_batch // (micro_batch * world)):
+            tokens, samples = batches.batch(step, micro_step, rank, world, micro_batch, global_batch)
+            rows.update(zip(samples.tolist(), tokens.numpy()))
+    return np.stack([rows[k] for k in sorted(rows)])
