@@ -73,6 +73,10 @@ class ModelSpec(SpecModel):
     norm_eps: Optional[float] = Field(default=None, gt=0, lt=1)
     dropout: float = Field(default=0.0, ge=0, lt=1, description="hidden dropout (AR dropout ablation)")
     attention_dropout: float = Field(default=0.0, ge=0, lt=1)
+    compile: Optional[bool] = Field(
+        default=None, description="torch.compile each transformer block (fused kernels; the first step also "
+        "compiles, its time is logged). Unset: on with CUDA, where it pays off; off on CPU, where compiling takes "
+        "longer than a small run gains, and under ZeRO-3")
 
     @model_validator(mode="after")
     def _known_preset_or_complete(self):
@@ -92,7 +96,7 @@ class ModelSpec(SpecModel):
         fields = dict(SHAPE_DEFAULTS)
         if self.preset is not None:
             fields.update(PRESETS[self.preset])
-        overrides = {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
+        overrides = {k: v for k, v in self.model_dump(exclude={"preset", "compile"}).items() if v is not None}
         if "n_head" in overrides and "n_kv_head" not in overrides:
             fields.pop("n_kv_head", None)  # a changed head count without GQA keeps full multi-head attention
         fields.update(overrides)

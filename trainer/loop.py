@@ -20,7 +20,7 @@ from dlmctl.spec.contracts import METRICS_FILE
 from . import checkpointing
 from .checkpoints import CheckpointError, is_user_error, reason
 from .data import prepare_data
-from .engine import World, build_engine, init_distributed
+from .engine import World, build_engine, compiles, init_distributed
 from .evaluate import Evaluator
 from .metrics import TrainMetrics, peak_flops
 from .model import Transformer
@@ -116,6 +116,7 @@ def _train(run: Run, output: Path, world: World, held: _Held) -> int:
     since_eval = _LossMean(*resumed.loop_state.get("since_eval", (0.0, 0)))  # saved with each checkpoint
     step = start_step
     stop_now = False
+    first_step_seconds = None  # with torch.compile: the first step compiles; the second tells how long that took
     while step < total_steps and not stop_now:
         clock.start()
         train_loss = _train_step(run, engine, batches, data.tokenizer.mask_id, step, accumulation, world, clock)
@@ -125,6 +126,12 @@ def _train(run: Run, output: Path, world: World, held: _Held) -> int:
         if failure:  # a permanent store error, or an outage past the retry deadline: training on saves nothing
             raise failure
         elapsed, phase_seconds = clock.stop()
+        if compiles(spec, world) and world.is_main and step - start_step <= 2:
+            if first_step_seconds is None:
+                first_step_seconds = elapsed
+            else:
+                log.info("torch.compile: first step %.1f s, second %.2f s: about %.1f s compiling", first_step_seconds,
+                         elapsed, first_step_seconds - elapsed)
         interval_steps, interval_seconds = interval_steps + 1, interval_seconds + elapsed
         log_now = step % spec.metrics.log_interval_steps == 0 or step == total_steps
         if world.is_main:

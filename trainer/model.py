@@ -25,22 +25,24 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # Normalized in float32 and cast back before the weight, as Llama does; one fused kernel.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles, [T, head_dim/2] in float32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(positions.float(), inv_freq)
-    return angles.cos(), angles.sin()
+def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE (the Llama/litgpt layout) as two [max_len, 2, head_dim/2] tables: cos for both halves,
+    and sin signed (-sin, +sin), so that the halves (x1, x2) rotate to (x1 cos - x2 sin, x2 cos + x1 sin)
+    = x cos + swapped(x) sin. Built once in float32; the model's dtype casts them like its weights."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.stack((cos, cos), 1), torch.stack((-sin, sin), 1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (the Llama/litgpt layout) on x [B, H, T, D]."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos.to(x1.device), sin.to(x1.device)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+    """x [B, H, T, D] rotated by the tables' rows for its T positions, in x's dtype (no concatenation)."""
+    halves = x.unflatten(-1, (2, -1))
+    return (halves * cos + halves.flip(-2) * sin).flatten(-2)
 
 
 @dataclass
@@ -143,6 +145,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
         if shape.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(shape.max_seq_len, shape.head_dim, shape.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # derived from the shape: not in checkpoints
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -177,8 +182,7 @@ class Transformer(nn.Module):
             attn_mask = (keys < lengths.to(idx.device)[:, None])[:, None, None, :]  # [B, 1, 1, T]
             if causal:
                 attn_mask = attn_mask & (keys[None, :] <= keys[:, None])  # [B, 1, T, T]
-        positions = torch.arange(start_pos, start_pos + T, device=idx.device)
-        cos, sin = rope_angles(positions, self.shape.head_dim, self.shape.rope_theta)
+        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
         x = self.dropout(self.embed(idx))
         for block in self.blocks:
             if kv_cache is not None:
