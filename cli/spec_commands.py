@@ -34,8 +34,9 @@ def validate(spec: SpecArg) -> None:
 
 @app.command()
 def render(spec: SpecArg, output: FormatOpt = Format.yaml) -> None:
-    """Print the Kubernetes objects `submit` would create on a cluster: one PyTorchJob per run."""
-    from dlmctl.operator.jobs import job_manifests, to_yaml
+    """Print the Kubernetes objects `submit` would create on a cluster: data-preparation Jobs, then one PyTorchJob per run."""
+    from dlmctl.operator.jobs import to_yaml
+    from dlmctl.operator.render import job_manifests
     from dlmctl.spec.redact import redact
 
     from .output import dump

@@ -1,6 +1,6 @@
 """The kopf operator: small handlers around the Reconciler.
 
-- indexes keep the PyTorchJobs and pods of every experiment in memory (no list calls per reconcile);
+- indexes keep the PyTorchJobs, data-preparation Jobs and pods of every experiment in memory (no list calls per reconcile);
 - a timer per Experiment reconciles it every `reconcile_interval` seconds (level-triggered: it also
   creates the jobs of a new experiment on its first tick);
 - a pod event handler notes on its job when a pod is taken away (eviction, preemption, node loss),
@@ -17,6 +17,7 @@ import kopf
 from dlmctl.spec import GROUP, PLURAL, VERSION
 
 from .config import OperatorConfig
+from .data_jobs import LABEL_DATA, summarize_data_job
 from .jobs import JOB_GROUP, JOB_PLURAL, JOB_VERSION, LABEL_EXPERIMENT, LABEL_RUN
 from .metrics import OperatorMetrics
 from .observe import pod_disruption, summarize_job, summarize_pod
@@ -64,6 +65,11 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig, metrics: O
     def jobs_by_experiment(namespace: str, labels: Any, body: Any, **_: Any):
         return {(namespace, labels[LABEL_EXPERIMENT]): {**summarize_job(body), "run": labels.get(LABEL_RUN)}}
 
+    @kopf.index("batch", "v1", "jobs", labels={LABEL_EXPERIMENT: kopf.PRESENT, LABEL_DATA: kopf.PRESENT},
+                id="data_jobs_by_experiment", registry=registry)
+    def data_jobs_by_experiment(namespace: str, labels: Any, body: Any, **_: Any):
+        return {(namespace, labels[LABEL_EXPERIMENT]): summarize_data_job(body)}
+
     @kopf.index("pods", labels={LABEL_EXPERIMENT: kopf.PRESENT, LABEL_RUN: kopf.PRESENT},
                 id="pods_by_experiment", registry=registry)
     def pods_by_experiment(namespace: str, labels: Any, body: Any, **_: Any):
@@ -72,10 +78,11 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig, metrics: O
     @kopf.timer(GROUP, VERSION, PLURAL, interval=config.reconcile_interval, backoff=config.reconcile_interval,
                 id="reconcile", registry=registry)
     def reconcile(body: Any, namespace: str, name: str, patch: kopf.Patch, memo: kopf.Memo,
-                  jobs_by_experiment: kopf.Index, pods_by_experiment: kopf.Index, **_: Any) -> None:
+                  jobs_by_experiment: kopf.Index, pods_by_experiment: kopf.Index,
+                  data_jobs_by_experiment: kopf.Index, **_: Any) -> None:
         key = (namespace, name)
         status = memo.reconciler.reconcile(_plain(body), jobs_by_experiment.get(key, []),
-                                           pods_by_experiment.get(key, []))
+                                           pods_by_experiment.get(key, []), data_jobs_by_experiment.get(key, []))
         if status is not None:
             for field, value in status.items():
                 patch.status[field] = value

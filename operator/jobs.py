@@ -1,7 +1,7 @@
 """The Kubernetes objects an Experiment becomes: one kubeflow.org/v1 PyTorchJob per run.
 
-`dlmctl render` prints them and the operator creates them (through `job_manifests`), so what a user
-reviews is exactly what a cluster receives. Restarts belong to the dlmctl operator, not to the
+`dlmctl render` prints them (through `render.job_manifests`) and the operator creates them, so what a
+user reviews is exactly what a cluster receives. Restarts belong to the dlmctl operator, not to the
 training-operator: a job's pods never restart in place (`restartPolicy: Never`, no `backoffLimit`: the
 training-operator counts only in-place restarts against it, so a limit of 0 would fail every job at once);
 the operator decides from why a run stopped whether to recreate its job (it resumes from its newest
@@ -63,11 +63,6 @@ def pytorch_jobs(experiment: Experiment) -> list[k.KubeflowOrgV1PyTorchJob]:
     return [pytorch_job(run, experiment.metadata.labels) for run in experiment.runs()]
 
 
-def job_manifests(experiment: Experiment) -> list[dict]:
-    """The jobs as plain JSON-ready dicts, exactly as `dlmctl render` prints them."""
-    return to_dicts(pytorch_jobs(experiment))
-
-
 def pytorch_job(run: Run, extra_labels: dict[str, str] | None = None) -> k.KubeflowOrgV1PyTorchJob:
     spec, res = run.spec, run.spec.resources
     labels = {**(extra_labels or {}), LABEL_EXPERIMENT: run.experiment, LABEL_RUN: run.name, LABEL_ARM: run.arm.value}
@@ -116,9 +111,19 @@ def threads_per_process(run: Run) -> int:
 def thread_env(run: Run) -> list[k.V1EnvVar]:
     """OpenMP/MKL threads per process, waiting passively: threads that spin-wait on cores another process
     needs burn several times the CPU of the work itself."""
-    threads = str(threads_per_process(run))
+    return threads_env(threads_per_process(run))
+
+
+def threads_env(threads: int) -> list[k.V1EnvVar]:
     return [_new(k.V1EnvVar, name=name, value=value)
-            for name, value in (("OMP_NUM_THREADS", threads), ("MKL_NUM_THREADS", threads), ("OMP_WAIT_POLICY", "PASSIVE"))]
+            for name, value in (("OMP_NUM_THREADS", str(threads)), ("MKL_NUM_THREADS", str(threads)),
+                                ("OMP_WAIT_POLICY", "PASSIVE"))]
+
+
+def credentials_env_from(run: Run) -> list[k.V1EnvFromSource] | None:
+    """The S3 credentials Secret, referenced, never copied into a job."""
+    name = run.spec.checkpoint.credentials_secret
+    return [_new(k.V1EnvFromSource, secret_ref=_new(k.V1SecretEnvSource, name=name))] if name else None
 
 
 def _pod_template(run: Run, labels: dict[str, str]) -> k.V1PodTemplateSpec:
@@ -135,10 +140,6 @@ def _pod_template(run: Run, labels: dict[str, str]) -> k.V1PodTemplateSpec:
     quantities = {"cpu": res.cpu_request, "memory": res.memory_request}
     if res.gpus_per_node:
         quantities[GPU_RESOURCE] = str(res.gpus_per_node)
-    env_from = None
-    if spec.checkpoint.credentials_secret:  # credentials are referenced, never copied into the job
-        secret = _new(k.V1SecretEnvSource, name=spec.checkpoint.credentials_secret)
-        env_from = [_new(k.V1EnvFromSource, secret_ref=secret)]
     volumes = [_new(k.V1Volume, name="output", empty_dir=_new(k.V1EmptyDirVolumeSource))]
     mounts = [_new(k.V1VolumeMount, name="output", mount_path=OUTPUT_DIR)]
     if res.gpus_per_node:  # NCCL and data-loader workers need more than the default 64 MiB /dev/shm
@@ -150,7 +151,7 @@ def _pod_template(run: Run, labels: dict[str, str]) -> k.V1PodTemplateSpec:
         image=res.image,
         command=[*TORCHRUN, "-m", "dlmctl.trainer", "--output", OUTPUT_DIR],
         env=[_new(k.V1EnvVar, name=RUN_SPEC_ENV, value=run.model_dump_json()), *thread_env(run)],
-        env_from=env_from,
+        env_from=credentials_env_from(run),
         ports=ports,
         resources=_new(k.V1ResourceRequirements, requests=dict(quantities), limits=dict(quantities)),
         volume_mounts=mounts,
@@ -192,6 +193,3 @@ def to_yaml(documents: list[dict]) -> str:
     dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
     return yaml.dump_all(documents, Dumper=dumper, sort_keys=False, default_flow_style=False, width=120)
 
-
-def render_yaml(experiment: Experiment) -> str:
-    return to_yaml(to_dicts(pytorch_jobs(experiment)))

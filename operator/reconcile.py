@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from dlmctl.spec import Experiment, Run, SpecError, experiment_from_dict
 from dlmctl.spec.experiment import status_progress
-from dlmctl.spec.contracts import ExperimentPhase, RunPhase, experiment_phase
+from dlmctl.spec.contracts import DataPhase, ExperimentPhase, RunPhase, experiment_phase
 
 from .jobs import (
     ANNOTATION_CANCEL,
@@ -25,6 +25,7 @@ from .jobs import (
     to_dicts,
 )
 from .config import OperatorConfig
+from .data_jobs import data_phase, data_preparation_job, preparations
 from .metrics import OperatorMetrics, experiment_series
 from .observe import Observation, Seen, observe
 from .progress import ProgressReader
@@ -57,12 +58,17 @@ class JobsApi:
         from kubernetes import client
 
         self.custom = client.CustomObjectsApi(api_client)
+        self.batch = client.BatchV1Api(api_client)
         self._exception = client.rest.ApiException
 
     def create(self, namespace: str, manifest: dict) -> bool:
-        """True if created, False if a job of that name already exists."""
+        """True if created, False if a job of that name already exists. A PyTorchJob, or a batch/v1 Job
+        (data preparation)."""
         try:
-            self.custom.create_namespaced_custom_object(JOB_GROUP, JOB_VERSION, namespace, JOB_PLURAL, manifest)
+            if manifest["kind"] == "Job":
+                self.batch.create_namespaced_job(namespace, manifest)
+            else:
+                self.custom.create_namespaced_custom_object(JOB_GROUP, JOB_VERSION, namespace, JOB_PLURAL, manifest)
             return True
         except self._exception as err:
             if err.status == 409:
@@ -87,6 +93,14 @@ class JobsApi:
         try:
             self.custom.patch_namespaced_custom_object(JOB_GROUP, JOB_VERSION, namespace, JOB_PLURAL, name,
                                                        {"spec": {"runPolicy": {"suspend": True}}})
+        except self._exception as err:
+            if err.status != 404:
+                raise
+
+    def suspend_data_job(self, namespace: str, name: str) -> None:
+        """A suspended batch Job's pods are deleted; it keeps its completed indexes."""
+        try:
+            self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": True}})
         except self._exception as err:
             if err.status != 404:
                 raise
@@ -124,10 +138,12 @@ class Reconciler:
         self._due: list[float] = []
 
     # -- the whole experiment -------------------------------------------------------------------
-    def reconcile(self, body: dict, jobs: Iterable[dict], pods: Iterable[dict]) -> Optional[dict]:
-        """The experiment's new status, or None when nothing changed."""
-        jobs, pods, meta = list(jobs), list(pods), body["metadata"]
-        inputs = repr((meta.get("generation"), meta.get("labels"), meta.get("annotations"), jobs, pods,
+    def reconcile(self, body: dict, jobs: Iterable[dict], pods: Iterable[dict],
+                  data_jobs: Iterable[dict] = ()) -> Optional[dict]:
+        """The experiment's new status, or None when nothing changed. `jobs` are its PyTorchJobs, `data_jobs`
+        its data-preparation Jobs (summaries)."""
+        jobs, pods, data_jobs, meta = list(jobs), list(pods), list(data_jobs), body["metadata"]
+        inputs = repr((meta.get("generation"), meta.get("labels"), meta.get("annotations"), jobs, pods, data_jobs,
                        (body.get("status") or {}).get("phase")))
         last = self._last_look.get(meta.get("uid"))
         if last is not None and last[0] == inputs and self.clock() < last[1]:
@@ -135,7 +151,7 @@ class Reconciler:
         started = time.perf_counter()
         self._due = [self.clock() + self.config.progress_interval]
         try:
-            status = self._reconcile(body, jobs, pods)
+            status = self._reconcile(body, jobs, pods, data_jobs)
         except Exception:
             self.metrics.reconcile_errors.inc()
             self._last_look.pop(meta.get("uid"), None)
@@ -156,7 +172,7 @@ class Reconciler:
             self._evals.pop((namespace, name), None)
             self._progress_read_at.pop((namespace, name), None)
 
-    def _reconcile(self, body: dict, jobs: list[dict], pods: list[dict]) -> dict:
+    def _reconcile(self, body: dict, jobs: list[dict], pods: list[dict], data_jobs: list[dict]) -> dict:
         meta, old = body["metadata"], dict(body.get("status") or {})
         generation = meta.get("generation")
         namespace = meta["namespace"]
@@ -174,15 +190,18 @@ class Reconciler:
             pods_by_run.setdefault(pod["run"], []).append(pod)
         previous = {r.get("name"): r for r in old.get("runs") or []}
         runs, statuses = experiment.runs(), []
+        data = self._data_preparations(body, experiment, runs, old, data_jobs, cancel, may_create=not spec_changed)
+        data_of_run = {name: prep for prep in data for name in prep["runs"]}
         for run in runs:
             current = dict(previous.get(run.name) or {"name": run.name, "arm": run.arm.value, "phase": "Pending"})
             current = self._run(body, experiment, run, current, jobs_by_run.get(run.name),
-                                pods_by_run.get(run.name, []), cancel, may_create=not spec_changed)
+                                pods_by_run.get(run.name, []), cancel, may_create=not spec_changed,
+                                data=data_of_run.get(run.name))
             statuses.append(current)
         self._runs_of[meta.get("uid")] = (namespace, [run.name for run in runs])
         evals = {run.name: self._evals.get((namespace, run.name), []) for run in runs}
         self.metrics.show(meta.get("uid"), experiment_series(namespace, meta["name"], runs, statuses, pods, evals))
-        return self._experiment_status(old, statuses, accepted, spec_changed, cancel)
+        return self._experiment_status(old, statuses, accepted, spec_changed, cancel, data)
 
     def _invalid(self, old: dict, message: str, generation) -> dict:
         return {
@@ -190,7 +209,8 @@ class Reconciler:
             "conditions": [_condition(old, "Valid", "False", "InvalidSpec", message, self.clock)],
         }
 
-    def _experiment_status(self, old: dict, runs: list[dict], accepted, spec_changed: bool, cancel) -> dict:
+    def _experiment_status(self, old: dict, runs: list[dict], accepted, spec_changed: bool, cancel,
+                           data: list[dict]) -> dict:
         phase = experiment_phase(r["phase"] for r in runs)
         conditions = [_condition(old, "Valid", "True", "Accepted", "the spec is valid; one PyTorchJob per run",
                                  self.clock)]
@@ -207,6 +227,7 @@ class Reconciler:
         status = {
             "phase": phase.value,
             "runs": runs,
+            "data": data or None,
             "conditions": conditions,
             "progress": f"{sum(r['phase'] == 'Succeeded' for r in runs)}/{len(runs)}",
             "observedGeneration": accepted,
@@ -217,7 +238,7 @@ class Reconciler:
 
     # -- one run --------------------------------------------------------------------------------
     def _run(self, body: dict, experiment: Experiment, run: Run, status: dict, job: Optional[dict],
-             pods: list[dict], cancel: Optional[str], may_create: bool) -> dict:
+             pods: list[dict], cancel: Optional[str], may_create: bool, data: Optional[dict] = None) -> dict:
         namespace = body["metadata"]["namespace"]
         key = (namespace, run.name)
         phase = RunPhase(status.get("phase", "Pending"))
@@ -247,6 +268,13 @@ class Reconciler:
                 return status  # the pod's failure (and its exit code) is usually a moment behind the job's
             obs = Observation(Seen.Failed, obs.reason, obs.message)
         if obs.seen is Seen.NoJob:
+            if data is not None and data["phase"] != DataPhase.Succeeded.value:  # its tokens are not ready
+                if data["phase"] == DataPhase.Failed.value:
+                    self.metrics.runs_failed.inc()
+                    return self._finish(run, status, RunPhase.Failed, "DataPreparationFailed",
+                                        f"data preparation {data['name']} failed: {data.get('message')}")
+                return _set(status, RunPhase.Pending, "PreparingData",
+                            f"waiting for data preparation {data['name']}: {data.get('message')}")
             if phase in (RunPhase.Preempted, RunPhase.Restarting):
                 if self.clock() < self._recreate_after.get(key, 0) or not may_create:
                     self._due.append(self._recreate_after.get(key, 0))
@@ -291,6 +319,48 @@ class Reconciler:
         reason = "Suspended" if obs.seen is Seen.Suspended else obs.reason
         return _set(status, RunPhase.Pending, reason, obs.message)
 
+    # -- data preparations ---------------------------------------------------------------------
+    def _data_preparations(self, body: dict, experiment: Experiment, runs: list[Run], old: dict,
+                           data_jobs: list[dict], cancel: Optional[str], may_create: bool) -> list[dict]:
+        previous = {d.get("name"): d for d in old.get("data") or []}
+        jobs_by_name = {j["name"]: j for j in data_jobs}
+        statuses = []
+        for name, group in preparations(runs).items():
+            status = dict(previous.get(name) or {"name": name, "phase": DataPhase.Pending.value})
+            status.update(runs=[run.name for run in group], workers=group[0].spec.data.preparation.workers)
+            statuses.append(self._data(body, experiment, group[0], status, jobs_by_name.get(name), cancel, may_create))
+        return statuses
+
+    def _data(self, body: dict, experiment: Experiment, run: Run, status: dict, job: Optional[dict],
+              cancel: Optional[str], may_create: bool) -> dict:
+        """One data preparation: create its Job, follow it. Once finished it stays finished, its Job or not."""
+        if DataPhase(status["phase"]).terminal:
+            return status
+        if cancel:
+            if job and not job["deleting"] and not job["suspended"]:
+                self.jobs.suspend_data_job(body["metadata"]["namespace"], job["name"])
+            status.setdefault("completionTime", now_rfc3339(self.clock))
+            return _set(status, DataPhase.Cancelled, "Cancelled", "cancelled by `dlmctl cancel`")
+        if job is None or job["deleting"]:
+            if job is None and may_create and self._create_data_job(body, experiment, run):
+                self.metrics.jobs_created.inc()
+            return _set(status, DataPhase.Pending, "JobCreated", f"waiting for its {status['workers']} pods")
+        phase, reason, message = data_phase(job)
+        status["completed"] = job["succeeded"]
+        if phase is not DataPhase.Pending:
+            status.setdefault("startTime", now_rfc3339(self.clock))
+        if phase.terminal:
+            status.setdefault("completionTime", now_rfc3339(self.clock))
+        return _set(status, phase, reason, message)
+
+    def _create_data_job(self, body: dict, experiment: Experiment, run: Run) -> bool:
+        (manifest,) = to_dicts([data_preparation_job(run, experiment.metadata.labels)])
+        self.adopt(manifest, body)
+        created = self.jobs.create(body["metadata"]["namespace"], manifest)
+        if created:
+            log.info("created data-preparation Job %s/%s", body["metadata"]["namespace"], manifest["metadata"]["name"])
+        return created
+
     def _create(self, body: dict, experiment: Experiment, run: Run, restarts: int) -> bool:
         (manifest,) = to_dicts([pytorch_job(run, experiment.metadata.labels)])
         if restarts:
@@ -326,7 +396,7 @@ class Reconciler:
         return status
 
 
-def _set(status: dict, phase: RunPhase, reason: Optional[str], message: Optional[str]) -> dict:
+def _set(status: dict, phase: RunPhase | DataPhase, reason: Optional[str], message: Optional[str]) -> dict:
     status["phase"] = phase.value
     status["reason"] = reason
     status["message"] = message

@@ -46,6 +46,22 @@ class ExperimentPhase(str, Enum):
         return self in TERMINAL_EXPERIMENT_PHASES
 
 
+class DataPhase(str, Enum):
+    """Of a data preparation (the Indexed Job that fills an s3:// token cache before the runs that read it)."""
+    Pending = "Pending"
+    Running = "Running"
+    Succeeded = "Succeeded"
+    Failed = "Failed"
+    Cancelled = "Cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def terminal(self) -> bool:
+        return self in (DataPhase.Succeeded, DataPhase.Failed, DataPhase.Cancelled)
+
+
 TERMINAL_RUN_PHASES = frozenset({RunPhase.Succeeded, RunPhase.Failed, RunPhase.Cancelled})
 TERMINAL_EXPERIMENT_PHASES = frozenset(
     {ExperimentPhase.Succeeded, ExperimentPhase.Failed, ExperimentPhase.Cancelled, ExperimentPhase.Invalid}

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Iterator, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .base import SpecModel, Strict
-from .contracts import ExperimentPhase, RunPhase, RunProgress
+from .contracts import DataPhase, ExperimentPhase, RunPhase, RunProgress
 from .model import ModelSpec
 from .sections import (
     Arm,
@@ -243,10 +243,24 @@ class Condition(Strict):
     lastTransitionTime: Optional[datetime] = None
 
 
+class DataPreparationStatus(Strict):
+    name: str = Field(description="the data-preparation Job")
+    phase: DataPhase = DataPhase.Pending
+    reason: Optional[str] = Field(default=None, description="a CamelCase word saying why it is in its phase")
+    message: Optional[str] = None
+    workers: int = Field(default=1, description="its pods (completion indexes)")
+    completed: int = Field(default=0, description="pods that finished their shards")
+    runs: list[str] = Field(default_factory=list, description="the runs that wait for it")
+    startTime: Optional[datetime] = None
+    completionTime: Optional[datetime] = None
+
+
 class ExperimentStatus(Strict):
     phase: ExperimentPhase = ExperimentPhase.Pending
     observedGeneration: Optional[int] = None
     runs: list[RunStatus] = Field(default_factory=list)
+    data: list[DataPreparationStatus] = Field(
+        default_factory=list, description="data preparations (one per source the runs read through an s3:// cache)")
     conditions: list[Condition] = Field(default_factory=list)
     progress: Optional[str] = Field(default=None, description="succeeded/total runs, e.g. 3/4 (a kubectl get column)")
     startTime: Optional[datetime] = None

@@ -1,8 +1,9 @@
 """The sections of `spec`: data, objectives, optimisation, resources, checkpoints, eval, metrics."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-
 import re
 from enum import Enum
 from typing import Annotated, Literal, Optional
@@ -142,6 +143,25 @@ class TokenizerSpec(SpecModel):
         return self
 
 
+class DataPreparationSpec(SpecModel):
+    """How a cluster prepares the token cache: a Kubernetes Indexed Job run before the training jobs when
+    `spec.data.cache` is an s3:// prefix. Locally the same shards are built in the trainer's process."""
+
+    workers: int = Field(
+        default=1, ge=1, le=1024,
+        description="pods of the data-preparation Indexed Job (its completions and parallelism); pod i tokenizes "
+                    "the shards j with j mod workers = i",
+    )
+    cpu: str = Field(default="4", pattern=CPU_PATTERN, description="CPU request (and limit) of each preparation pod")
+    memory: str = Field(default="8Gi", pattern=MEMORY_PATTERN,
+                        description="memory request (and limit) of each preparation pod")
+
+    _cpu = field_validator("cpu", mode="before")(_matching(
+        CPU_PATTERN, "{value!r} is not a positive CPU quantity, e.g. 8, 0.5 or 500m"))
+    _memory = field_validator("memory", mode="before")(_matching(
+        MEMORY_PATTERN, "{value!r} is not a positive memory quantity, e.g. 16Gi, 512Mi or 2G"))
+
+
 class DataSpec(SpecModel):
     train: str = Field(
         default="builtin:python-stdlib", max_length=MAX_URI_LENGTH,
@@ -163,14 +183,18 @@ class DataSpec(SpecModel):
     )
     seq_len: int = Field(default=256, ge=8, le=1_048_576, description="tokens per training sequence")
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
-    cache: Optional[str] = Field(default=None, max_length=MAX_URI_LENGTH,
-                                 description="token shard cache: local dir or s3:// prefix")
+    cache: Optional[str] = Field(
+        default=None, max_length=MAX_URI_LENGTH,
+        description="token cache: a local dir or an s3:// prefix; on a cluster an s3:// cache is prepared once, by "
+                    "an Indexed Job before the training jobs, for every run that reads the same source",
+    )
     packing: Literal["fixed", "per-epoch"] = Field(
         default="fixed",
         description="fixed: the unique pool is cut into seq_len windows once and the windows are permuted each "
                     "epoch; per-epoch: as Megatron, the pool's documents are reshuffled and re-packed into windows "
                     "every epoch (keyed by seed and epoch), so window boundaries change between epochs",
     )
+    preparation: DataPreparationSpec = Field(default_factory=DataPreparationSpec)
 
     _source = field_validator("train", "validation")(lambda v: v if v is None else _check_source(v))
     _cache = field_validator("cache")(_check_location)
@@ -204,6 +228,16 @@ class DataSpec(SpecModel):
     @property
     def unique_sequences(self) -> int:
         return self.unique_tokens // self.seq_len
+
+    @property
+    def preparation_identity(self) -> str:
+        """A short hash of what one data preparation produces: the token cache entry's inputs (sources,
+        validation size, tokenizer, where it is cached) and how it is prepared, but not the budget, epochs,
+        sequence length or packing, which only choose what a run reads from it. Runs with the same identity
+        share one preparation."""
+        fields = self.model_dump(mode="json", include={"train", "validation", "validation_tokens", "tokenizer",
+                                                        "cache", "preparation"})
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
 class DiffusionSpec(SpecModel):

@@ -175,9 +175,9 @@ def test_the_installed_command_prints_no_traceback(tmp_path, home):
 
 
 def test_an_internal_error_is_one_line_too(capsys, monkeypatch):
-    import dlmctl.operator.jobs as jobs
+    import dlmctl.operator.render as render
 
-    monkeypatch.setattr(jobs, "job_manifests", lambda experiment: 1 / 0)
+    monkeypatch.setattr(render, "job_manifests", lambda experiment: 1 / 0)
     code, _, err = run(capsys, "render", QUICKSTART)
     assert code == 1
     assert err == "error: internal error: ZeroDivisionError: division by zero (DLMCTL_DEBUG=1 shows the traceback)\n"

@@ -11,7 +11,8 @@ import time
 import pytest
 from kubernetes import client
 
-from dlmctl.operator.jobs import ANNOTATION_CANCEL, ANNOTATION_RESTARTS, job_manifests
+from dlmctl.operator.jobs import ANNOTATION_CANCEL, ANNOTATION_RESTARTS
+from dlmctl.operator.render import job_manifests
 from dlmctl.spec import experiment_from_dict
 from operator_harness import Experiments, OperatorProcess, install_operator_rbac, wait_until
 

@@ -85,7 +85,7 @@ def test_the_operator_role_grants_nothing_beyond_what_it_uses(cluster):
             name, _, sub = resource.partition("/")
             assert allowed(verb, name, group, subresource=sub or None), (group, resource, verb)
         for verb, resource, group in [("get", "secrets", ""), ("list", "secrets", ""), ("create", "pods", ""),
-                                      ("delete", "pods", ""), ("delete", "experiments", "dlmctl.io"),
+                                      ("delete", "pods", ""), ("delete", "jobs", "batch"), ("delete", "experiments", "dlmctl.io"),
                                       ("create", "experiments", "dlmctl.io"), ("update", "pytorchjobs", "kubeflow.org"),
                                       ("list", "nodes", ""), ("create", "clusterroles", "rbac.authorization.k8s.io")]:
             assert not allowed(verb, resource, group), f"the operator may {verb} {resource}"

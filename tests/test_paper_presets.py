@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from dlmctl.operator.jobs import job_manifests
+from dlmctl.operator.render import job_manifests
 from dlmctl.spec import load_experiment
 from dlmctl.spec.sections import Arm
 
@@ -21,8 +21,12 @@ def runs(name: str):
 def test_each_preset_cites_the_paper_and_renders_one_pytorchjob_per_run_on_8_gpu_nodes(path):
     assert CITATION in path.read_text().split("apiVersion:")[0], "the header comment cites what it reproduces"
     experiment = load_experiment(path)
-    jobs = job_manifests(experiment)
+    objects = job_manifests(experiment)
+    jobs = [o for o in objects if o["kind"] == "PyTorchJob"]
     assert [j["metadata"]["name"] for j in jobs] == [r.name for r in experiment.runs()]
+    preparations = [o for o in objects if o["kind"] == "Job"]
+    assert len(preparations) == 1, "every run reads one source through one s3:// cache: one data preparation"
+    assert objects[0] is preparations[0], "created before the training jobs"
     for job, run in zip(jobs, experiment.runs()):
         replicas = job["spec"]["pytorchReplicaSpecs"]
         pods = replicas["Master"]["replicas"] + replicas.get("Worker", {}).get("replicas", 0)

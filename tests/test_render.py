@@ -13,7 +13,8 @@ from kubeflow.training import models
 from kubeflow.training.api_client import ApiClient
 
 from dlmctl.cli.app import main
-from dlmctl.operator.jobs import JOB_GROUP, JOB_PLURAL, JOB_VERSION, job_manifests, render_yaml
+from dlmctl.operator.jobs import JOB_GROUP, JOB_PLURAL, JOB_VERSION
+from dlmctl.operator.render import job_manifests, render_yaml
 from dlmctl.spec import Run, experiment_from_dict, load_experiment, parse_yaml
 from dlmctl.spec.sections import DEFAULT_IMAGE
 
