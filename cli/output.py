@@ -89,7 +89,9 @@ def summaries_table(summaries: list["ExperimentSummary"], namespaces: bool = Fal
 def status_table(experiment: "Experiment") -> Table:
     status = experiment.status
     title = f"{experiment.metadata.name}: {status.phase} ({status.progress or '-'} runs succeeded)"
-    table = Table(title=title, title_justify="left")
+    preparations = [f"data {d.name}: {d.phase} ({d.completed}/{d.workers} pods done) {d.message or ''}".rstrip()
+                    for d in status.data]
+    table = Table(title=title, title_justify="left", caption="\n".join(preparations) or None, caption_justify="left")
     numeric = ("step", "epoch", "train loss", "val loss", "restarts")
     for col in ("run", "arm", "phase", "reason", "step", "epoch", "train loss", "val loss", "restarts", "message"):
         table.add_column(col, justify="right" if col in numeric else "left")

@@ -261,3 +261,22 @@ def test_the_status_the_operator_writes_is_an_experiment_status():
     status = look(r, body)
     parsed = ExperimentStatus.model_validate(json.loads(json.dumps(status)))
     assert parsed.data[0].runs == [run.name for run in parsed.runs]
+
+
+def test_get_shows_each_preparation_under_the_runs():
+    from rich.console import Console
+
+    from dlmctl.cli.output import status_table
+    from dlmctl.spec.experiment import Experiment
+
+    r, jobs = reconciler()
+    body = experiment()
+    look(r, body)
+    status = look(r, body, [data_job(jobs.created[0], active=2, succeeded=1)])
+    shown = Experiment.model_validate({**body, "status": json.loads(json.dumps(status))})
+    console = Console(width=400, record=True)
+    console.print(status_table(shown))
+    text = console.export_text()
+    name = jobs.created[0]["metadata"]["name"]
+    assert f"data {name}: Running (1/3 pods done) tokenizing" in text
+    assert text.count("PreparingData") == 4
