@@ -217,9 +217,11 @@ def test_a_validation_source_of_its_own_takes_priority_over_shared_documents(tmp
 def test_asking_for_more_unique_tokens_than_the_source_has_is_one_clear_error(tmp_path, corpus):
     folder, _ = corpus
     with pytest.raises(DataError) as err:
-        prepare_data(data_spec(folder, unique_tokens=9000), 0, tmp_path / "cache")
+        prepare_data(data_spec(folder, unique_tokens=9000), 0, tmp_path / "tokenized")
     message = str(err.value)
     assert message.startswith("spec.data.unique_tokens: 9,000 tokens asked") and "\n" not in message
+    # to know, the whole source was tokenized: that entry is complete, and another budget reuses it
+    assert prepare_data(data_spec(folder, unique_tokens=900), 0, tmp_path / "tokenized").metadata["cache_hit"]
     with pytest.raises(DataError, match=r"^spec.data.validation_tokens: 50,000"):
         prepare_data(data_spec(folder, validation_tokens=50_000), 0, tmp_path / "cache")
     with pytest.raises(DataError, match=r"^spec.data.train: .* does not exist"):

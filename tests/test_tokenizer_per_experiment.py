@@ -55,8 +55,10 @@ def test_sweep_points_of_one_experiment_share_one_tokenizer(tmp_path, corpus):
     folder, texts = corpus
     small = prepare_data(spec(folder, unique_tokens=1000, epochs=8), 0, tmp_path / "cache")
     large = prepare_data(spec(folder, unique_tokens=4000, epochs=2), 0, tmp_path / "cache")
-    assert small.metadata["cache_key"] != large.metadata["cache_key"]  # two pools ...
-    assert small.tokenizer.to_json() == large.tokenizer.to_json()  # ... one tokenizer
+    # two pools, one cache entry (the larger pool is the smaller one continued) and one tokenizer
+    assert small.metadata["cache_key"] == large.metadata["cache_key"] and large.metadata["cache_hit"]
+    assert large.pool[:1000].tolist() == small.pool.tolist()
+    assert small.tokenizer.to_json() == large.tokenizer.to_json()
     assert small.tokenizer.fingerprint == large.tokenizer.fingerprint
     # it is the BPE of the source's first 4096 bytes in hash order, the last document cut
     oracle = Tokenizer.train_bpe(first_bytes(in_hash_order(texts), 4096), 320)

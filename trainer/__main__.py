@@ -3,6 +3,12 @@
 Exit codes: 0 done; 143 stopped by SIGTERM after a checkpoint; 2 a user error (bad spec, bad credentials,
 a missing bucket, no space, checkpoints that do not verify) with one `error: ...` line on stderr, which
 the operator and the local backend do not retry; 1 anything else (a restart may help).
+
+`python -m dlmctl.trainer prepare-data [--run FILE] [--worker I] [--workers N] [--plan-wait SECONDS]`
+tokenizes the run's data into its token cache (spec.data.cache, else $DLMCTL_CACHE), as worker I of N of
+a Kubernetes Indexed Job (I defaults to $JOB_COMPLETION_INDEX, N to $DLMCTL_DATA_WORKERS): worker 0
+builds the plan, every worker the shards j = I (mod N), and the last to finish the completion manifest.
+Exit codes: 0 done; 2 a user error (one `error: ...` line); 1 anything else (a retry may help).
 """
 from __future__ import annotations
 
@@ -28,21 +34,64 @@ def parse_args(argv=None) -> tuple[Run, Path]:
     args = parser.parse_args(argv)
     if args.fresh and os.environ.get(FRESH_ENV, "").strip().lower() in ("", "0", "false", "no"):
         os.environ[FRESH_ENV] = "1"
-    if args.run is not None:
-        text = args.run.read_text()
+    run = read_run(args.run, parser)
+    output = args.output or Path(os.environ.get("DLMCTL_OUTPUT", f"runs/{run.name}"))
+    return run, output
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() else default
+
+
+def read_run(path: Path | None, parser: argparse.ArgumentParser) -> Run:
+    if path is not None:
+        text = path.read_text()
     elif os.environ.get("DLMCTL_RUN_SPEC"):
         text = os.environ["DLMCTL_RUN_SPEC"]
     else:
         parser.error("give --run FILE or set DLMCTL_RUN_SPEC")
     try:
-        run = Run.model_validate_json(text)
+        return Run.model_validate_json(text)
     except ValueError as err:
         raise SpecError(f"run spec: {str(err).splitlines()[0]}") from None
-    output = args.output or Path(os.environ.get("DLMCTL_OUTPUT", f"runs/{run.name}"))
-    return run, output
+
+
+def prepare_data_main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dlmctl.trainer prepare-data",
+                                     description="Tokenize a run's data into its token cache, shard by shard.")
+    parser.add_argument("--run", type=Path, help="the resolved run (JSON); default: $DLMCTL_RUN_SPEC")
+    parser.add_argument("--worker", type=int, default=_env_int("JOB_COMPLETION_INDEX", 0),
+                        help="this worker's index (default: $JOB_COMPLETION_INDEX or 0)")
+    parser.add_argument("--workers", type=int, default=_env_int("DLMCTL_DATA_WORKERS", 1),
+                        help="how many workers share the shards (default: $DLMCTL_DATA_WORKERS or 1)")
+    parser.add_argument("--plan-wait", type=float, default=6 * 3600,
+                        help="seconds a worker other than 0 waits for the plan (default: 6 h)")
+    args = parser.parse_args(argv)
+    import json
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        run = read_run(args.run, parser)
+        if args.workers < 1:
+            raise SpecError(f"--workers: {args.workers} is not a positive number of workers")
+        from .data import prepare_shards
+
+        cache = Path(os.environ.get("DLMCTL_CACHE", Path.home() / ".cache" / "dlmctl" / "data"))  # spec.data.cache wins
+        result = prepare_shards(run.spec.data, cache, args.worker, args.workers, args.plan_wait)
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        _termination_message(f"error: {err}")
+        return 2
+    print(json.dumps(result), flush=True)
+    return 0
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["prepare-data"]:
+        return prepare_data_main(argv[1:])
     try:
         run, output = parse_args(argv)
     except SpecError as err:

@@ -12,7 +12,7 @@ training sequences, the validation tokens and a metadata dict. How the data is c
    `spec.data.tokenizer.training_bytes` bytes of the training documents in hash order (the last
    one cut), whatever `unique_tokens` is, so every sweep point of an experiment gets the same
    tokenizer and per-token losses compare across the sweep. Held-out validation documents are
-   never part of that text (see `_hold_out_validation`).
+   never part of that text (see `data_plan._hold_out_validation`).
 4. Unique pool: training documents in hash order, each followed by `eos_id`, concatenated and cut
    at exactly `unique_tokens` tokens (whole documents, except the last which may be cut). N =
    floor(unique_tokens / seq_len) windows of seq_len tokens are trained on per epoch; the
@@ -30,305 +30,57 @@ training sequences, the validation tokens and a metadata dict. How the data is c
    s*G + (a*W + r)*m + [0, m). Nothing depends on the rank beyond choosing its slice, so a run
    sees the same sequences on any world size, and after resuming on a different one.
 
-The token pool, validation tokens and tokenizer are cached under a key hashing (source content
-fingerprints, tokenizer config with its training bytes, unique_tokens, validation_tokens): not seq_len,
-packing nor seed, so every arm, seed, sequence length and packing of a sweep shares one cache entry.
-A second run loads it without tokenizing; entries are written atomically (a temporary directory
-renamed into place; on S3 the manifest is uploaded last), processes on one machine wait on a lock
-for the one that builds, and processes elsewhere build byte-identical entries.
+Each document is tokenized on its own, so the pool for any `unique_tokens` is the first
+`unique_tokens` tokens of one stream: the training documents in hash order, each followed by eos.
+The cache (`token_cache.py`) keeps that stream per (source content fingerprints, validation source,
+validation_tokens, tokenizer config with its training bytes): not unique_tokens, seq_len, packing
+nor seed, so every arm, seed, sequence length, packing and unique-token budget of a sweep shares one
+entry. An entry is a *plan* (a compact index of the candidate documents, the tokenizer, the
+validation tokens, the shard boundaries; `data_plan.py`), built by streaming the source once, and
+*shards* of the stream, each tokenized from its documents' byte ranges. `prepare_data` builds, or
+fetches from the S3 mirror, the plan and then only the shards that cover the pool, and memory-maps
+the pool; `prepare_shards` (`python -m dlmctl.trainer prepare-data`) builds every shard, split over
+workers. Memory stays bounded by a shard's chunk, the document index and the largest non-.jsonl
+file, whatever the pool's size.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
-import io
 import json
-import os
+import logging
 import shutil
 import time
-import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
-from dlmctl.spec.sections import DataSpec, TokenizerSpec
+from dlmctl.spec.sections import DataSpec
 
-from .corpus import DataError, Document, Source, open_source, s3_filesystem
-from .tokenizer import BPE_RECIPE_VERSION, Tokenizer
+from .corpus import DataError, Source, open_source
+from .data_plan import (COPY_CHUNK, Plan, build_plan, build_shard, hash_order, token_dtype, tokenizer_key,
+                        tokenizer_training_texts)
+from .token_cache import Entry, TokenCache
+from .tokenizer import Tokenizer
 
 __all__ = [
     "ChoiceExample", "DataError", "EpochSampler", "PreparedData", "RepackedBatches", "TrainBatches", "Tokenizer",
-    "choice_examples", "hash_order", "prepare_data", "sample_indices", "tokenizer_training_texts", "unigram_entropy",
-    "val_batches",
+    "choice_examples", "hash_order", "prepare_data", "prepare_shards", "sample_indices", "tokenizer_training_texts",
+    "unigram_entropy", "val_batches",
 ]
 
-DATA_FORMAT_VERSION = 2  # bump when what a cache entry holds, or how it is chosen, changes
-ENCODE_CHUNK_CHARS = 1 << 20
+DATA_FORMAT_VERSION = 3  # bump when what a cache entry holds, or how it is chosen, changes
 DATA_ORDER_STREAM = 0x64617461  # "data": keeps the data-order RNG apart from other users of the seed
 PACKING_STREAM = 0x7061636B  # "pack": the per-epoch document order
 CHOICE_STREAM = 0x63686F69  # "choi"
-CACHE_FILES = ("tokenizer.json", "train.npy", "val.npy")
+
+log = logging.getLogger("dlmctl.trainer")
 
 
 # ---------------------------------------------------------------------------------------------
-# Choosing and tokenizing documents
-
-
-def hash_order(docs: Sequence[Document]) -> list[Document]:
-    """Documents sorted by the hash of their text: deterministic, content-only, seed-independent."""
-    return sorted(docs, key=lambda d: d.digest)
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
-
-
-def take_tokens(tokenizer: Tokenizer, docs: Sequence[Document], budget: int) -> tuple[np.ndarray, int]:
-    """Tokenize `docs` in order, each followed by eos, until `budget` tokens: returns (tokens cut at
-    `budget`, documents used). Fewer tokens come back when the documents run out."""
-    dtype, eos = token_dtype(tokenizer.vocab_size), np.array([tokenizer.eos_id])
-    parts, total, used, i = [], 0, 0, 0
-    while total < budget and i < len(docs):
-        chunk, chars = [], 0
-        while i < len(docs) and chars < ENCODE_CHUNK_CHARS:
-            chunk.append(docs[i].text)
-            chars += len(docs[i].text)
-            i += 1
-        for ids in tokenizer.encode_batch(chunk):
-            if total >= budget:
-                break
-            parts.append(np.concatenate([np.asarray(ids, dtype=dtype), eos.astype(dtype)]))
-            total += len(ids) + 1
-            used += 1
-    tokens = np.concatenate(parts)[:budget] if parts else np.zeros(0, dtype)
-    return tokens, used
-
-
-def utf8_bytes(text: str) -> bytes:
-    return text.encode("utf-8", "surrogatepass")
-
-
-def tokenizer_training_texts(docs: Sequence[Document], training_bytes: int) -> list[str]:
-    """The BPE's training text: the first `training_bytes` UTF-8 bytes of `docs` in order, one text
-    per document, the last one cut (a character the cut splits is left out)."""
-    texts, size = [], 0
-    for doc in docs:
-        if size >= training_bytes:
-            break
-        data = utf8_bytes(doc.text)
-        kept = data[: training_bytes - size]
-        texts.append(doc.text if len(kept) == len(data) else kept.decode("utf-8", "ignore"))
-        size += len(kept)
-    return texts
-
-
-def make_tokenizer(spec: TokenizerSpec, training_texts: Sequence[str]) -> Tokenizer:
-    if spec.kind == "byte":
-        return Tokenizer.byte()
-    if spec.kind == "file":
-        try:
-            return Tokenizer.from_json(_read_tokenizer_file(spec.path).decode("utf-8", "replace"))
-        except Exception as err:  # tokenizers raises a bare Exception on a malformed file
-            raise DataError(f"spec.data.tokenizer.path: {spec.path} is not a tokenizer.json: {str(err).splitlines()[0]}") from None
-    return Tokenizer.train_bpe(training_texts, spec.vocab_size)
-
-
-def text_bytes(tokenizer: Tokenizer, docs: Sequence[Document], tokens: np.ndarray) -> int:
-    """UTF-8 bytes of the text a stream of `take_tokens(tokenizer, docs, ...)` encodes: every whole
-    document's text, plus, when the stream ends inside a document (no end-of-document last), the
-    characters its kept tokens cover (a character split between kept and cut tokens counts whole).
-    End-of-document tokens count 0 bytes."""
-    eos = np.flatnonzero(np.asarray(tokens) == tokenizer.eos_id)
-    whole = len(eos)
-    total = sum(len(utf8_bytes(d.text)) for d in docs[:whole])
-    kept = len(tokens) - (eos[-1] + 1 if whole else 0)
-    if kept:
-        text = docs[whole].text
-        total += len(utf8_bytes(text[: tokenizer.char_offsets(text)[kept - 1][1]]))
-    return total
-
-
-def _read_tokenizer_file(path: str) -> bytes:
-    field_name = "spec.data.tokenizer.path"
-    try:
-        if path.startswith("s3://"):
-            return s3_filesystem().cat_file(path.removeprefix("s3://"))
-        p = Path(path.removeprefix("file://")).expanduser()
-        return (p / "tokenizer.json" if p.is_dir() else p).read_bytes()
-    except (OSError, PermissionError) as err:
-        raise DataError(f"{field_name}: cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
-
-
-def _tokenizer_key(spec: TokenizerSpec) -> dict:
-    if spec.kind == "bpe":
-        return {"kind": "bpe", "vocab_size": spec.vocab_size, "recipe": BPE_RECIPE_VERSION,
-                "training_bytes": spec.training_bytes}
-    if spec.kind == "file":
-        return {"kind": "file", "sha256": hashlib.sha256(_read_tokenizer_file(spec.path)).hexdigest()}
-    return {"kind": "byte"}
-
-
-@dataclass
-class _Built:
-    tokenizer: Tokenizer
-    train: np.ndarray  # the unique pool: exactly unique_tokens tokens
-    val: np.ndarray  # exactly validation_tokens tokens
-    manifest: dict
-
-
-def _hold_out_validation(spec: DataSpec, train_docs: list[Document]) -> tuple[Tokenizer, list[str], np.ndarray, int]:
-    """(tokenizer, its training texts, validation tokens, validation documents) when validation is held
-    out of the training source: the last documents in hash order, read backwards, up to
-    `validation_tokens` tokens. How many documents that takes depends on the tokenizer, which must not
-    see them: train it on the start of all documents; while its text reaches into the documents
-    validation takes, train it again without them. The excluded tail only grows, so this ends (at once
-    when the training text and the validation are far apart, as on any source much larger than
-    `training_bytes`)."""
-    V, excluded = spec.validation_tokens, 0
-    while True:
-        texts = (tokenizer_training_texts(train_docs[: len(train_docs) - excluded], spec.tokenizer.training_bytes)
-                 if spec.tokenizer.kind == "bpe" else [])
-        tokenizer = make_tokenizer(spec.tokenizer, texts)
-        val, val_used = take_tokens(tokenizer, train_docs[::-1], V)
-        if len(val) < V:
-            raise DataError(
-                f"spec.data.validation_tokens: {V:,} tokens asked but {spec.train} has only {len(val):,} tokens in all "
-                f"(and spec.data.unique_tokens must be left); lower them or set spec.data.validation"
-            )
-        if len(texts) <= len(train_docs) - val_used:
-            return tokenizer, texts, val, val_used
-        excluded = val_used
-
-
-def _build(spec: DataSpec, train_source: Source, val_source: Optional[Source]) -> _Built:
-    U, V = spec.unique_tokens, spec.validation_tokens
-    train_docs = hash_order(train_source.documents())
-    source_documents = len(train_docs)
-    if val_source is not None:
-        val_docs = hash_order(val_source.documents())
-        held = {d.digest for d in val_docs}
-        train_docs = [d for d in train_docs if d.digest not in held]  # a text in both sources is validation
-        texts = tokenizer_training_texts(train_docs, spec.tokenizer.training_bytes) if spec.tokenizer.kind == "bpe" else []
-        tokenizer = make_tokenizer(spec.tokenizer, texts)
-        val, val_used = take_tokens(tokenizer, val_docs, V)
-        if len(val) < V:
-            raise DataError(f"spec.data.validation_tokens: {V:,} tokens asked but {spec.validation} has only {len(val):,}")
-        pool_candidates, val_read = train_docs, val_docs
-    else:
-        tokenizer, texts, val, val_used = _hold_out_validation(spec, train_docs)
-        pool_candidates, val_read = train_docs[: len(train_docs) - val_used], train_docs[::-1]
-    pool, pool_used = take_tokens(tokenizer, pool_candidates, U)
-    if len(pool) < U:
-        held_out = "" if val_source is not None else f" after holding out {V:,} validation tokens"
-        raise DataError(
-            f"spec.data.unique_tokens: {U:,} tokens asked but {spec.train} has only {len(pool):,} training tokens{held_out}"
-        )
-    manifest = {
-        "format": DATA_FORMAT_VERSION,
-        "source_documents": source_documents,
-        "pool_documents": pool_used,
-        "validation_documents": val_used,
-        "tokenizer_training_documents": len(texts),
-        "tokenizer_training_bytes": sum(len(utf8_bytes(t)) for t in texts),
-        "validation_bytes": text_bytes(tokenizer, val_read, val),
-        "vocab_size": tokenizer.vocab_size,
-        "eos_id": tokenizer.eos_id,
-        "mask_id": tokenizer.mask_id,
-        "dtype": str(pool.dtype),
-    }  # no timings: processes that build the same entry write the same bytes
-    return _Built(tokenizer, pool, val, manifest)
-
-
-# ---------------------------------------------------------------------------------------------
-# The cache: <root>/<key>/{tokenizer.json, train.npy, val.npy, manifest.json}
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
-
-
-class TokenCache:
-    """Cache entries in a local directory, optionally mirrored from/to an s3:// prefix."""
-
-    def __init__(self, location: str | Path, local_root: Path):
-        self.remote = str(location).removeprefix("s3://").rstrip("/") if str(location).startswith("s3://") else None
-        self.local_root = Path(local_root if self.remote else str(location).removeprefix("file://")).expanduser()
-
-    def local(self, key: str) -> Path:
-        return self.local_root / key
-
-    @contextlib.contextmanager
-    def lock(self, key: str):
-        """Processes on one machine take turns: the first builds, the others then find the entry."""
-        self.local_root.mkdir(parents=True, exist_ok=True)
-        with open(self.local_root / f".{key}.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    def find(self, key: str) -> Optional[Path]:
-        """The local directory of a complete entry, fetched from S3 when only there; else None."""
-        path = self.local(key)
-        if self.remote is None:
-            return path if (path / "manifest.json").exists() else None
-        fs, prefix = s3_filesystem(), f"{self.remote}/{key}"
-        remote_complete = fs.exists(f"{prefix}/manifest.json")
-        if (path / "manifest.json").exists():
-            if not remote_complete:  # built here before the S3 cache was configured: share it
-                self._upload(key, {name: (path / name).read_bytes() for name in CACHE_FILES},
-                             (path / "manifest.json").read_bytes())
-            return path
-        if not remote_complete:
-            return None
-        manifest = fs.cat_file(f"{prefix}/manifest.json")
-        files = {name: fs.cat_file(f"{prefix}/{name}") for name in CACHE_FILES}
-        expected = json.loads(manifest)["sha256"]
-        if any(hashlib.sha256(data).hexdigest() != expected[name] for name, data in files.items()):
-            return None  # a half-written or foreign entry: rebuild rather than trust it
-        return self._install(key, files, manifest)
-
-    def store(self, key: str, built: _Built, manifest: dict) -> Path:
-        files = {
-            "tokenizer.json": built.tokenizer.to_json().encode(),
-            "train.npy": _npy_bytes(built.train),
-            "val.npy": _npy_bytes(built.val),
-        }
-        manifest = manifest | {"sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}}
-        manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
-        path = self._install(key, files, manifest_bytes)
-        if self.remote is not None:
-            self._upload(key, files, manifest_bytes)
-        return path
-
-    def _upload(self, key: str, files: dict[str, bytes], manifest: bytes) -> None:
-        fs, prefix = s3_filesystem(), f"{self.remote}/{key}"
-        for name, data in files.items():
-            fs.pipe_file(f"{prefix}/{name}", data)
-        fs.pipe_file(f"{prefix}/manifest.json", manifest)  # last: readers only trust entries that have one
-
-    def _install(self, key: str, files: dict[str, bytes], manifest: bytes) -> Path:
-        """Write into a private temporary directory, then rename it into place in one step."""
-        final = self.local(key)
-        temporary = self.local_root / f".{key}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-        temporary.mkdir(parents=True)
-        for name, data in files.items():
-            (temporary / name).write_bytes(data)
-        (temporary / "manifest.json").write_bytes(manifest)
-        try:
-            os.rename(temporary, final)
-        except OSError:  # another process installed the same entry first
-            shutil.rmtree(temporary, ignore_errors=True)
-            if not (final / "manifest.json").exists():
-                raise
-        return final
+# The cache entry of a spec
 
 
 def cache_key(spec: DataSpec, train_source: Source, val_source: Optional[Source]) -> tuple[str, dict]:
@@ -337,22 +89,118 @@ def cache_key(spec: DataSpec, train_source: Source, val_source: Optional[Source]
         "train": train_source.fingerprint(),
         "validation": val_source.fingerprint() if val_source else None,
         "validation_tokens": spec.validation_tokens,
-        "unique_tokens": spec.unique_tokens,
-        "tokenizer": _tokenizer_key(spec.tokenizer),
+        "tokenizer": tokenizer_key(spec.tokenizer),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32], parts
+
+
+@dataclass
+class Sources:
+    spec: DataSpec
+    train: Source
+    validation: Optional[Source]
+    key: str
+    key_parts: dict
+
+    @classmethod
+    def of(cls, spec: DataSpec) -> "Sources":
+        train = open_source(spec.train, "spec.data.train")
+        validation = open_source(spec.validation, "spec.data.validation") if spec.validation else None
+        return cls(spec, train, validation, *cache_key(spec, train, validation))
+
+
+def ensure_plan(entry: Entry, sources: Sources) -> tuple[Plan, bool]:
+    """(the entry's plan, whether it was built here): fetched, or built and stored."""
+    plan = entry.load_plan()
+    if plan is not None:
+        return plan, False
+    entry.store_plan(build_plan(sources.spec, sources.train, sources.validation), sources.key_parts)
+    return entry.load_plan(), True
+
+
+def ensure_shard(entry: Entry, plan: Plan, source: Source, j: int, keep_local: bool = True, fetch: bool = True) -> tuple[dict, bool]:
+    """(shard j's manifest, whether it was built here): fetched (when `fetch`), or built and stored."""
+    manifest = entry.fetch_shard(j) if fetch else entry.shard_manifest(j)
+    if manifest is not None:
+        return manifest, False
+    scratch = entry.scratch()
+    try:
+        manifest = build_shard(plan, source, j, scratch)
+        entry.store_shard(j, scratch, manifest, keep_local=keep_local)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return manifest, True
+
+
+def finish_if_complete(entry: Entry, plan: Plan, key_parts: dict) -> Optional[dict]:
+    """The completion manifest, written when every shard has its manifest; None while one is missing."""
+    done = entry.completion()
+    if done is not None:
+        return done
+    manifests = [entry.shard_manifest(j) for j in range(plan.num_shards)]
+    return None if any(m is None for m in manifests) else entry.write_completion(manifests, key_parts)
+
+
+def prepare_shards(data_spec: DataSpec, cache_root: Path, worker: int = 0, workers: int = 1,
+                   plan_wait_seconds: float = 6 * 3600) -> dict:
+    """Worker `worker` of `workers` of the data-preparation job: worker 0 builds the plan when it is
+    absent, the others wait for it; each then builds the missing shards j ≡ worker (mod workers), of
+    the whole source; whoever then finds every shard complete writes the completion manifest. Returns
+    {"plan_built", "shards_built", "shards", "complete"}."""
+    import tenacity
+
+    if not 0 <= worker < workers:
+        raise DataError(f"--worker: {worker} is not in 0..{workers - 1}")
+    sources = Sources.of(data_spec)
+    cache = TokenCache(data_spec.cache or cache_root, Path(cache_root))
+    entry = cache.entry(sources.key)
+    plan_built = False
+    if worker == 0:
+        with entry.lock():
+            plan, plan_built = ensure_plan(entry, sources)
+    else:
+        waiting = tenacity.Retrying(
+            retry=tenacity.retry_if_result(lambda found: found is None),
+            wait=tenacity.wait_exponential(multiplier=1, min=1, max=60),
+            stop=tenacity.stop_after_delay(plan_wait_seconds), retry_error_callback=lambda state: None)
+        plan = waiting(entry.load_plan)
+        if plan is None:
+            raise RuntimeError(f"the plan of cache entry {sources.key} did not appear within {plan_wait_seconds:.0f} s")
+    built = 0
+    keep_local = cache.remote is None
+    for j in range(worker, plan.num_shards, workers):
+        with entry.lock():
+            _, was_built = ensure_shard(entry, plan, sources.train, j, keep_local=keep_local, fetch=False)
+        built += was_built
+        if was_built:
+            log.info("data: shard %d of %d built", j + 1, plan.num_shards)
+    complete = finish_if_complete(entry, plan, sources.key_parts)
+    return {"cache_key": sources.key, "plan_built": plan_built, "shards_built": built, "shards": plan.num_shards,
+            "complete": complete is not None}
 
 
 # ---------------------------------------------------------------------------------------------
 # The prepared data
 
 
+def entropy_of_counts(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def token_counts(tokens: np.ndarray, vocab_size: int = 0) -> np.ndarray:
+    """Unigram counts of `tokens`, a memory map read in bounded chunks."""
+    flat = np.asarray(tokens).reshape(-1)
+    counts = np.zeros(max(vocab_size, int(flat.max()) + 1 if len(flat) else 0), np.int64)
+    for start in range(0, len(flat), COPY_CHUNK):
+        counts += np.bincount(flat[start:start + COPY_CHUNK], minlength=len(counts))
+    return counts
+
+
 def unigram_entropy(tokens: np.ndarray) -> float:
     """Entropy in nats of the tokens' empirical unigram distribution: the loss of a model that
     only learnt token frequencies; a trained model should go well below it."""
-    counts = np.bincount(np.asarray(tokens).ravel().astype(np.int64))
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
+    return entropy_of_counts(token_counts(tokens))
 
 
 @dataclass
@@ -362,7 +210,8 @@ class PreparedData:
     `pool` is the 1-D unique pool of exactly `unique_tokens` tokens; `train` is [N, seq_len], the
     pool's first N = floor(unique_tokens / seq_len) windows (what `packing: fixed` trains on), so the
     effective unique tokens are N × seq_len (`metadata["unique_tokens"]`); `val` is the 1-D
-    validation token stream of exactly `validation_tokens` tokens.
+    validation token stream of exactly `validation_tokens` tokens. `document_ends` (when known) is
+    the end of each of the pool's documents in the pool, the cut last one ending at its end.
     """
 
     tokenizer: Tokenizer
@@ -372,6 +221,7 @@ class PreparedData:
     seed: int
     pool: Optional[np.ndarray] = None  # None: `train` is the pool
     packing: str = "fixed"
+    document_ends: Optional[np.ndarray] = field(default=None, repr=False)
 
     @property
     def seq_len(self) -> int:
@@ -380,7 +230,7 @@ class PreparedData:
     def train_batches(self) -> "TrainBatches | RepackedBatches":
         if self.packing == "per-epoch":
             pool = self.train.ravel() if self.pool is None else self.pool
-            return RepackedBatches(pool, self.tokenizer.eos_id, self.seq_len, self.seed)
+            return RepackedBatches(pool, self.tokenizer.eos_id, self.seq_len, self.seed, document_ends=self.document_ends)
         return TrainBatches(self.train, self.seed)
 
     def val_batches(self, batch_size: int, seq_len: Optional[int] = None) -> list[torch.Tensor]:
@@ -394,59 +244,103 @@ def prepare_data(data_spec: DataSpec, seed: int, cache_root: Path) -> PreparedDa
     """Read, tokenize and cache the data a spec asks for (see the module docstring).
 
     The cache lives in `data_spec.cache` (a local dir or s3:// prefix) when set, else in
-    `cache_root`; with an S3 cache, `cache_root` keeps the local copy. Raises `DataError` (one
-    line naming the spec field) on bad input. `metadata` holds: `unique_tokens` (effective, =
-    `unique_sequences` × `seq_len`), `unique_tokens_requested`, `unique_sequences`, `seq_len`,
-    `packing`, `validation_tokens`, `validation_bytes` (UTF-8 bytes of the text the validation
-    tokens encode: see `text_bytes`; end-of-document tokens count 0), `validation_bytes_per_token`
-    (their ratio: a loss of L nats per token is L / (bytes_per_token × ln 2) bits per byte),
+    `cache_root`; with an S3 cache, `cache_root` keeps the local copy. Builds (or fetches) the plan,
+    then the shards in order until they cover `unique_tokens`, appending each to the local stream
+    that the pool memory-maps. Raises `DataError` (one line naming the spec field) on bad input.
+    `metadata` holds: `unique_tokens` (effective, = `unique_sequences` × `seq_len`),
+    `unique_tokens_requested`, `unique_sequences`, `seq_len`, `packing`, `validation_tokens`,
+    `validation_bytes` (UTF-8 bytes of the text the validation tokens encode: see
+    `data_plan.text_bytes`; end-of-document tokens count 0), `validation_bytes_per_token` (their
+    ratio: a loss of L nats per token is L / (bytes_per_token × ln 2) bits per byte),
     `source_fingerprint`, `validation_fingerprint`, `source_documents`, `pool_documents`,
     `validation_documents`, `tokenizer_training_documents` and `tokenizer_training_bytes` (the BPE's
     training text; 0 for other tokenizers), `unigram_entropy` (nats, of the N × seq_len training
     tokens of the fixed windows), `vocab_size`, `eos_id`, `mask_id`, `tokenizer_kind`, `cache_key`,
-    `cache_dir`, `cache_hit`, `seconds`.
+    `cache_dir`, `cache_hit` (nothing was tokenized), `shards` (of the stream, used / all), `seconds`.
     """
     started = time.perf_counter()
-    train_source = open_source(data_spec.train, "spec.data.train")
-    val_source = open_source(data_spec.validation, "spec.data.validation") if data_spec.validation else None
-    key, key_parts = cache_key(data_spec, train_source, val_source)
-    cache = TokenCache(data_spec.cache or cache_root, Path(cache_root))
-    with cache.lock(key):
-        path = cache.find(key)
-        hit = path is not None
-        if not hit:
-            built = _build(data_spec, train_source, val_source)
-            path = cache.store(key, built, built.manifest | {"key": key_parts})
-    manifest = json.loads((path / "manifest.json").read_text())
-    tokenizer = Tokenizer.from_json((path / "tokenizer.json").read_text())
-    pool = np.load(path / "train.npy", mmap_mode="r")
-    val = np.load(path / "val.npy")
-    n = data_spec.unique_tokens // data_spec.seq_len
+    U = data_spec.unique_tokens
+    sources = Sources.of(data_spec)
+    entry = TokenCache(data_spec.cache or cache_root, Path(cache_root)).entry(sources.key)
+    with entry.lock():
+        plan, built = ensure_plan(entry, sources)
+        dtype, ends = plan.dtype, entry.stream_state()["ends"]
+        while (ends[-1] if ends else 0) < U and len(ends) < plan.num_shards:
+            j = len(ends)
+            manifest, was_built = ensure_shard(entry, plan, sources.train, j)
+            if not entry.append_to_stream(j, manifest, dtype):  # this machine's copy is damaged: rebuild it
+                entry.forget_shard(j)
+                manifest, was_built = ensure_shard(entry, plan, sources.train, j)
+                if not entry.append_to_stream(j, manifest, dtype):
+                    raise RuntimeError(f"shard {j} of cache entry {sources.key} does not match its manifest")
+            built |= was_built
+            ends = entry.stream_state()["ends"]
+        if len(ends) == plan.num_shards:
+            finish_if_complete(entry, plan, sources.key_parts)
+    held = ends[-1] if ends else 0
+    if held < U:
+        held_out = "" if data_spec.validation else f" after holding out {data_spec.validation_tokens:,} validation tokens"
+        raise DataError(
+            f"spec.data.unique_tokens: {U:,} tokens asked but {data_spec.train} has only {held:,} training tokens{held_out}"
+        )
+    stats = plan.stats
+    pool = entry.stream(U, dtype)
+    n = U // data_spec.seq_len
     train = pool[: n * data_spec.seq_len].reshape(n, data_spec.seq_len)
-    metadata = {
-        key_: manifest[key_]
-        for key_ in ("source_documents", "pool_documents", "validation_documents", "validation_bytes",
-                     "vocab_size", "eos_id", "mask_id", "tokenizer_training_documents", "tokenizer_training_bytes")
-    } | {
+    shards_used = int(np.searchsorted(ends, U)) + 1  # shards 0 .. shards_used - 1 hold the pool
+    document_ends = _document_ends(entry, ends[:shards_used], U)
+    metadata = {key_: stats[key_] for key_ in ("source_documents", "validation_documents", "validation_bytes", "vocab_size",
+                                               "eos_id", "mask_id", "tokenizer_training_documents", "tokenizer_training_bytes")} | {
+        "pool_documents": len(document_ends),
         "unique_tokens": n * data_spec.seq_len,
-        "unique_tokens_requested": data_spec.unique_tokens,
+        "unique_tokens_requested": U,
         "unique_sequences": n,
         "seq_len": data_spec.seq_len,
         "packing": data_spec.packing,
-        "validation_tokens": len(val),
-        "validation_bytes_per_token": manifest["validation_bytes"] / len(val),
+        "validation_tokens": len(plan.val),
+        "validation_bytes_per_token": stats["validation_bytes"] / len(plan.val),
         "source": data_spec.train,
         "validation_source": data_spec.validation,
-        "source_fingerprint": key_parts["train"],
-        "validation_fingerprint": key_parts["validation"],
+        "source_fingerprint": sources.key_parts["train"],
+        "validation_fingerprint": sources.key_parts["validation"],
         "tokenizer_kind": data_spec.tokenizer.kind,
-        "unigram_entropy": unigram_entropy(train),
-        "cache_key": key,
-        "cache_dir": str(path),
-        "cache_hit": hit,
+        "unigram_entropy": entropy_of_counts(_prefix_counts(entry, pool, ends, n * data_spec.seq_len, plan.tokenizer.vocab_size)),
+        "cache_key": sources.key,
+        "cache_dir": str(entry.root),
+        "cache_hit": not built,
+        "shards": f"{shards_used}/{plan.num_shards}",
         "seconds": round(time.perf_counter() - started, 3),
     }
-    return PreparedData(tokenizer, train, val, metadata, seed, pool=pool, packing=data_spec.packing)
+    return PreparedData(plan.tokenizer, train, np.asarray(plan.val), metadata, seed, pool=pool,
+                        packing=data_spec.packing, document_ends=document_ends)
+
+
+def _document_ends(entry: Entry, shard_ends: list[int], length: int) -> np.ndarray:
+    """End of each document of the pool's first `length` tokens, from the shards' stored offsets; the
+    cut last document ends at `length`."""
+    from .token_cache import shard_files
+
+    parts, base = [], 0
+    for j, end in enumerate(shard_ends):
+        parts.append(base + np.load(entry.path(shard_files(j)["documents"])))
+        base = end
+    ends = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    whole = ends[: np.searchsorted(ends, length, side="right")]
+    return whole if len(whole) and whole[-1] == length else np.append(whole, length).astype(np.int64)
+
+
+def _prefix_counts(entry: Entry, pool: np.ndarray, shard_ends: list[int], length: int, vocab_size: int) -> np.ndarray:
+    """Unigram counts of the pool's first `length` tokens: the stored counts of the shards wholly inside,
+    the rest (less than a shard) counted from the memory map."""
+    from .token_cache import shard_files
+
+    counts, base = np.zeros(vocab_size, np.int64), 0
+    for j, end in enumerate(shard_ends):
+        if end > length:
+            break
+        counts += np.load(entry.path(shard_files(j)["counts"]))
+        base = end
+    return counts + token_counts(pool[base:length], vocab_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,9 +395,12 @@ class EpochSampler:
 
 
 def pool_fingerprint(sequences: np.ndarray, *extra: object) -> str:
+    """A hash of the tokens (read in bounded chunks: a memory map is never copied whole) and `extra`."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{sequences.shape}{sequences.dtype}{''.join(map(str, extra))}".encode())
-    h.update(np.ascontiguousarray(sequences).tobytes())
+    flat = np.asarray(sequences).reshape(-1)  # a view for a contiguous array (the pool's memory map)
+    for start in range(0, len(flat), COPY_CHUNK):
+        h.update(np.ascontiguousarray(flat[start:start + COPY_CHUNK]).data)
     return h.hexdigest()
 
 
@@ -600,17 +497,22 @@ class RepackedBatches(_Batches):
     if it has one; it is cut into N = len(pool) // seq_len windows (the last len(pool) % seq_len tokens
     of the stream are left out), and sample k is window perm_e[k % N] of epoch e = k // N (the
     `EpochSampler` order, as for fixed packing). A window's tokens are gathered from the pool through
-    the documents' offsets: memory stays that of the pool plus O(documents) per epoch."""
+    the documents' offsets: memory stays that of the pool plus O(documents) per epoch. The offsets are
+    `document_ends` when given (the cache stores them per shard), else found by scanning for eos."""
 
     packing = "per-epoch"
 
-    def __init__(self, pool: np.ndarray, eos_id: int, seq_len: int, seed: int):
+    def __init__(self, pool: np.ndarray, eos_id: int, seq_len: int, seed: int, document_ends: Optional[np.ndarray] = None):
         super().__init__(seed, len(pool) // seq_len)
         self.pool, self.eos_id, self.seq_len = np.asarray(pool), eos_id, seq_len  # a memory map stays one
-        ends = np.flatnonzero(self.pool == eos_id) + 1
-        self.whole_documents = len(ends)
-        if not len(ends) or ends[-1] != len(pool):
-            ends = np.append(ends, len(pool))  # the cut last document: no end-of-document
+        if document_ends is None:
+            ends = np.concatenate([np.flatnonzero(self.pool[i:i + COPY_CHUNK] == eos_id) + i + 1
+                                   for i in range(0, len(self.pool), COPY_CHUNK)] or [np.zeros(0, np.int64)])
+            if not len(ends) or ends[-1] != len(pool):
+                ends = np.append(ends, len(pool))  # the cut last document: no end-of-document
+        else:
+            ends = np.asarray(document_ends, dtype=np.int64)
+        self.whole_documents = len(ends) if len(pool) and self.pool[len(pool) - 1] == eos_id else len(ends) - 1
         self.doc_starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
         self.doc_lengths = (ends - self.doc_starts).astype(np.int64)
         self._layouts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
