@@ -1,9 +1,11 @@
 """Training-step throughput of the dlmctl backbone, as ratios against baselines measured in the same run.
 
-  * ours (AR objective) vs transformers' LlamaForCausalLM with the same shape, batch and dtype:
-    tokens/s of one step (forward + backward + AdamW); ratio ours / llama (>= ~1 is the target);
-  * DLM step cost / AR step cost on our model (should be ~1: only the attention mask differs);
-  * with CUDA: MFU of a ~350M model (preset `350m`) in bf16, AR and DLM.
+  * ours (AR objective) vs transformers' LlamaForCausalLM with the same shape, batch, dtype, attention kernel
+    (SDPA) and optimizer (torch's fused AdamW, as the trainer uses): tokens/s of one step (forward + backward
+    + AdamW); ratio ours / llama, both eager and both compiled (torch.compile per block, for each model
+    alike), with each compiled variant's compile time (its first step less its median step);
+  * DLM step cost / AR step cost on our model (benchmarks/bench_dlm_ar.py explains it by sequence length);
+  * with CUDA: MFU of a ~350M model (preset `350m`) in bf16, AR and DLM, compiled.
 
 Variants are timed in rounds: each round runs one step of every variant, in a random order (seeded), so
 a busy machine slows them alike and none always follows another. Reported per variant: wall and CPU
@@ -12,7 +14,8 @@ the rounds) and also taken of the fastest steps. On CPU one thread waiting passi
 (--threads): on a shared machine more threads mostly measure the neighbours. Results go to stdout, and
 to a JSON file only with --out.
 
-  python benchmarks/bench_model.py                       # small CPU defaults, about a minute
+  python benchmarks/bench_model.py                       # small CPU defaults, about three minutes
+  python benchmarks/bench_model.py --no-compile          # eager only, about a minute
   python benchmarks/bench_model.py --device cuda --dtype bf16 --n-layer 24 --d-model 1024 ... --out r.json
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 
 from dlmctl.spec import ModelShape, ModelSpec
 from dlmctl.spec.sections import AutoregressiveSpec, DiffusionSpec
+from dlmctl.trainer.engine import apply_compile
 from dlmctl.trainer.model import Transformer
 from dlmctl.trainer.objectives import ar_loss, diffusion_loss
 
@@ -53,6 +57,8 @@ def parse_args():
     p.add_argument("--untied", action="store_true", help="untied embeddings (default tied)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time both models compiled (torch.compile per block)")
     p.add_argument("--rounds", type=int, default=20, help="timed rounds; each times one step of every variant")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="of the order of the variants in each round")
@@ -60,6 +66,7 @@ def parse_args():
     p.add_argument("--mfu-preset", default="350m", help="preset for the CUDA MFU measurement; 'none' skips it")
     p.add_argument("--mfu-seq-len", type=int, default=2048)
     p.add_argument("--mfu-batch", type=int, default=8)
+    p.add_argument("--mfu-rounds", type=int, default=10)
     p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak, if not recognised")
     p.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
     return p.parse_args()
@@ -84,12 +91,22 @@ def llama_like(shape: ModelShape, dtype, device):
     return LlamaForCausalLM(config).to(device=device, dtype=dtype)
 
 
-def optimizer(model, device):
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+def optimizer(model):
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the trainer's (trainer/engine.py)
 
 
-def step_functions(shape, batch, dtype, device, with_llama=True):
-    """name -> a function running one full training step; each builds its own model and optimizer."""
+def compile_blocks(model) -> None:
+    """torch.compile per transformer block, in place: ours as the trainer does, Llama's decoder layers alike."""
+    if isinstance(model, Transformer):
+        apply_compile(model)
+    else:
+        for layer in model.model.layers:
+            layer.compile()
+
+
+def step_functions(shape, batch, dtype, device, with_llama=True, compiled=False):
+    """name -> a function running one full training step; each builds its own model and optimizer. Compiled
+    variants are named *_compiled."""
     mask_id, L = shape.vocab_size - 1, shape.max_seq_len
     gen = torch.Generator().manual_seed(0)
     ar_tokens = torch.randint(0, mask_id, (batch, L + 1), generator=gen).to(device)  # L positions through the model
@@ -97,9 +114,11 @@ def step_functions(shape, batch, dtype, device, with_llama=True):
     index = torch.arange(batch)
     functions, params = {}, {}
 
-    def ours(objective):
+    def ours(objective, compiled):
         model = Transformer(shape).to(device=device, dtype=dtype).train()
-        opt = optimizer(model, device)
+        if compiled:
+            compile_blocks(model)
+        opt = optimizer(model)
         params["ours"] = model.num_params()
         counter = iter(range(10**9))
 
@@ -114,27 +133,39 @@ def step_functions(shape, batch, dtype, device, with_llama=True):
             opt.zero_grad(set_to_none=True)
         return run, model
 
-    functions["ours_ar"], flops_model = ours("ar")
-    functions["ours_dlm"], _ = ours("dlm")
-    if with_llama:
-        llama = llama_like(shape, dtype, device).train()
-        opt = optimizer(llama, device)
-        params["llama"] = sum(p.numel() for p in llama.parameters())
+    def llama(compiled):
+        model = llama_like(shape, dtype, device).train()
+        if compiled:
+            compile_blocks(model)
+        opt = optimizer(model)
+        params["llama"] = sum(p.numel() for p in model.parameters())
 
-        def run_llama():
-            logits = llama(input_ids=ar_tokens[:, :-1]).logits
+        def run():
+            logits = model(input_ids=ar_tokens[:, :-1]).logits
             F.cross_entropy(logits.flatten(0, 1).float(), ar_tokens[:, 1:].flatten()).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        functions["llama_ar"] = run_llama
+        return run
+
+    for suffix in ("", "_compiled") if compiled else ("",):
+        functions[f"ours_ar{suffix}"], flops_model = ours("ar", bool(suffix))
+        functions[f"ours_dlm{suffix}"], _ = ours("dlm", bool(suffix))
+        if with_llama:
+            functions[f"llama_ar{suffix}"] = llama(bool(suffix))
     return functions, params, flops_model
 
 
 def time_rounds(functions, rounds, warmup, device, seed):
-    """Per variant, the wall and CPU seconds of its step in each round; each round runs every variant once,
-    in a random order."""
-    for fn in functions.values():
-        for _ in range(warmup):
+    """Per variant, the wall and CPU seconds of its step in each round (each round runs every variant once,
+    in a random order), and the wall seconds of its first step (a compiled variant compiles then)."""
+    first = {}
+    for name, fn in functions.items():
+        sync(device)
+        began = time.perf_counter()
+        fn()
+        sync(device)
+        first[name] = time.perf_counter() - began
+        for _ in range(warmup - 1):
             fn()
     sync(device)
     order = random.Random(seed)
@@ -149,7 +180,7 @@ def time_rounds(functions, rounds, warmup, device, seed):
             sync(device)
             wall[name].append(time.perf_counter() - began)
             cpu[name].append(time.process_time() - began_cpu)
-    return wall, cpu
+    return wall, cpu, first
 
 
 def spread(values) -> dict:
@@ -183,9 +214,9 @@ def main():
         d_ff=args.d_ff, vocab_size=args.vocab, max_seq_len=args.seq_len, tie_embeddings=not args.untied,
     )
     tokens_per_step = args.batch * args.seq_len
-    functions, params, model = step_functions(shape, args.batch, dtype, device)
+    functions, params, model = step_functions(shape, args.batch, dtype, device, compiled=args.compile)
     assert params["ours"] == params["llama"], f"shapes differ: ours {params['ours']} vs llama {params['llama']} params"
-    wall, cpu = time_rounds(functions, args.rounds, args.warmup, device, args.seed)
+    wall, cpu, first = time_rounds(functions, args.rounds, args.warmup, device, args.seed)
     seconds = {name: statistics.median(t) for name, t in wall.items()}
     del functions
     result = {
@@ -194,39 +225,59 @@ def main():
         "params": params["ours"], "batch": args.batch, "seq_len": args.seq_len, "rounds": args.rounds,
         "step_seconds": {name: {"wall": spread(wall[name]), "cpu": spread(cpu[name])} for name in wall},
         "tokens_per_second": {name: tokens_per_step / s for name, s in seconds.items()},
-        "ours_over_llama_tokens_per_second": paired(wall["llama_ar"], wall["ours_ar"]),
-        "dlm_over_ar_step_cost": paired(wall["ours_dlm"], wall["ours_ar"]),
-        "ours_over_llama_cpu": paired(cpu["llama_ar"], cpu["ours_ar"]),
     }
+    for mode in ("eager", "compiled") if args.compile else ("eager",):
+        suffix = "_compiled" if mode == "compiled" else ""
+        result[mode] = {
+            "ours_over_llama_tokens_per_second": paired(wall[f"llama_ar{suffix}"], wall[f"ours_ar{suffix}"]),
+            "ours_over_llama_cpu": paired(cpu[f"llama_ar{suffix}"], cpu[f"ours_ar{suffix}"]),
+            "dlm_over_ar_step_cost": paired(wall[f"ours_dlm{suffix}"], wall[f"ours_ar{suffix}"]),
+        }
+    if args.compile:
+        result["compile_seconds"] = {name: first[name] - seconds[name] for name in wall if name.endswith("_compiled")}
+        result["compiled_over_eager_tokens_per_second"] = {
+            arm: paired(wall[arm], wall[f"{arm}_compiled"]) for arm in ("ours_ar", "llama_ar")}
     peak = peak_flops(device, args.peak_tflops)
     if peak:
-        result["mfu_this_shape"] = {k: model.flops_per_token(args.seq_len) * tokens_per_step / seconds[k] / peak
-                                    for k in ("ours_ar", "ours_dlm")}
+        result["mfu_this_shape"] = {k: model.flops_per_token(args.seq_len, causal="_ar" in k) * tokens_per_step
+                                    / seconds[k] / peak for k in seconds if k.startswith("ours")}
     if device.type == "cuda" and args.mfu_preset != "none":
-        mfu_shape = ModelSpec(preset=args.mfu_preset).resolve(vocab_size=32768, max_seq_len=args.mfu_seq_len)
-        fns, mfu_params, mfu_model = step_functions(mfu_shape, args.mfu_batch, torch.bfloat16, device, with_llama=False)
-        mfu_wall, _ = time_rounds(fns, args.rounds, args.warmup, device, args.seed)
-        mfu_seconds = {k: statistics.median(t) for k, t in mfu_wall.items()}
-        mfu_tokens = args.mfu_batch * args.mfu_seq_len
-        result["mfu"] = {
-            "preset": args.mfu_preset, "params": mfu_params["ours"], "batch": args.mfu_batch,
-            "seq_len": args.mfu_seq_len, "peak_tflops": peak / 1e12 if peak else None,
-            "flops_per_token": mfu_model.flops_per_token(args.mfu_seq_len),
-            "tokens_per_second": {k: mfu_tokens / s for k, s in mfu_seconds.items()},
-            "mfu": {k: mfu_model.flops_per_token(args.mfu_seq_len) * mfu_tokens / s / peak if peak else None
-                    for k, s in mfu_seconds.items()},
-            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-        }
+        result["mfu"] = mfu(args, device, peak)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
-    speed, cost = result["ours_over_llama_tokens_per_second"], result["dlm_over_ar_step_cost"]
-    print(f"ours/llama tokens/s: median {speed['median']:.3f} (rounds {speed['min']:.3f}..{speed['max']:.3f}, "
-          f"fastest steps {speed['of_fastest']:.3f})   DLM/AR step cost: median {cost['median']:.3f} "
-          f"(rounds {cost['min']:.3f}..{cost['max']:.3f}, fastest steps {cost['of_fastest']:.3f})" +
-          (f"   MFU 350m bf16 AR {result['mfu']['mfu']['ours_ar']:.1%} DLM {result['mfu']['mfu']['ours_dlm']:.1%}"
-           if result.get("mfu", {}).get("mfu", {}).get("ours_ar") else ""))
+    for mode in ("eager", "compiled") if args.compile else ("eager",):
+        speed, cpu_speed, cost = (result[mode][k] for k in ("ours_over_llama_tokens_per_second", "ours_over_llama_cpu",
+                                                             "dlm_over_ar_step_cost"))
+        print(f"{mode:>8}: ours/llama tokens/s median {speed['median']:.3f} (rounds {speed['min']:.3f}..{speed['max']:.3f},"
+              f" fastest steps {speed['of_fastest']:.3f}; CPU time {cpu_speed['median']:.3f})   DLM/AR step cost median "
+              f"{cost['median']:.3f} (rounds {cost['min']:.3f}..{cost['max']:.3f})")
+    if args.compile:
+        print("compile seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["compile_seconds"].items()))
+    if result.get("mfu", {}).get("mfu", {}).get("ours_ar_compiled"):
+        m = result["mfu"]["mfu"]
+        print(f"MFU {args.mfu_preset} bf16 compiled: AR {m['ours_ar_compiled']:.1%} DLM {m['ours_dlm_compiled']:.1%}")
+
+
+def mfu(args, device, peak) -> dict:
+    """MFU of preset `--mfu-preset` in bf16, compiled (as the trainer runs on CUDA), AR and DLM: model FLOPs per
+    token count causal attention as half (Transformer.flops_per_token)."""
+    shape = ModelSpec(preset=args.mfu_preset).resolve(vocab_size=32768, max_seq_len=args.mfu_seq_len)
+    fns, params, model = step_functions(shape, args.mfu_batch, torch.bfloat16, device, with_llama=False, compiled=True)
+    fns = {k: f for k, f in fns.items() if k.endswith("_compiled")}
+    wall, _, first = time_rounds(fns, args.mfu_rounds, args.warmup, device, args.seed)
+    seconds = {k: statistics.median(t) for k, t in wall.items()}
+    tokens = args.mfu_batch * args.mfu_seq_len
+    flops = {k: model.flops_per_token(args.mfu_seq_len, causal="_ar" in k) for k in seconds}
+    return {
+        "preset": args.mfu_preset, "params": params["ours"], "batch": args.mfu_batch, "seq_len": args.mfu_seq_len,
+        "peak_tflops": peak / 1e12 if peak else None, "flops_per_token": flops,
+        "compile_seconds": {k: first[k] - s for k, s in seconds.items()},
+        "tokens_per_second": {k: tokens / s for k, s in seconds.items()},
+        "mfu": {k: flops[k] * tokens / s / peak if peak else None for k, s in seconds.items()},
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+    }
 
 
 if __name__ == "__main__":
