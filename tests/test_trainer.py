@@ -22,7 +22,8 @@ def test_a_run_trains_evaluates_checkpoints_and_exports(tmp_path, arm):
     assert curve[steps] < curve[1] - 0.5, "the loss falls"
     [final_eval] = events(out, "eval")
     assert final_eval["step"] == steps and math.isfinite(final_eval["val_loss"])
-    assert 0.0 <= final_eval["choice_accuracy"] <= 1.0
+    examples = run.spec.eval.choice_task.examples
+    assert (final_eval["choice_accuracy"] * examples).is_integer(), "a share of the choice examples"
     if arm == "diffusion":
         assert final_eval["val_loss_stderr"] > 0, "the ELBO is a Monte-Carlo estimate with an error"
     [done] = events(out, "done")
@@ -43,8 +44,32 @@ def test_a_run_trains_evaluates_checkpoints_and_exports(tmp_path, arm):
 
     model, tokenizer, loaded_arm = load_export(out / "export")
     assert loaded_arm.value == arm
+    if arm == "autoregressive":  # the final evaluation scored the exported weights: recount it by hand
+        assert final_eval["choice_accuracy"] == choice_accuracy_by_hand(model, run)
     ids = torch.tensor([tokenizer.encode("def main():\n    return")])
     assert model(ids, causal=arm == "autoregressive").shape[-1] == model.shape.vocab_size
+
+
+def choice_accuracy_by_hand(model, run) -> float:
+    """AR continuation choice: the candidate whose tokens the model gives the highest summed log-probability,
+    read off one causal forward over context + candidate."""
+    import os
+
+    from dlmctl.trainer.data import prepare_data
+
+    task = run.spec.eval.choice_task
+    data = prepare_data(run.spec.data, run.spec.seed, os.environ["DLMCTL_CACHE"])  # the trainer's (conftest's)
+    correct = 0
+    for example in data.choice_examples(task.examples, task.choices, task.context_tokens, task.continuation_tokens):
+        scores = []
+        for candidate in example.candidates:
+            ids = torch.tensor([list(example.context) + list(candidate)])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(ids, causal=True).float(), dim=-1)[0]
+            start = len(example.context)
+            scores.append(sum(logprobs[start + i - 1, token].item() for i, token in enumerate(candidate)))
+        correct += max(range(len(scores)), key=scores.__getitem__) == example.answer
+    return correct / task.examples
 
 
 @pytest.mark.parametrize("zero_stage,packing", [(1, "fixed"), (2, "fixed"), (1, "per-epoch")])
