@@ -199,10 +199,10 @@ class Plan:
         return token_dtype(self.tokenizer.vocab_size)
 
 
-def shard_boundaries(docs: np.ndarray, text_bytes_per_shard: int = SHARD_TEXT_BYTES) -> np.ndarray:
+def shard_boundaries(docs: np.ndarray, text_bytes_per_shard: Optional[int] = None) -> np.ndarray:
     """Starts of the shards (and the end): a new shard every `text_bytes_per_shard` source bytes."""
     before = np.concatenate([[0], np.cumsum((docs["end"] - docs["start"]).astype(np.int64))[:-1]]) if len(docs) else np.zeros(0, np.int64)
-    shard_of = before // max(1, text_bytes_per_shard)
+    shard_of = before // max(1, text_bytes_per_shard or SHARD_TEXT_BYTES)
     starts = np.flatnonzero(np.diff(shard_of)) + 1
     return np.concatenate([[0], starts, [len(docs)]]).astype(np.int64) if len(docs) else np.zeros(1, np.int64)
 
