@@ -302,7 +302,11 @@ class LocalSource(Source):
         h = hashlib.sha256(f"corpus-rules-{CORPUS_RULES_VERSION}".encode())
         for name in self.files():
             h.update(f"\0{name}\0".encode())
-            h.update(hashlib.sha256(self.read(name)).digest())
+            file_hash = hashlib.sha256()
+            with self.open(name) as handle:  # streamed: a large file is never held whole
+                while block := handle.read(1 << 22):
+                    file_hash.update(block)
+            h.update(file_hash.digest())
         return h.hexdigest()
 
 

@@ -26,7 +26,7 @@ DOCUMENT = np.dtype([("digest", "S32"), ("file", "<u4"), ("start", "<u8"), ("end
 SCAN_BUFFER = 1 << 16  # documents buffered as Python tuples while a source is scanned
 ENCODE_CHUNK_BYTES = 1 << 20  # text read back and tokenized at once
 SHARD_TEXT_BYTES = int(os.environ.get("DLMCTL_DATA_SHARD_BYTES", 64 << 20))  # text per shard (about)
-COPY_CHUNK = 1 << 22  # elements hashed, counted or copied at once
+COPY_CHUNK = 1 << 20  # elements hashed, counted or copied at once
 
 
 def utf8_bytes(text: str) -> bytes:
