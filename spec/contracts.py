@@ -12,7 +12,18 @@ RUN_SPEC_ENV = "DLMCTL_RUN_SPEC"  # the resolved Run as JSON, in every trainer p
 METRICS_FILE = "metrics.jsonl"  # one event per line, in the run's output folder and in its checkpoint store
 
 
-class RunPhase(str, Enum):
+class _Phase(str, Enum):
+    """A phase name; `terminal` phases never change again."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def terminal(self) -> bool:
+        return self.value in _TERMINAL[type(self).__name__]
+
+
+class RunPhase(_Phase):
     Pending = "Pending"
     Unschedulable = "Unschedulable"  # its pods cannot be placed (the scheduler says why)
     Running = "Running"
@@ -22,15 +33,8 @@ class RunPhase(str, Enum):
     Failed = "Failed"
     Cancelled = "Cancelled"
 
-    def __str__(self) -> str:
-        return self.value
 
-    @property
-    def terminal(self) -> bool:
-        return self in TERMINAL_RUN_PHASES
-
-
-class ExperimentPhase(str, Enum):
+class ExperimentPhase(_Phase):
     Pending = "Pending"
     Running = "Running"
     Succeeded = "Succeeded"
@@ -38,15 +42,8 @@ class ExperimentPhase(str, Enum):
     Cancelled = "Cancelled"
     Invalid = "Invalid"  # the spec broke a rule the API server could not check; status names the field
 
-    def __str__(self) -> str:
-        return self.value
 
-    @property
-    def terminal(self) -> bool:
-        return self in TERMINAL_EXPERIMENT_PHASES
-
-
-class DataPhase(str, Enum):
+class DataPhase(_Phase):
     """Of a data preparation (the Indexed Job that fills an s3:// token cache before the runs that read it)."""
     Pending = "Pending"
     Running = "Running"
@@ -54,18 +51,14 @@ class DataPhase(str, Enum):
     Failed = "Failed"
     Cancelled = "Cancelled"
 
-    def __str__(self) -> str:
-        return self.value
 
-    @property
-    def terminal(self) -> bool:
-        return self in (DataPhase.Succeeded, DataPhase.Failed, DataPhase.Cancelled)
-
-
-TERMINAL_RUN_PHASES = frozenset({RunPhase.Succeeded, RunPhase.Failed, RunPhase.Cancelled})
-TERMINAL_EXPERIMENT_PHASES = frozenset(
-    {ExperimentPhase.Succeeded, ExperimentPhase.Failed, ExperimentPhase.Cancelled, ExperimentPhase.Invalid}
-)
+_TERMINAL = {
+    "RunPhase": {"Succeeded", "Failed", "Cancelled"},
+    "ExperimentPhase": {"Succeeded", "Failed", "Cancelled", "Invalid"},
+    "DataPhase": {"Succeeded", "Failed", "Cancelled"},
+}
+TERMINAL_RUN_PHASES = frozenset(p for p in RunPhase if p.terminal)
+TERMINAL_EXPERIMENT_PHASES = frozenset(p for p in ExperimentPhase if p.terminal)
 
 
 def is_terminal(phase: str) -> bool:
