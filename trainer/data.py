@@ -60,8 +60,7 @@ import torch
 from dlmctl.spec.sections import DataSpec
 
 from .corpus import DataError, Source, open_source
-from .data_plan import (COPY_CHUNK, Plan, build_plan, build_shard, hash_order, token_dtype, tokenizer_key,
-                        tokenizer_training_texts)
+from .data_plan import COPY_CHUNK, Plan, build_plan, build_shard, hash_order, tokenizer_key, tokenizer_training_texts
 from .token_cache import Entry, TokenCache
 from .tokenizer import Tokenizer
 
