@@ -26,7 +26,7 @@ import torch
 
 from dlmctl.spec import ModelSpec
 from dlmctl.spec.sections import DiffusionSpec
-from dlmctl.trainer.model import Transformer
+from dlmctl.trainer.models import Transformer
 from dlmctl.trainer.objectives import diffusion_loss, diffusion_mask, keyed_generator, mask_probability
 
 MASK_ID = 1023

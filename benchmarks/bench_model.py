@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from dlmctl.spec import ModelShape, ModelSpec
 from dlmctl.spec.sections import AutoregressiveSpec, DiffusionSpec
 from dlmctl.trainer.engine import apply_compile
-from dlmctl.trainer.model import Transformer
+from dlmctl.trainer.models import Transformer
 from dlmctl.trainer.objectives import ar_loss, diffusion_loss
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

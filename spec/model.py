@@ -1,7 +1,7 @@
-"""The backbone's shape: named presets and custom fields."""
+"""The backbone's shape: named presets and custom fields, and the model variant (dense, or mixture-of-experts)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -22,8 +22,39 @@ PRESETS: dict[str, dict] = {
         norm_eps=1e-6,
     ),
 }
+# The sparsity sweep's dense 8B: the Qwen3-8B shape (GQA 32/8, QK-norm, untied), 7.4B parameters with a 50k vocabulary.
+PRESETS["8b"] = dict(n_layer=36, d_model=4096, n_head=32, n_kv_head=8, d_ff=12288, tie_embeddings=False, qk_norm=True,
+                     norm_eps=1e-6)
+# Its 8B-total / 1B-active mixture of experts: the 1b backbone with each SwiGLU split into 96 experts of width
+# 4736/8, 8 of them per token. A token's active feed-forward is the 1b's d_ff, so it computes as much as the dense
+# 1b (plus a 1792 x 96 router per layer) while holding 8.4B parameters, as many as the dense 8b.
+PRESETS["8b1a"] = dict(PRESETS["1b"], variant="moe", moe=dict(experts=96, top_k=8, expert_d_ff=592))
 
 SHAPE_DEFAULTS = dict(tie_embeddings=True, qk_norm=False, rope_theta=10000.0, norm_eps=1e-5)
+VARIANTS = ("dense", "moe")
+# Switch Transformer's load-balancing coefficient and ST-MoE's router z-loss coefficient.
+MOE_DEFAULTS = dict(experts=8, top_k=2, capacity_factor=None, aux_loss_coef=0.01, z_loss_coef=0.001)
+
+
+class MoEShape(SpecModel):
+    """A resolved mixture-of-experts feed-forward: every field set (capacity_factor None: dropless)."""
+
+    experts: int = Field(ge=1, le=1024)
+    top_k: int = Field(ge=1, le=1024)
+    expert_d_ff: int = Field(ge=8, le=262144)
+    capacity_factor: Optional[float] = Field(default=None, gt=0)
+    aux_loss_coef: float = Field(default=0.01, ge=0)
+    z_loss_coef: float = Field(default=0.001, ge=0)
+
+    @model_validator(mode="after")
+    def _top_k_at_most_experts(self):
+        if self.top_k > self.experts:
+            raise ValueError(f"moe.top_k ({self.top_k}) must be at most moe.experts ({self.experts})")
+        return self
+
+    def capacity(self, tokens: int) -> int:
+        """Slots per expert for `tokens` routed tokens: ceil(capacity_factor * tokens * top_k / experts)."""
+        return -(-int(self.capacity_factor * tokens * self.top_k) // self.experts)
 
 
 class ModelShape(SpecModel):
@@ -42,6 +73,8 @@ class ModelShape(SpecModel):
     norm_eps: float = Field(default=1e-5, gt=0, lt=1)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     attention_dropout: float = Field(default=0.0, ge=0, lt=1)
+    variant: Literal["dense", "moe"] = "dense"
+    moe: Optional[MoEShape] = None
 
     @property
     def head_dim(self) -> int:
@@ -49,6 +82,8 @@ class ModelShape(SpecModel):
 
     @model_validator(mode="after")
     def _heads_divide(self):
+        if (self.variant == "moe") != (self.moe is not None):
+            raise ValueError("moe: set for, and only for, variant moe")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
@@ -56,6 +91,23 @@ class ModelShape(SpecModel):
         if self.head_dim % 2:
             raise ValueError(f"head dimension d_model/n_head ({self.head_dim}) must be even for RoPE")
         return self
+
+
+class MoESpec(SpecModel):
+    """`spec.model.moe`: a mixture-of-experts feed-forward in every block (top-k softmax routing). Unset fields
+    come from the preset, else the defaults given."""
+
+    experts: Optional[int] = Field(default=None, ge=1, le=1024, description="experts per block; unset: 8")
+    top_k: Optional[int] = Field(default=None, ge=1, le=1024, description="experts per token; unset: 2")
+    expert_d_ff: Optional[int] = Field(default=None, ge=8, le=262144,
+                                       description="each expert's SwiGLU hidden size; unset: d_ff")
+    capacity_factor: Optional[float] = Field(
+        default=None, gt=0, description="unset: dropless, every token reaches its top_k experts. Set: each expert "
+        "takes at most ceil(capacity_factor x tokens x top_k / experts) tokens of a forward pass, the first in token "
+        "order, and a dropped token's expert adds nothing (its residual passes). A token's fate then depends on "
+        "the other sequences of its micro-batch, so results depend on the batch layout")
+    aux_loss_coef: Optional[float] = Field(default=None, ge=0, description="load-balancing loss weight; unset: 0.01")
+    z_loss_coef: Optional[float] = Field(default=None, ge=0, description="router z-loss weight; unset: 0.001")
 
 
 class ModelSpec(SpecModel):
@@ -73,6 +125,10 @@ class ModelSpec(SpecModel):
     norm_eps: Optional[float] = Field(default=None, gt=0, lt=1)
     dropout: float = Field(default=0.0, ge=0, lt=1, description="hidden dropout (AR dropout ablation)")
     attention_dropout: float = Field(default=0.0, ge=0, lt=1)
+    variant: Optional[Literal["dense", "moe"]] = Field(
+        default=None, description="dense: one SwiGLU per block; moe: a mixture of SwiGLU experts (see moe). Unset: "
+        "the preset's (8b1a is moe, the others dense), or moe when a moe section is given")
+    moe: Optional[MoESpec] = Field(default=None, description="the mixture of experts, for variant moe")
     compile: Optional[bool] = Field(
         default=None, description="torch.compile each transformer block (fused kernels; the first step also "
         "compiles, its time is logged). Unset: on with CUDA, where it pays off; off on CPU, where compiling takes "
@@ -96,9 +152,16 @@ class ModelSpec(SpecModel):
         fields = dict(SHAPE_DEFAULTS)
         if self.preset is not None:
             fields.update(PRESETS[self.preset])
-        overrides = {k: v for k, v in self.model_dump(exclude={"preset", "compile"}).items() if v is not None}
+        overrides = {k: v for k, v in self.model_dump(exclude={"preset", "compile", "moe"}).items() if v is not None}
         if "n_head" in overrides and "n_kv_head" not in overrides:
             fields.pop("n_kv_head", None)  # a changed head count without GQA keeps full multi-head attention
         fields.update(overrides)
         fields.setdefault("n_kv_head", fields["n_head"])
+        fields.setdefault("variant", "dense" if self.moe is None else "moe")
+        preset_moe = fields.pop("moe", None) or {}
+        if fields["variant"] == "moe":
+            moe_overrides = {} if self.moe is None else self.moe.model_dump(exclude_none=True)
+            fields["moe"] = {**MOE_DEFAULTS, "expert_d_ff": fields["d_ff"], **preset_moe, **moe_overrides}
+        elif self.moe is not None:
+            raise ValueError("moe: only for variant moe")
         return ModelShape(vocab_size=vocab_size, max_seq_len=max_seq_len, **fields)

@@ -12,7 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dlmctl.spec import ModelShape
-from dlmctl.trainer.model import Transformer
+from dlmctl.trainer.models import Transformer
 
 SHAPES = {
     "mha-untied": dict(n_layer=2, d_model=64, n_head=4, n_kv_head=4, d_ff=96, tie_embeddings=False),

@@ -36,7 +36,7 @@ def one_thread(monkeypatch):
 
 
 def tiny_model():
-    from dlmctl.trainer.model import Transformer
+    from dlmctl.trainer.models import Transformer
 
     torch.manual_seed(0)
     return Transformer(ModelShape(n_layer=1, d_model=32, n_head=2, n_kv_head=2, d_ff=64, vocab_size=258, max_seq_len=64)).eval()

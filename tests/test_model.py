@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from dlmctl.spec import ModelShape, ModelSpec
-from dlmctl.trainer.model import Transformer
+from dlmctl.trainer.models import Transformer
 
 
 def tiny_shape(**overrides) -> ModelShape:

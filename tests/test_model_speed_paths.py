@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from dlmctl.spec import ModelShape
 from dlmctl.trainer.engine import apply_compile, build_engine, compiles, init_distributed, lr_lambda
-from dlmctl.trainer.model import Transformer, apply_rope, rope_tables
+from dlmctl.trainer.models.dense import Transformer, apply_rope, rope_tables
 from trainer_runs import tiny_run
 
 

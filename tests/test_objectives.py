@@ -8,7 +8,7 @@ import torch
 
 from dlmctl.spec import ModelShape
 from dlmctl.spec.sections import AutoregressiveSpec, DiffusionSpec, ObjectiveSpec
-from dlmctl.trainer.model import Transformer
+from dlmctl.trainer.models import Transformer
 from dlmctl.trainer.objectives import (
     ar_input_mask, ar_loss, diffusion_loss, diffusion_mask, keyed_uniforms, mask_probability, objective_loss,
     sequence_lengths,

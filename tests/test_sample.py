@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dlmctl.spec import ModelShape
-from dlmctl.trainer.model import Transformer
+from dlmctl.trainer.models import Transformer
 from dlmctl.trainer.sample import ar_generate, dlm_generate, generate, num_transfer_tokens, sample_run
 
 V, MASK, EOS = 40, 39, 38

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dlmctl.spec import ModelShape
-from dlmctl.trainer.model import Transformer
+from dlmctl.trainer.models import Transformer
 from dlmctl.trainer.sample import ar_generate
 from dlmctl.trainer.scoring import (
     ar_loglikelihood, choose, dlm_loglikelihood, loglikelihood, stratified_masks, validation_loss,

@@ -106,12 +106,9 @@ def deepspeed_config(spec: ExperimentSpec, world: World) -> dict:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only; norms and other vectors are not decayed."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """The AdamW groups the model's variant chooses (trainer/models: matrices decayed, norms and other
+    vectors not, a mixture of experts' router included, as in Megatron-LM)."""
+    return model.param_groups(weight_decay)
 
 
 def apply_activation_checkpointing(model: torch.nn.Module) -> None:

@@ -24,7 +24,7 @@ import torch
 from dlmctl.spec import Arm, ModelShape, Run
 from dlmctl.spec.load import SpecError
 
-from .model import Transformer
+from .models import Transformer
 from .tokenizer import Tokenizer
 
 WEIGHTS, CONFIG, GENERATION_CONFIG = "model.safetensors", "config.json", "generation_config.json"
@@ -107,11 +107,21 @@ def hf_config(shape: ModelShape, arm: Arm, tokenizer: Tokenizer, dtype: torch.dt
     return config
 
 
+def unexportable(shape: ModelShape) -> Optional[str]:
+    """Why a model of `shape` has no transformers export (one line naming the field), or None."""
+    if shape.variant != "dense":
+        return (f"spec.model.variant: {shape.variant} has no Hugging Face export (only dense maps onto Llama/Qwen3); "
+                f"the run's checkpoints hold its weights")
+    return None
+
+
 def save_export(model: Transformer, tokenizer: Tokenizer, run: Run, dest: Path) -> dict[str, Path]:
     from safetensors.torch import save_file
 
-    dest.mkdir(parents=True, exist_ok=True)
     model = _unwrapped(model)
+    if reason := unexportable(model.shape):
+        raise ExportError(reason)
+    dest.mkdir(parents=True, exist_ok=True)
     # Own contiguous copies: ZeRO keeps parameters as views into flat buffers; a tied head is stored once
     # (transformers ties it back from tie_word_embeddings).
     tensors = {hf_name(k): v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()

@@ -22,8 +22,9 @@ from .checkpoints import CheckpointError, is_user_error, reason
 from .data import prepare_data
 from .engine import World, build_engine, compiles, init_distributed
 from .evaluate import Evaluator
+from .export import unexportable
 from .metrics import TrainMetrics, peak_flops
-from .model import Transformer
+from .models import Transformer, build
 from .phases import StepClock
 from .objectives import objective_loss
 
@@ -35,7 +36,7 @@ FLUSH_AT_END_SECONDS = float(os.environ.get("DLMCTL_FLUSH_AT_END_SECONDS", 1800)
 def build_model(run: Run, vocab_size: int) -> Transformer:
     shape = run.spec.model.resolve(vocab_size=_round_up(vocab_size, 64), max_seq_len=run.spec.data.seq_len)
     torch.manual_seed(run.spec.seed)  # identical initial weights on every rank and every world size
-    return Transformer(shape)
+    return build(shape)
 
 
 def train(run: Run, output: Path) -> int:
@@ -119,7 +120,8 @@ def _train(run: Run, output: Path, world: World, held: _Held) -> int:
     first_step_seconds = None  # with torch.compile: the first step compiles; the second tells how long that took
     while step < total_steps and not stop_now:
         clock.start()
-        train_loss = _train_step(run, engine, batches, data.tokenizer.mask_id, step, accumulation, world, clock)
+        train_loss, aux_loss = _train_step(run, engine, batches, data.tokenizer.mask_id, step, accumulation, world,
+                                           clock)
         since_eval.add(train_loss)
         step += 1
         stop_now, failure = _stop_or_failure(stop.requested, store, world)
@@ -142,8 +144,9 @@ def _train(run: Run, output: Path, world: World, held: _Held) -> int:
                                phase_seconds=phase_seconds, log=log_now, tokens_per_second=throughput,
                                mfu=flops_per_token * throughput / peak if peak and log_now else None)
             if log_now:
-                log.info("step %d/%d epoch %.2f loss %.4f lr %.2e %.0f tok/s", step, total_steps,
-                         batches.epoch_at(), train_loss, lr, throughput)
+                log.info("step %d/%d epoch %.2f loss %.4f lr %.2e %.0f tok/s%s", step, total_steps,
+                         batches.epoch_at(), train_loss, lr, throughput,
+                         f" auxiliary loss {aux_loss:.4g}" if model.shape.variant != "dense" else "")
         if log_now:
             interval_steps, interval_seconds = 0, 0.0
         if step % spec.eval.interval_steps == 0 or step == total_steps:
@@ -172,9 +175,13 @@ def _train(run: Run, output: Path, world: World, held: _Held) -> int:
         return 143
     if world.is_main and not uploaded:
         raise checkpointing.RunFailed(f"checkpoint step {step} not uploaded to {store.uri} after {budget:.0f}s", 1)
+    no_export = unexportable(model.shape)
+    if no_export and world.is_main:
+        log.warning("no export: %s", no_export)
     with _gathered_parameters(engine):
         try:
-            exported = checkpointing.export(run, engine.module, data, store, output) if world.is_main else None
+            exported = (checkpointing.export(run, engine.module, data, store, output)
+                        if world.is_main and not no_export else None)
         except Exception as exc:
             if not isinstance(exc, (OSError, CheckpointError)):
                 raise
@@ -209,25 +216,29 @@ def _close_mirror(mirror, timeout: float) -> None:
 
 
 def _train_step(run: Run, engine, batches, mask_id: int, step: int, accumulation: int, world: World,
-                clock: StepClock) -> float:
-    """One optimizer step over this rank's micro-batches; returns the step's loss averaged over all ranks
-    (read with float(): the one wait for the device per step, see phases.StepClock)."""
+                clock: StepClock) -> tuple[float, float]:
+    """One optimizer step over this rank's micro-batches; returns the step's objective loss and the model
+    variant's auxiliary loss (0 for the dense model), both averaged over all ranks (read together: the one
+    wait for the device per step, see phases.StepClock). The optimizer steps on their sum."""
     spec = run.spec
-    total = torch.zeros((), dtype=torch.float64, device=world.device)
+    total = torch.zeros(2, dtype=torch.float64, device=world.device)  # the objective, the variant's auxiliary loss
     for micro_step in range(accumulation):
         tokens, sample_index = batches.batch(step, micro_step, world.rank, world.world_size,
                                              spec.batch.micro_batch_sequences, spec.global_batch_sequences)
         tokens = tokens.to(world.device)
         clock.mark("data")
-        loss, _ = objective_loss(run.arm, engine, tokens, sample_index, step, spec.seed,
-                                 spec.objective, mask_id, spec.global_batch_sequences)
+        loss, stats = objective_loss(run.arm, engine, tokens, sample_index, step, spec.seed,
+                                     spec.objective, mask_id, spec.global_batch_sequences)
         engine.backward(loss)
-        total += loss.detach().double()
+        aux = stats.get("aux_loss", 0.0)
+        total += torch.stack([loss.detach().double() - aux, torch.as_tensor(aux, dtype=torch.float64,
+                                                                             device=world.device)])
         clock.mark("forward_backward")
         engine.step()  # DeepSpeed steps the optimizer at the last micro-batch; before, it only counts them
         clock.mark("optimizer")
     batches.step_done(step, spec.global_batch_sequences)
-    return _mean_over_ranks(total / accumulation, world)
+    objective, aux = _mean_over_ranks(total / accumulation, world)
+    return objective, aux
 
 
 def _evaluate(evaluator, engine, metrics, step, total_steps, batches, spec, world, *, flops, train_loss):
@@ -276,11 +287,12 @@ def _gathered_parameters(engine):
     return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
 
 
-def _mean_over_ranks(value: torch.Tensor, world: World) -> float:
+def _mean_over_ranks(value: torch.Tensor, world: World):
+    """float(value), or a list of floats for a vector, averaged over the ranks."""
     if world.world_size > 1:
         dist.all_reduce(value)
         value = value / world.world_size
-    return float(value)
+    return value.tolist()
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -199,7 +199,20 @@ def objective_loss(
     arm: Arm | str, model, tokens: torch.Tensor, sample_index: torch.Tensor, step: int, seed: int,
     objective: ObjectiveSpec, mask_id: int, global_batch: int,
 ) -> tuple[torch.Tensor, dict]:
-    """The arm's loss for one micro-batch."""
+    """The arm's loss for one micro-batch, plus the model variant's auxiliary loss (see with_auxiliary_loss)."""
     if as_arm(arm) is Arm.diffusion:
-        return diffusion_loss(model, tokens, sample_index, step, seed, objective.diffusion, mask_id, global_batch)
-    return ar_loss(model, tokens, sample_index, step, seed, objective.autoregressive, mask_id)
+        loss, stats = diffusion_loss(model, tokens, sample_index, step, seed, objective.diffusion, mask_id, global_batch)
+    else:
+        loss, stats = ar_loss(model, tokens, sample_index, step, seed, objective.autoregressive, mask_id)
+    return with_auxiliary_loss(model, loss, stats)
+
+
+def with_auxiliary_loss(model, loss: torch.Tensor, stats: dict) -> tuple[torch.Tensor, dict]:
+    """`loss` plus the auxiliary loss the model variant collected in the forward pass just run (a mixture of
+    experts' load balancing and router z-loss; the dense model has none), with its parts in `stats`
+    (`aux_loss` the weighted sum). `model` may be wrapped (a DeepSpeed engine holds it as `.module`)."""
+    auxiliary = getattr(getattr(model, "module", model), "auxiliary_loss", lambda: None)()
+    if auxiliary is None:
+        return loss, stats
+    aux, parts = auxiliary
+    return loss + aux, {**stats, **parts, "aux_loss": aux.detach()}

@@ -1,8 +1,11 @@
-"""The backbone shared by both arms: a decoder-only transformer (RMSNorm, RoPE, SwiGLU, optional GQA
-and QK-norm, tied or untied embeddings). The diffusion and autoregressive arms run the *same* module;
-the only difference is the `causal` flag handed to scaled_dot_product_attention.
+"""The dense variant, and the backbone every variant shares: a decoder-only transformer (RMSNorm, RoPE,
+SwiGLU, optional GQA and QK-norm, tied or untied embeddings). The diffusion and autoregressive arms run the
+*same* module; the only difference is the `causal` flag handed to scaled_dot_product_attention.
 
-Parallelism and activation checkpointing are applied from outside (the engine wraps `model.blocks`).
+A variant subclasses Transformer and replaces `feed_forward` (the block's MLP, chosen by the shape as
+litgpt's config chooses its MLP class) and what follows from it: `flops_per_token`, `param_groups`,
+`auxiliary_loss`. Parallelism and activation checkpointing are applied from outside (the engine wraps
+`model.blocks`).
 """
 from __future__ import annotations
 
@@ -109,23 +112,23 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, shape: ModelShape):
+    def __init__(self, d_model: int, d_ff: int):
         super().__init__()
-        self.gate_proj = nn.Linear(shape.d_model, shape.d_ff, bias=False)
-        self.up_proj = nn.Linear(shape.d_model, shape.d_ff, bias=False)
-        self.down_proj = nn.Linear(shape.d_ff, shape.d_model, bias=False)
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
-    def __init__(self, shape: ModelShape, layer: int):
+    def __init__(self, shape: ModelShape, layer: int, mlp: nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(shape.d_model, shape.norm_eps)
         self.attn = Attention(shape, layer)
         self.mlp_norm = RMSNorm(shape.d_model, shape.norm_eps)
-        self.mlp = SwiGLU(shape)
+        self.mlp = mlp
         self.dropout = nn.Dropout(shape.dropout)
 
     def forward(self, x, cos, sin, causal: bool, kv_cache: KVCache | None = None, start_pos: int = 0,
@@ -140,7 +143,7 @@ class Transformer(nn.Module):
         self.shape = shape
         self.embed = nn.Embedding(shape.vocab_size, shape.d_model)
         self.dropout = nn.Dropout(shape.dropout)
-        self.blocks = nn.ModuleList(Block(shape, i) for i in range(shape.n_layer))
+        self.blocks = nn.ModuleList(Block(shape, i, self.feed_forward(shape)) for i in range(shape.n_layer))
         self.norm = RMSNorm(shape.d_model, shape.norm_eps)
         self.lm_head = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
         if shape.tie_embeddings:
@@ -149,6 +152,11 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)  # derived from the shape: not in checkpoints
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+
+    @staticmethod
+    def feed_forward(shape: ModelShape) -> nn.Module:
+        """The block's MLP: one SwiGLU of width d_ff."""
+        return SwiGLU(shape.d_model, shape.d_ff)
 
     def reset_parameters(self) -> None:
         """Normal(0, 0.02) weights; residual output projections scaled by 1/sqrt(2 n_layer) (GPT-2)."""
@@ -193,6 +201,19 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, causal)
         return self.lm_head(self.norm(x))
 
+    def auxiliary_loss(self) -> tuple[torch.Tensor, dict] | None:
+        """The variant's loss term beside the objective, from the last forward pass (weighted, ready to add),
+        and its parts for logging; None for the dense model, which has none."""
+        return None
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: matrices decayed; norms and other vectors not."""
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
     def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = self.embed.weight
         return KVCache.empty(self.shape, batch, max_len or self.shape.max_seq_len, device=p.device, dtype=p.dtype)
@@ -216,6 +237,10 @@ class Transformer(nn.Module):
         lower triangle, so it counts half of that term: the DLM's bidirectional attention does the full
         L^2 work, and counting both the same would flatter AR's MFU."""
         s = self.shape
-        matmul_params = self.num_params(exclude_embeddings=True) + s.vocab_size * s.d_model
+        matmul_params = self.active_params(exclude_embeddings=True) + s.vocab_size * s.d_model
         attention = 12.0 * s.n_layer * s.n_head * s.head_dim * seq_len
         return 6.0 * matmul_params + (attention / 2 if causal else attention)
+
+    def active_params(self, exclude_embeddings: bool = False) -> int:
+        """The parameters one token's forward pass uses: all of them in the dense model."""
+        return self.num_params(exclude_embeddings)
