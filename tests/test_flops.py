@@ -12,12 +12,17 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dlmctl.spec import ModelShape
-from dlmctl.trainer.models import Transformer
+from dlmctl.spec.model import MoEShape
+from dlmctl.trainer.models import Transformer, build
 
 SHAPES = {
     "mha-untied": dict(n_layer=2, d_model=64, n_head=4, n_kv_head=4, d_ff=96, tie_embeddings=False),
     "gqa-tied-qknorm": dict(n_layer=3, d_model=64, n_head=8, n_kv_head=2, d_ff=160, tie_embeddings=True,
                             qk_norm=True),
+    # dropless top-2 of 4 experts: each token runs 2 experts' matmuls and the router's, so the count is of
+    # the active parameters; the 2 idle experts per block must not be counted
+    "moe-top2-of-4": dict(n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=96, tie_embeddings=False,
+                          variant="moe", moe=MoEShape(experts=4, top_k=2, expert_d_ff=48)),
 }
 
 
@@ -40,7 +45,7 @@ def counted(model: Transformer, batch: int, seq_len: int, causal: bool) -> tuple
 def test_flops_per_token_match_a_counted_training_step(name, causal):
     torch.manual_seed(0)
     seq_len = 32
-    model = Transformer(ModelShape(vocab_size=97, max_seq_len=seq_len, **SHAPES[name]))
+    model = build(ModelShape(vocab_size=97, max_seq_len=seq_len, **SHAPES[name]))
     matmuls, attention = counted(model, batch=2, seq_len=seq_len, causal=causal)
     elementwise = sum(p.numel() for p in model.parameters() if p.dim() == 1)  # norm weights: no matmul
     attention_share = 0.5 if causal else 1.0
@@ -55,3 +60,13 @@ def test_the_attention_term_grows_with_the_sequence_and_the_rest_does_not():
     assert short[0] == pytest.approx(long[0], rel=1e-12), "matmul FLOPs per token do not depend on T"
     assert long[1] == pytest.approx(4 * short[1], rel=1e-12), "attention FLOPs per token are linear in T"
     assert model.flops_per_token(64) - model.flops_per_token(16) == pytest.approx(3 * (long[1] - short[1]))
+
+
+def test_a_mixture_of_experts_costs_its_active_parameters_not_all_of_them():
+    torch.manual_seed(0)
+    shape = ModelShape(vocab_size=97, max_seq_len=32, **SHAPES["moe-top2-of-4"])
+    model = build(shape)
+    idle = shape.n_layer * (4 - 2) * 3 * 64 * 48  # two experts per block a token does not use
+    assert model.num_params() - model.active_params() == idle
+    assert model.flops_per_token(32) == pytest.approx(
+        6 * (model.num_params(exclude_embeddings=True) - idle + 97 * 64) + 12 * 2 * 64 * 32, rel=1e-12)
