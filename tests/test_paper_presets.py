@@ -3,10 +3,12 @@ with MegaDLMs' model and data settings (checked against the numbers in the paper
 from pathlib import Path
 
 import pytest
+import torch
 
 from dlmctl.operator.render import job_manifests
 from dlmctl.spec import load_experiment
 from dlmctl.spec.sections import Arm
+from dlmctl.trainer.models import build
 
 PAPER = Path(__file__).resolve().parents[1] / "examples" / "paper"
 SPECS = sorted(PAPER.glob("*.yaml"))
@@ -58,6 +60,21 @@ def test_the_ar_ablations_sweep_their_noise_from_0_1_to_0_9_at_1b_unique_times_9
 def test_the_model_size_sweep_trains_both_arms_at_each_size():
     sizes = [(r.point["model.preset"], r.arm) for r in runs("model-size-sweep.yaml")]
     assert sizes == [(p, a) for p in ("110m", "350m", "1b", "1.7b") for a in (Arm.diffusion, Arm.autoregressive)]
+
+
+def test_the_sparsity_sweep_sets_an_8b_total_1b_active_moe_between_the_dense_1b_and_8b():
+    by_preset = {}
+    for run in runs("sparsity-sweep.yaml"):
+        with torch.device("meta"):  # shapes only: no 8B of memory
+            model = build(run.spec.model.resolve(vocab_size=50304, max_seq_len=2048))
+        by_preset.setdefault(run.point["model.preset"], set()).add(run.arm)
+        by_preset[run.point["model.preset"], "params"] = (model.num_params(), model.active_params())
+    assert {p: by_preset[p] for p in ("1b", "8b1a", "8b")} == {p: {Arm.diffusion, Arm.autoregressive}
+                                                              for p in ("1b", "8b1a", "8b")}
+    dense_1b, moe, dense_8b = (by_preset[p, "params"] for p in ("1b", "8b1a", "8b"))
+    assert moe[1] < 1.01 * dense_1b[0], "a token of the MoE uses about the 1b's parameters (plus its routers)"
+    assert moe[0] > 7.5 * dense_1b[0] and abs(moe[0] - dense_8b[0]) < 0.15 * dense_8b[0], "and holds an 8b's"
+    assert dense_8b == (dense_8b[0], dense_8b[0])
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
