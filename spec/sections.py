@@ -152,6 +152,11 @@ class DataPreparationSpec(SpecModel):
         description="pods of the data-preparation Indexed Job (its completions and parallelism); pod i tokenizes "
                     "the shards j with j mod workers = i",
     )
+    shard_bytes: int = Field(
+        default=64 << 20, ge=1 << 10, le=1 << 40,
+        description="text per shard (about; a shard holds whole documents): the unit of work a pod takes and the "
+                    "most text one holds in memory at once",
+    )
     cpu: str = Field(default="4", pattern=CPU_PATTERN, description="CPU request (and limit) of each preparation pod")
     memory: str = Field(default="8Gi", pattern=MEMORY_PATTERN,
                         description="memory request (and limit) of each preparation pod")

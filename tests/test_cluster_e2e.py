@@ -155,3 +155,66 @@ def test_an_evicted_run_is_preempted_recreated_and_ends_exactly_like_an_uninterr
     assert sum(e["event"] == "start" for e in events) == 2, "trained, stopped, resumed"
     reference = metrics_events(s3_server, uninterrupted["s3_uri"], "tiny-dlm")
     assert curve(events) == curve(reference), "the resumed run's losses equal the uninterrupted run's, bitwise"
+
+
+def stdlib_corpus(folder, limit_bytes: int = 1_200_000):
+    """A small JSONL corpus (one document per standard-library module, and one naming this test's own run,
+    so no cache has it yet) as a local source the pods can read."""
+    import sysconfig
+    from pathlib import Path
+
+    lines, size = [json.dumps({"text": f"corpus {uuid.uuid4().hex}"})], 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        text = path.read_text(errors="replace")
+        lines.append(json.dumps({"text": text}))
+        size += len(text)
+        if size >= limit_bytes:
+            break
+    corpus = folder / "corpus.jsonl"
+    corpus.write_text("\n".join(lines) + "\n")
+    return corpus
+
+
+def test_a_sweep_over_unique_tokens_prepares_its_source_once_in_an_indexed_job_before_training(
+        site, cluster, s3_server, tmp_path, monkeypatch):
+    """Two sweep points read one s3:// token cache: one Indexed Job of two pods tokenizes the source's
+    shards (a quarter MiB of text each, so both pods have some) before any PyTorchJob exists; the runs then
+    train from the cache without tokenizing."""
+    s3_uri = f"s3://{s3_server.bucket}/e2e-data-{uuid.uuid4().hex[:8]}"
+    spec = cluster_spec(s3_uri, s3_server.endpoint_url, resources={"nodes": 1},
+                        data={"train": str(stdlib_corpus(tmp_path)), "cache": f"{s3_uri}/tokens", "epochs": 2,
+                              "preparation": {"workers": 2, "cpu": "1", "memory": "2Gi",
+                                              "shard_bytes": 256 << 10}},
+                        sweep={"data.unique_tokens": [4096, 8192]})
+    namespace, executor = site["namespace"], site["executor"]
+    with cluster.api_client() as api:
+        experiments = Experiments(api, namespace)
+        batch = client.BatchV1Api(api)
+        experiments.create("prep", {"arms": ["diffusion"], **spec})
+        check = site["operator"].check_alive
+        job = wait_until("the data-preparation Job", lambda: next(iter(batch.list_namespaced_job(
+            namespace, label_selector="dlmctl.io/experiment=prep").items), None), timeout=60, check=check)
+        assert experiments.jobs("prep") == [], "no training job before the data is prepared"
+        status = wait_until("prep finished", lambda: (
+            s if (s := experiments.status("prep")).get("phase") in ("Succeeded", "Failed") else None),
+            timeout=TRAINING_TIMEOUT, interval=1, check=check)
+        assert status["phase"] == "Succeeded", json.dumps(status, indent=1) + _pod_logs(site)
+        pods = experiments.core.list_namespaced_pod(namespace, label_selector=f"job-name={job.metadata.name}").items
+    (data,) = status["data"]
+    assert (data["phase"], data["completed"], data["workers"]) == ("Succeeded", 2, 2)
+    assert sorted(data["runs"]) == sorted(run["name"] for run in status["runs"]) and len(data["runs"]) == 2
+    indexes = sorted(p.metadata.annotations["batch.kubernetes.io/job-completion-index"] for p in pods)
+    assert indexes == ["0", "1"] and all(p.status.phase == "Succeeded" for p in pods)
+    results = [json.loads(executor.logs(namespace, p.metadata.name).strip().splitlines()[-1]) for p in pods]
+    shards = results[0]["shards"]
+    assert shards >= 4 and all(r["shards_built"] >= 1 for r in results), results
+    assert sum(r["shards_built"] for r in results) == shards, "every shard tokenized once, by the two pods"
+    assert sum(r["plan_built"] for r in results) == 1 and any(r["complete"] for r in results), results
+    fs = s3_server.filesystem()
+    assert any(path.endswith("manifest.json") for path in fs.find(f"{s3_uri}/tokens".removeprefix("s3://"))), \
+        "the cache entry is complete: its manifest is written"
+    for run in status["runs"]:
+        master = f"{run['name']}-master-0"
+        assert "data: shard" not in executor.logs(namespace, master), "the runs read the prepared cache"
+        events = metrics_events(s3_server, s3_uri, run["name"])
+        assert [e for e in events if e["event"] == "done"], run

@@ -17,7 +17,6 @@ from trainer_runs import tiny_run
 
 from dlmctl.spec import Run
 from dlmctl.spec.sections import DataSpec
-from dlmctl.trainer import data_plan
 from dlmctl.trainer.__main__ import main
 from dlmctl.trainer.data import RepackedBatches, prepare_data
 from dlmctl.trainer.tokenizer import Tokenizer
@@ -138,14 +137,12 @@ def mixed(tmp_path_factory):
     return folder
 
 
-@pytest.fixture
-def small_shards(monkeypatch):
-    monkeypatch.setattr(data_plan, "SHARD_TEXT_BYTES", 40_000)  # a few dozen documents per shard
+SMALL_SHARDS = {"shard_bytes": 40_000}  # a few dozen documents per shard
 
 
 def spec(folder, **fields) -> DataSpec:
     return DataSpec(**({"train": str(folder), "unique_tokens": 50_000, "validation_tokens": 3000, "seq_len": 64,
-                        "tokenizer": {"kind": "byte"}} | fields))
+                        "tokenizer": {"kind": "byte"}, "preparation": SMALL_SHARDS} | fields))
 
 
 CASES = {
@@ -157,7 +154,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_the_sharded_pipeline_chooses_exactly_what_the_in_memory_algorithm_chose(tmp_path, mixed, small_shards, case):
+def test_the_sharded_pipeline_chooses_exactly_what_the_in_memory_algorithm_chose(tmp_path, mixed, case):
     data_spec = spec(mixed, **CASES[case])
     expected = reference(data_spec, mixed)
     prepared = prepare_data(data_spec, 0, tmp_path / "cache")
@@ -172,7 +169,7 @@ def test_the_sharded_pipeline_chooses_exactly_what_the_in_memory_algorithm_chose
     assert prepared.metadata["unigram_entropy"] == pytest.approx(-(p * np.log(p)).sum(), rel=1e-12)
 
 
-def test_with_a_validation_source_too(tmp_path, mixed, small_shards):
+def test_with_a_validation_source_too(tmp_path, mixed):
     validation = tmp_path / "validation"
     validation.mkdir()
     (validation / "shared.txt").write_text(text(5, 25))  # also a training document: validation only
@@ -184,7 +181,7 @@ def test_with_a_validation_source_too(tmp_path, mixed, small_shards):
     assert prepared.tokenizer.to_json() == expected["tokenizer"]
 
 
-def test_shards_are_built_only_as_far_as_the_pool_reaches_and_every_budget_shares_them(tmp_path, mixed, small_shards, monkeypatch):
+def test_shards_are_built_only_as_far_as_the_pool_reaches_and_every_budget_shares_them(tmp_path, mixed, monkeypatch):
     small = prepare_data(spec(mixed, unique_tokens=10_000), 0, tmp_path / "cache")
     used, total = map(int, small.metadata["shards"].split("/"))
     assert used < total and not (tmp_path / "cache" / small.metadata["cache_key"] / "manifest.json").exists()
@@ -199,7 +196,7 @@ def test_shards_are_built_only_as_far_as_the_pool_reaches_and_every_budget_share
     assert isinstance(again.pool, np.memmap)  # the pool is read from disk, not held
 
 
-def test_per_epoch_packing_from_stored_document_offsets_equals_scanning_the_pool(tmp_path, mixed, small_shards):
+def test_per_epoch_packing_from_stored_document_offsets_equals_scanning_the_pool(tmp_path, mixed):
     prepared = prepare_data(spec(mixed, unique_tokens=41_234, packing="per-epoch"), 3, tmp_path / "cache")
     stored = prepared.train_batches()
     scanned = RepackedBatches(np.asarray(prepared.pool).copy(), prepared.tokenizer.eos_id, 64, seed=3)
@@ -213,7 +210,7 @@ def test_per_epoch_packing_from_stored_document_offsets_equals_scanning_the_pool
 
 def write_run(tmp_path, folder, **data) -> str:
     run = tiny_run(data={"train": str(folder), "unique_tokens": 50_000, "validation_tokens": 3000, "seq_len": 64,
-                         "tokenizer": {"kind": "bpe", "vocab_size": 300}} | data)
+                         "tokenizer": {"kind": "bpe", "vocab_size": 300}, "preparation": SMALL_SHARDS} | data)
     path = tmp_path / f"run-{len(list(tmp_path.glob('run-*.json')))}.json"
     path.write_text(run.model_dump_json())
     return str(path)
@@ -223,7 +220,7 @@ def data_of(run: str) -> DataSpec:
     return Run.model_validate_json(open(run).read()).spec.data
 
 
-def test_workers_split_the_shards_and_the_last_one_completes_the_entry(tmp_path, mixed, small_shards, monkeypatch, capsys):
+def test_workers_split_the_shards_and_the_last_one_completes_the_entry(tmp_path, mixed, monkeypatch, capsys):
     monkeypatch.setenv("DLMCTL_CACHE", str(tmp_path / "cache"))
     run = write_run(tmp_path, mixed)
     codes = []
@@ -264,7 +261,7 @@ def test_prepare_data_exit_codes(tmp_path, mixed):
 
 
 @pytest.mark.s3
-def test_an_s3_cache_built_by_job_workers_is_read_by_range_and_never_whole(s3_server, s3_uri, tmp_path, mixed, small_shards, monkeypatch):
+def test_an_s3_cache_built_by_job_workers_is_read_by_range_and_never_whole(s3_server, s3_uri, tmp_path, mixed, monkeypatch):
     s3, prefix = s3_server.filesystem(), s3_uri.removeprefix("s3://")
     for path in sorted(mixed.iterdir()):
         s3.pipe_file(f"{prefix}/corpus/{path.name}", path.read_bytes())

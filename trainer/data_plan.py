@@ -9,7 +9,6 @@ followed by eos, never cut) is tokenized shard by shard, one bounded chunk of do
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,6 @@ from .tokenizer import BPE_RECIPE_VERSION, Tokenizer
 DOCUMENT = np.dtype([("digest", "S32"), ("file", "<u4"), ("start", "<u8"), ("end", "<u8"), ("kind", "u1"), ("part", "<u4")])
 SCAN_BUFFER = 1 << 16  # documents buffered as Python tuples while a source is scanned
 ENCODE_CHUNK_BYTES = 1 << 20  # text read back and tokenized at once
-SHARD_TEXT_BYTES = int(os.environ.get("DLMCTL_DATA_SHARD_BYTES", 64 << 20))  # text per shard (about)
 COPY_CHUNK = 1 << 20  # elements hashed, counted or copied at once
 
 
@@ -199,10 +197,11 @@ class Plan:
         return token_dtype(self.tokenizer.vocab_size)
 
 
-def shard_boundaries(docs: np.ndarray, text_bytes_per_shard: Optional[int] = None) -> np.ndarray:
-    """Starts of the shards (and the end): a new shard every `text_bytes_per_shard` source bytes."""
+def shard_boundaries(docs: np.ndarray, text_bytes_per_shard: int) -> np.ndarray:
+    """Starts of the shards (and the end): a new shard every `text_bytes_per_shard` source bytes
+    (`spec.data.preparation.shard_bytes`)."""
     before = np.concatenate([[0], np.cumsum((docs["end"] - docs["start"]).astype(np.int64))[:-1]]) if len(docs) else np.zeros(0, np.int64)
-    shard_of = before // max(1, text_bytes_per_shard or SHARD_TEXT_BYTES)
+    shard_of = before // max(1, text_bytes_per_shard)
     starts = np.flatnonzero(np.diff(shard_of)) + 1
     return np.concatenate([[0], starts, [len(docs)]]).astype(np.int64) if len(docs) else np.zeros(1, np.int64)
 
@@ -236,7 +235,7 @@ def build_plan(spec: DataSpec, train: Source, validation: Optional[Source]) -> P
         "mask_id": tokenizer.mask_id,
         "dtype": str(token_dtype(tokenizer.vocab_size)),
     }
-    return Plan(files, docs, shard_boundaries(docs), tokenizer, val, stats)
+    return Plan(files, docs, shard_boundaries(docs, spec.preparation.shard_bytes), tokenizer, val, stats)
 
 
 def _hold_out_validation(spec: DataSpec, source: Source, files: list[str], docs: np.ndarray):
