@@ -171,3 +171,22 @@ def test_the_8b1a_preset_holds_8b_parameters_of_which_a_token_uses_as_many_as_th
         dense = build(experiment_from_dict(spec(preset="1b")).spec.model.resolve(vocab, 2048))
     assert (moe.num_params(), moe.active_params(), dense.num_params()) == (total, active, dense_1b)
     assert 8.0e9 < total < 8.5e9 and active - dense_1b == layers * d * 96
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arm", ["diffusion", "autoregressive"])
+def test_a_tiny_mixture_of_experts_trains_both_arms_end_to_end(tmp_path, arm):
+    from trainer_runs import events, launch, losses, tiny_run
+
+    run = tiny_run(arm, data={"epochs": 4}, model={"preset": "nano", "moe": {"experts": 4, "top_k": 2}})
+    out = tmp_path / "out"
+    launch(run, out)
+    curve = losses(out)
+    steps = run.spec.total_steps
+    assert sorted(curve) == list(range(1, steps + 1))
+    assert curve[steps] < curve[1] - 0.5, "the loss falls"
+    [final_eval] = events(out, "eval")
+    assert math.isfinite(final_eval["val_loss"])
+    log = (tmp_path / "out.log").read_text()
+    assert "auxiliary loss" in log and "variant: moe has no Hugging Face export" in log
+    assert not (out / "export").exists(), "the run ends without an export, its checkpoint holds the weights"
