@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from dlmctl.spec import ModelShape, ModelSpec
 from dlmctl.spec.sections import AutoregressiveSpec, DiffusionSpec
 from dlmctl.trainer.engine import apply_compile
+from dlmctl.trainer.metrics import peak_flops as trainer_peak_flops
 from dlmctl.trainer.models import Transformer
 from dlmctl.trainer.objectives import ar_loss, diffusion_loss
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "B200": 2250.0}
 
 
 def parse_args():
@@ -194,13 +194,8 @@ def paired(numerator, denominator) -> dict:
             "of_fastest": min(numerator) / min(denominator)}
 
 
-def peak_flops(device, override):
-    if override:
-        return override * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS.items() if key in name), None)
+def peak_flops(device, override_tflops):
+    return override_tflops * 1e12 if override_tflops else trainer_peak_flops(device)
 
 
 def main():

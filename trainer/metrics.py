@@ -26,8 +26,10 @@ from dlmctl.spec.metrics import (
 log = logging.getLogger("dlmctl.trainer")
 URGENT_EVENTS = frozenset({"start", "eval", "checkpoint", "done"})  # uploaded at once; train events periodically
 
-# Dense bf16 peak FLOP/s per device, for MFU; override with DLMCTL_PEAK_FLOPS.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+# Dense (not sparse) bf16 peak FLOP/s per device, by a part of its CUDA name, for MFU (here and in the
+# benchmarks); override with DLMCTL_PEAK_FLOPS.
+PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "H800": 989.4e12, "B200": 2250e12, "A100": 312e12,
+                   "A800": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 
 def peak_flops(device) -> Optional[float]:
