@@ -133,6 +133,31 @@ def test_a_capacity_drops_an_experts_slots_beyond_it_in_token_order():
         assert not out[dropped].any(), "a dropped token's expert adds nothing"
 
 
+@pytest.mark.parametrize("wrap", ["activation_checkpointing", "compile"])
+def test_the_auxiliary_loss_and_its_gradients_survive_the_engines_wrapping_of_the_blocks(wrap):
+    from dlmctl.trainer.engine import apply_activation_checkpointing
+
+    def step(model):
+        out = model(tokens(batch=2), causal=False)
+        aux, _ = model.auxiliary_loss()
+        (out.square().mean() + aux).backward()
+        return aux.item(), {k.replace("_checkpoint_wrapped_module.", ""): p.grad for k, p in model.named_parameters()}
+
+    torch.manual_seed(0)
+    plain = step(MoETransformer(moe_shape()))
+    torch.manual_seed(0)
+    wrapped = MoETransformer(moe_shape())
+    if wrap == "compile":
+        for block in wrapped.blocks:
+            block.compile(backend="aot_eager")  # dynamo's tracing as on CUDA, without a C++ compiler
+    else:
+        apply_activation_checkpointing(wrapped)
+    aux, grads = step(wrapped)
+    assert aux == plain[0]
+    for name, grad in plain[1].items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-6, atol=1e-8)
+
+
 def spec(**model):
     return {"metadata": {"name": "m"}, "spec": {"model": model}}
 
