@@ -81,9 +81,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception as err:
         if is_user_error(err):
             return _fail(err, USER_ERROR_EXIT)
-        if os.environ.get("DLMCTL_DEBUG"):
+        if _debugging():
             raise
         return _fail(f"internal error: {type(err).__name__}: {err} (DLMCTL_DEBUG=1 shows the traceback)", 1)
+
+
+def _debugging() -> bool:
+    from dlmctl.spec.settings import ClientSettings, read
+
+    try:
+        return read(ClientSettings).debugging
+    except Exception:  # a bad value of another knob must not hide the error being reported
+        return False
 
 
 def _click_exceptions():

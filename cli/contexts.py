@@ -61,9 +61,9 @@ class Config:
 
 
 def config_path() -> Path:
-    from .backends.local_state import home
+    from dlmctl.spec.settings import ClientSettings, read
 
-    return Path(os.environ.get(CONFIG_ENV) or home() / "config.yaml").expanduser()
+    return read(ClientSettings).config_file
 
 
 def load() -> Config:

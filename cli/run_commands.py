@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 import sys
 import time
 from enum import Enum
@@ -96,10 +95,11 @@ def submit(
 def follow(target: "Backend", name: str) -> int:
     """One line whenever a run moves on; at the end the comparison table. 0 only if every run succeeded."""
     from dlmctl.spec.contracts import is_terminal
+    from dlmctl.spec.settings import ClientSettings, read
 
-    from .output import console, print_comparison, progress_line
+    from .output import print_comparison, progress_line
 
-    interval = float(os.environ.get("DLMCTL_WATCH_INTERVAL", "1"))
+    interval = read(ClientSettings).watch_interval
     seen: dict[str, tuple] = {}
     try:
         while True:

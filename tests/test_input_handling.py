@@ -460,7 +460,7 @@ def test_get_prints_a_stored_experiment_with_its_keys_masked(capsys, monkeypatch
 
 @pytest.mark.parametrize("output", ["yaml", "json"])
 def test_render_prints_objects_with_their_keys_masked(capsys, monkeypatch, output):
-    import dlmctl.operator.jobs as jobs
+    import dlmctl.operator.render as jobs
 
     job = {"kind": "PyTorchJob", "env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": SECRET},
                                          {"name": "DLMCTL_RUN_SPEC", "value": f'{{"uri": "s3://{AKIA}:{SECRET}@b/x"}}'}]}

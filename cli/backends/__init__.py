@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from dlmctl.spec.settings import ClientSettings, read
+
 from .base import Backend, ExperimentSummary
 
 BACKENDS: dict[str, str] = {
@@ -58,7 +60,7 @@ def get_backend(name: Optional[str] = None, *, context: Optional[str] = None,
     if server and name not in (None, "service"):
         raise UserError(f"--server: the {name} backend has no server (it is the service backend's)")
     name = (name or ("service" if server else None) or ("kubernetes" if kube_context else None)
-            or (chosen[1].backend if context and chosen else None) or os.environ.get("DLMCTL_BACKEND")
+            or (chosen[1].backend if context and chosen else None) or read(ClientSettings).backend
             or (chosen[1].backend if chosen else None) or ("kubernetes" if namespace else default_backend()))
     if name not in BACKENDS:
         raise UserError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
@@ -99,7 +101,7 @@ def _service(factory, server: Optional[str], namespace: Optional[str], context_n
         where = f"context {context_name!r} names no server" if context_name else "no server given"
         raise UserError(f"the service backend needs the service's URL: {where}; pass --server URL or set it with "
                         "`dlmctl config set-context NAME --backend service --server URL`")
-    token, source = os.environ.get(contexts.TOKEN_ENV), f"${contexts.TOKEN_ENV}"
+    token, source = read(ClientSettings).token, f"${contexts.TOKEN_ENV}"
     if not token and context is not None and context.token:
         token, source = context.token, f"context {context_name!r} in {contexts.config_path()}"
     return factory(server, token, namespace=namespace, default_namespace=context and context.namespace,

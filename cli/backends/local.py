@@ -27,11 +27,12 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import yaml
 
+from dlmctl.spec.settings import FRESH_ENV
+
 from ..errors import NotFound, UserError
 from .base import Backend, Comparison, ExperimentSummary
 from .local_state import (
     EXPERIMENT_ENV,
-    FRESH_ENV,
     MARKERS,
     RUN_ENV,
     CorruptState,

@@ -38,22 +38,22 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, O
 
 from ..errors import UserError
 
+from dlmctl.spec.settings import ClientSettings, read
+
 if TYPE_CHECKING:
     import psutil
 
     from dlmctl.spec.contracts import RunProgress
 
-HOME_ENV = "DLMCTL_HOME"
 # In every trainer process's environment: which experiment (its folder), run and submission it belongs to.
 EXPERIMENT_ENV = "DLMCTL_LOCAL_EXPERIMENT"
 RUN_ENV = "DLMCTL_LOCAL_RUN"
 GENERATION_ENV = "DLMCTL_LOCAL_GENERATION"
 MARKERS = (EXPERIMENT_ENV, RUN_ENV, GENERATION_ENV)
-FRESH_ENV = "DLMCTL_FRESH"  # =1: the trainer ignores existing checkpoints and starts at step 0
 
 
 def home() -> Path:
-    return Path(os.environ.get(HOME_ENV) or Path.home() / ".dlmctl").expanduser()
+    return read(ClientSettings).home.expanduser()
 
 
 def experiments_dir() -> Path:

@@ -44,10 +44,10 @@ from pathlib import Path
 from typing import Optional
 
 from dlmctl.spec.contracts import RUN_SPEC_ENV, RunPhase
+from dlmctl.spec.settings import FRESH_ENV, ClientSettings, read
 
 from .local_state import (
     EXPERIMENT_ENV,
-    FRESH_ENV,
     GENERATION_ENV,
     MARKERS,
     RUN_ENV,
@@ -77,17 +77,17 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def grace_seconds() -> float:
-    return float(os.environ.get("DLMCTL_CANCEL_GRACE", "10"))
+    return read(ClientSettings).cancel_grace
 
 
 def restart_backoff(restarts: int) -> float:
     """Seconds to wait before the (restarts+1)-th restart."""
-    base = float(os.environ.get("DLMCTL_RESTART_BACKOFF", "10"))
+    base = read(ClientSettings).restart_backoff
     return min(base * 2 ** restarts, MAX_BACKOFF_SECONDS)
 
 
 def launcher() -> str:
-    return os.environ.get("DLMCTL_LOCAL_LAUNCHER", "torchrun")
+    return read(ClientSettings).local_launcher
 
 
 def processes_per_node(run_json: Path) -> int:
@@ -162,7 +162,7 @@ def thread_env(threads: int, environ: dict[str, str]) -> dict[str, str]:
 
 def trainer_command(run_json: Path, output: Path) -> list[str]:
     procs = processes_per_node(run_json)
-    module = os.environ.get("DLMCTL_TRAINER_MODULE") or "dlmctl.trainer"
+    module = read(ClientSettings).trainer_module
     trainer = ["-m", module, "--output", str(output)]
     if launcher() == "python":
         return [sys.executable, *trainer]
@@ -199,7 +199,7 @@ class Supervisor:
     def __init__(self, exp: ExperimentDir):
         self.exp = exp
         self.generation = str(exp.supervisor().get("generation") or "")
-        self.parallel = max(1, int(os.environ.get("DLMCTL_LOCAL_PARALLEL", "1")))
+        self.parallel = read(ClientSettings).local_parallel
         self.pending: list[str] = []
         self.running: dict[str, Life] = {}
         self.waiting: dict[str, float] = {}  # run -> when it restarts (time.monotonic)
