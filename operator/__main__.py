@@ -55,7 +55,7 @@ def _run(args) -> int:
     import kopf
     from pydantic import ValidationError
 
-    from .config import OperatorConfig
+    from dlmctl.spec.settings import OperatorSettings
     from .handlers import register
     from .metrics import OperatorMetrics
 
@@ -64,7 +64,7 @@ def _run(args) -> int:
     for noisy in ("kubernetes", "urllib3", "botocore", "aiobotocore", "s3fs", "asyncio", "kopf.objects"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        config = OperatorConfig()
+        config = OperatorSettings()
     except ValidationError as err:
         print(f"error: {str(err).splitlines()[1]}: {str(err).splitlines()[2].strip()}", file=sys.stderr)
         return 2

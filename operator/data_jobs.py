@@ -21,13 +21,13 @@ from kubernetes.utils import parse_quantity
 
 from dlmctl.spec import Experiment, Run
 from dlmctl.spec.contracts import RUN_SPEC_ENV, DataPhase
+from dlmctl.spec.settings import DATA_WORKERS_ENV
 
 from .jobs import LABEL_EXPERIMENT, _new, credentials_env_from, threads_env
 from .observe import USER_ERROR_EXIT
 
 LABEL_DATA = "dlmctl.io/data"  # on a data-preparation Job and its pods: the preparation's identity
 CONTAINER = "prepare"
-WORKERS_ENV = "DLMCTL_DATA_WORKERS"
 BACKOFF_PER_INDEX = 3
 # An Indexed Job's pods are named after it with their index (<job>-<index>-<random>) and their hostname is
 # <job>-<index>: a DNS label of at most 63 characters, with up to 4 digits of index.
@@ -74,7 +74,7 @@ def data_preparation_job(run: Run, extra_labels: dict[str, str] | None = None) -
         command=["python", "-m", "dlmctl.trainer", "prepare-data"],
         env=[
             _new(b.V1EnvVar, name=RUN_SPEC_ENV, value=run.model_dump_json()),
-            _new(b.V1EnvVar, name=WORKERS_ENV, value=str(prep.workers)),
+            _new(b.V1EnvVar, name=DATA_WORKERS_ENV, value=str(prep.workers)),
             _new(b.V1EnvVar, name="RAYON_NUM_THREADS", value=str(threads)),  # the tokenizer's thread pool
             *threads_env(threads),
         ],

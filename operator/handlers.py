@@ -15,8 +15,8 @@ from typing import Any
 import kopf
 
 from dlmctl.spec import GROUP, PLURAL, VERSION
+from dlmctl.spec.settings import OperatorSettings
 
-from .config import OperatorConfig
 from .data_jobs import LABEL_DATA, summarize_data_job
 from .jobs import JOB_GROUP, JOB_PLURAL, JOB_VERSION, LABEL_EXPERIMENT, LABEL_RUN
 from .metrics import OperatorMetrics
@@ -39,7 +39,7 @@ def api_client():
     return client.ApiClient(configuration)
 
 
-def register(registry: kopf.OperatorRegistry, config: OperatorConfig, metrics: OperatorMetrics) -> None:
+def register(registry: kopf.OperatorRegistry, config: OperatorSettings, metrics: OperatorMetrics) -> None:
     # kopf authenticates like the Kubernetes client: in-cluster ServiceAccount, else the kubeconfig.
     kopf.on.login(registry=registry)(kopf.login_via_client)
 

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Optional
 from dlmctl.spec import Experiment, Run, SpecError, experiment_from_dict
 from dlmctl.spec.experiment import status_progress
 from dlmctl.spec.contracts import DataPhase, ExperimentPhase, RunPhase, experiment_phase
+from dlmctl.spec.settings import OperatorSettings
 
 from .jobs import (
     ANNOTATION_CANCEL,
@@ -24,7 +25,6 @@ from .jobs import (
     pytorch_job,
     to_dicts,
 )
-from .config import OperatorConfig
 from .data_jobs import data_phase, data_preparation_job, preparations
 from .metrics import OperatorMetrics, experiment_series
 from .observe import Observation, Seen, observe
@@ -121,7 +121,7 @@ class JobsApi:
 
 
 class Reconciler:
-    def __init__(self, config: OperatorConfig, jobs: JobsApi, metrics: OperatorMetrics,
+    def __init__(self, config: OperatorSettings, jobs: JobsApi, metrics: OperatorMetrics,
                  adopt: Callable[[dict, dict], None], progress: Optional[ProgressReader] = None,
                  clock: Callable[[], float] = time.time):
         self.config, self.jobs, self.metrics, self.adopt, self.clock = config, jobs, metrics, adopt, clock

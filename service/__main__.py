@@ -9,10 +9,10 @@ def main() -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from .settings import Settings
+    from dlmctl.spec.settings import ServiceSettings
 
     try:
-        settings = Settings()
+        settings = ServiceSettings()
     except ValidationError as err:
         print(f"dlmctl service: bad setting: {' '.join(str(err).split())[:300]}", file=sys.stderr)
         return 2

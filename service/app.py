@@ -29,7 +29,7 @@ from .auth import Action, Authorizer, Denied, ReviewFailed, Unauthenticated
 from .cluster import Caller, Cluster
 from .metrics import ServiceMetrics
 from .models import Cancelled, ComparisonBody, Deleted, ErrorBody, ExperimentList, ExperimentSummary, Health
-from .settings import Settings
+from dlmctl.spec.settings import ServiceSettings
 
 log = logging.getLogger("dlmctl.service")
 REQUEST_ID = "X-Request-ID"
@@ -163,10 +163,10 @@ class RequestContext:
         self.metrics.observe(scope["method"], route, status, time.monotonic() - started)
 
 
-def create_app(settings: Optional[Settings] = None, cluster: Optional[Cluster] = None) -> FastAPI:
+def create_app(settings: Optional[ServiceSettings] = None, cluster: Optional[Cluster] = None) -> FastAPI:
     from dlmctl.spec.sections import package_version
 
-    settings = settings or Settings()
+    settings = settings or ServiceSettings()
     cluster = cluster or Cluster(settings)
     authorizer = Authorizer(cluster.service_client(), settings.auth_cache_seconds)
     metrics = ServiceMetrics()

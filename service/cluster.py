@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from .settings import Settings
+from dlmctl.spec.settings import ServiceSettings
 
 IMPERSONATE_USER = "Impersonate-User"
 IMPERSONATE_GROUP = "Impersonate-Group"
@@ -66,7 +66,7 @@ class _MultiValuePool:
 
 
 class Cluster:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: ServiceSettings):
         from kubernetes import client, config
 
         logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # its retry warnings are not ours

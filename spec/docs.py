@@ -7,6 +7,7 @@ from typing import Any
 from .crd import validation_rules
 from .experiment import API_VERSION, KIND, Experiment, ExperimentSpec
 from .model import PRESETS
+from .settings import ClientSettings, OperatorSettings, ServiceSettings, TrainerSettings
 
 HEADER = f"""# Experiment spec reference
 
@@ -50,6 +51,7 @@ def reference_markdown() -> str:
     _walk("spec", spec, defs, defaults, sections)
     sections.append(_presets())
     sections.append(_server_rules())
+    sections.append(_environment())
     return "\n".join(sections)
 
 
@@ -172,6 +174,20 @@ def _server_rules() -> str:
             if " " in field:  # a message that is a sentence, not `field: rule`
                 field, text = f"{path}{rule.get('fieldPath', '')}".lstrip("."), rule["message"]
             lines.append(f"| `{field}` | {_cell(text)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _environment() -> str:
+    lines = ["## Environment variables", "",
+             "Knobs of the processes rather than of an experiment, each read through one pydantic-settings model "
+             "(`dlmctl.spec.settings`); a bad value stops the process with one line naming the variable."]
+    for model in (TrainerSettings, ClientSettings, OperatorSettings, ServiceSettings):
+        prefix = model.model_config["env_prefix"]
+        lines += ["", f"### {model.__name__}: {_cell(model.__doc__ or '')}", "", "| variable | default | meaning |",
+                  "|---|---|---|"]
+        for name, field in model.model_fields.items():
+            default = "" if field.default_factory is not None or field.default in (None, "") else f"`{field.default}`"
+            lines.append(f"| `{prefix}{name.upper()}` | {default} | {_cell(field.description or '')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,7 @@
 """Every `DLMCTL_*` environment knob of the trainer and the CLI, defined once (pydantic-settings) and read
 where it is used (`TrainerSettings()` / `ClientSettings()` read the environment as it is at that moment).
-The operator's (`DLMCTL_OPERATOR_*`) and the service's (`DLMCTL_SERVICE_*`) live beside them in
-`operator/config.py` and `service/settings.py`; `dlmctl docs` lists all four in the spec reference.
+The operator's (`DLMCTL_OPERATOR_*`) and the service's (`DLMCTL_SERVICE_*`) are here too: the Helm chart
+sets them. The spec reference lists all of them (`dlmctl docs`).
 
 Variables that processes hand each other (the run spec, the local backend's run identity, a fresh start's
 token) are contracts rather than knobs, and are named here too so that they are spelt once.
@@ -21,6 +21,7 @@ from .load import SpecError
 
 PREFIX = "DLMCTL_"
 FRESH_ENV = f"{PREFIX}FRESH"
+DATA_WORKERS_ENV = f"{PREFIX}DATA_WORKERS"
 assert RUN_SPEC_ENV == f"{PREFIX}RUN_SPEC"
 
 
@@ -51,8 +52,8 @@ class TrainerSettings(BaseSettings):
     output: Optional[Path] = Field(None, description="where metrics.jsonl and local checkpoints go; default "
                                                      "./runs/<run> (`--output`)")
     cache: Path = Field(default_factory=default_cache,
-                        description="the local token cache; spec.data.cache wins, and with an s3:// cache this "
-                                    "holds its local copy")
+                        description="the local token cache (default ~/.cache/dlmctl/data); spec.data.cache wins, "
+                                    "and with an s3:// cache this holds its local copy")
     fresh: Optional[str] = Field(None, description="start over at step 0 (`--fresh`); the value names that fresh "
                                                    "start, so a restart with the same value resumes its own "
                                                    "checkpoints; empty, 0, false or no: off")
@@ -84,8 +85,8 @@ class ClientSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", env_ignore_empty=True)
 
     home: Path = Field(default_factory=lambda: Path.home() / ".dlmctl",
-                       description="the local backend's experiments, runs and logs")
-    config: Optional[Path] = Field(None, description="the contexts file (`dlmctl config`); default <home>/config.yaml")
+                       description="the local backend's experiments, runs and logs (default ~/.dlmctl)")
+    config: Optional[Path] = Field(None, description="the contexts file (`dlmctl config`); default $DLMCTL_HOME/config.yaml")
     token: Optional[str] = Field(None, description="the bearer token for the API service")
     backend: Optional[str] = Field(None, description="local, kubernetes or service, when neither a flag nor a "
                                                      "context says")
@@ -106,3 +107,39 @@ class ClientSettings(BaseSettings):
     @property
     def debugging(self) -> bool:
         return self.debug.strip().lower() not in OFF
+
+
+class OperatorSettings(BaseSettings):
+    """The operator (`python -m dlmctl.operator` flags override them)."""
+
+    model_config = SettingsConfigDict(env_prefix="DLMCTL_OPERATOR_", extra="forbid")
+
+    reconcile_interval: float = Field(default=5.0, gt=0, description="seconds between two looks at an experiment")
+    progress_interval: float = Field(default=15.0, ge=0, description="seconds between two reads of a run's metrics")
+    restart_backoff: float = Field(default=10.0, ge=0, description="wait before the first recreation of a run's job")
+    restart_backoff_max: float = Field(default=300.0, ge=0, description="the backoff doubles per restart up to this")
+    metrics_port: int = Field(default=8080, ge=0, le=65535, description="Prometheus /metrics; 0 disables")
+    metrics_addr: str = Field(default="0.0.0.0", description="the address /metrics binds")
+    health_port: int = Field(default=8081, ge=0, le=65535, description="kopf liveness endpoint /healthz; 0 disables")
+    peering: str = Field(default="dlmctl", description="the ClusterKopfPeering (or KopfPeering) shared by the replicas")
+    peering_lifetime: int = Field(default=15, ge=2, description="seconds after which a silent replica counts as dead")
+    workers: int = Field(default=16, ge=1, description="threads running reconciles")
+
+    def backoff(self, restarts: int) -> float:
+        """Before the (restarts+1)-th recreation."""
+        return min(self.restart_backoff * 2 ** restarts, self.restart_backoff_max)
+
+
+class ServiceSettings(BaseSettings):
+    """The API service (`python -m dlmctl.service`)."""
+
+    model_config = SettingsConfigDict(env_prefix="DLMCTL_SERVICE_", extra="ignore")
+
+    host: str = Field(default="0.0.0.0", description="the address the API binds")
+    port: int = Field(default=8000, ge=0, le=65535, description="the API's port")
+    max_body_bytes: int = Field(default=1 << 20, gt=0, description="largest request body accepted (413 beyond)")
+    kubeconfig: str = Field(default="", description="empty: the in-cluster configuration of the pod's ServiceAccount")
+    context: Optional[str] = Field(default=None, description="the kubeconfig context (its current one if unset)")
+    log_level: str = Field(default="info", description="uvicorn's log level")
+    auth_cache_seconds: float = Field(
+        default=5.0, ge=0, description="how long a TokenReview or SubjectAccessReview answer is reused (0: never)")

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from dlmctl.operator import manifests
-from dlmctl.operator.config import OperatorConfig
+from dlmctl.spec.settings import OperatorSettings
 from dlmctl.operator.jobs import LABEL_EXPERIMENT
 from dlmctl.spec import GROUP, PLURAL, VERSION
 from dlmctl.spec.sections import DEFAULT_IMAGE, IMAGE_REPOSITORY, package_version
@@ -178,7 +178,7 @@ def test_the_default_install(helm):
     env = plain_env(c)
     assert env["MALLOC_ARENA_MAX"] == "2" and "AWS_ENDPOINT_URL_S3" not in env
     peering = one(objects, "ClusterKopfPeering")
-    assert env["DLMCTL_OPERATOR_PEERING"] == peering["metadata"]["name"] == OperatorConfig().peering
+    assert env["DLMCTL_OPERATOR_PEERING"] == peering["metadata"]["name"] == OperatorSettings().peering
     assert c["envFrom"] == [{"secretRef": {"name": "dlmctl-s3-credentials", "optional": True}}]
     assert not any(k in pod for k in ("nodeSelector", "tolerations", "affinity", "imagePullSecrets"))
 
@@ -237,7 +237,7 @@ def test_non_default_values_reach_the_objects(helm):
 def test_the_operator_settings_are_operator_configs_and_reach_it_as_environment(helm, monkeypatch):
     schema = json.loads((CHART / "values.schema.json").read_text())
     settings = schema["properties"]["operator"]["properties"]["settings"]["properties"]
-    config = OperatorConfig.model_json_schema()["properties"]
+    config = OperatorSettings.model_json_schema()["properties"]
     assert set(settings) == set(config) - CHART_MANAGED_SETTINGS
     for name, rule in settings.items():
         assert rule == {k: v for k, v in config[name].items() if k not in ("title", "default", "description")}, name
@@ -247,8 +247,8 @@ def test_the_operator_settings_are_operator_configs_and_reach_it_as_environment(
                            "metricsPort": 9100, "healthPort": 9101, "peering": "team-a"}}
     for name, value in plain_env(container(helm.template(values))).items():
         monkeypatch.setenv(name, value)
-    loaded = OperatorConfig()
-    assert loaded.model_dump() == {**OperatorConfig.model_construct().model_dump(), **values["operator"]["settings"],
+    loaded = OperatorSettings()
+    assert loaded.model_dump() == {**OperatorSettings.model_construct().model_dump(), **values["operator"]["settings"],
                                    "metrics_port": 9100, "health_port": 9101, "peering": "team-a"}
 
 

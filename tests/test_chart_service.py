@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from dlmctl.service import manifests as service_manifests
-from dlmctl.service.settings import Settings as ServiceSettings
+from dlmctl.spec.settings import ServiceSettings
 from dlmctl.spec import GROUP, VERSION
 from test_chart import CHART, NON_DEFAULT, Helm, container, helm, kubectl, monitoring_api, one, plain_env  # noqa: F401
 

@@ -11,7 +11,7 @@ import re
 import kopf
 import pytest
 
-from dlmctl.operator.config import OperatorConfig
+from dlmctl.spec.settings import OperatorSettings
 from dlmctl.operator.data_jobs import LABEL_DATA, summarize_data_job
 from dlmctl.operator.jobs import ANNOTATION_CANCEL
 from dlmctl.operator.metrics import OperatorMetrics
@@ -162,7 +162,7 @@ class NoProgress:
 
 def reconciler():
     jobs = RecordedJobs()
-    config = OperatorConfig(restart_backoff=10, restart_backoff_max=300, metrics_port=0, health_port=0)
+    config = OperatorSettings(restart_backoff=10, restart_backoff_max=300, metrics_port=0, health_port=0)
     return Reconciler(config, jobs, OperatorMetrics(), adopt=lambda child, owner: kopf.adopt(child, owner=owner),
                       progress=NoProgress(), clock=lambda: 1000.0), jobs
 

@@ -12,7 +12,7 @@ import kopf
 import pytest
 from prometheus_client import CollectorRegistry
 
-from dlmctl.operator.config import OperatorConfig
+from dlmctl.spec.settings import OperatorSettings
 from dlmctl.operator.metrics import OperatorMetrics
 from dlmctl.operator.observe import summarize_pod
 from dlmctl.operator.reconcile import Reconciler
@@ -38,7 +38,7 @@ class Progress:
 
 def reconciler(progress=None):
     registry, jobs = CollectorRegistry(), RecordedJobs()
-    config = OperatorConfig(restart_backoff=10, restart_backoff_max=300, metrics_port=0, health_port=0)
+    config = OperatorSettings(restart_backoff=10, restart_backoff_max=300, metrics_port=0, health_port=0)
     r = Reconciler(config, jobs, OperatorMetrics(registry), adopt=lambda child, owner: kopf.adopt(child, owner=owner),
                    progress=progress or Progress(), clock=Clock())
     return r, jobs, registry

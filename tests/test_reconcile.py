@@ -8,7 +8,7 @@ import kopf
 import yaml
 
 from dlmctl.cli.app import main
-from dlmctl.operator.config import OperatorConfig
+from dlmctl.spec.settings import OperatorSettings
 from dlmctl.operator.jobs import ANNOTATION_CANCEL, ANNOTATION_RESTARTS
 from dlmctl.operator.metrics import OperatorMetrics
 from dlmctl.operator.observe import summarize_job, summarize_pod
@@ -49,7 +49,7 @@ def experiment_body(**meta) -> dict:
 
 def reconciler(clock=None):
     jobs = RecordedJobs()
-    config = OperatorConfig(restart_backoff=10, restart_backoff_max=300, metrics_port=0, health_port=0)
+    config = OperatorSettings(restart_backoff=10, restart_backoff_max=300, metrics_port=0, health_port=0)
     r = Reconciler(config, jobs, OperatorMetrics(), adopt=lambda child, owner: kopf.adopt(child, owner=owner),
                    progress=NoProgress(), clock=clock or Clock())
     return r, jobs

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 from dlmctl.spec import Run, SpecError
-
-FRESH_ENV = "DLMCTL_FRESH"
+from dlmctl.spec.contracts import RUN_SPEC_ENV
+from dlmctl.spec.settings import DATA_WORKERS_ENV, FRESH_ENV, TrainerSettings, read
 
 
 def parse_args(argv=None) -> tuple[Run, Path]:
@@ -32,10 +32,11 @@ def parse_args(argv=None) -> tuple[Run, Path]:
                         help=f"start over at step 0, ignoring existing checkpoints (as ${FRESH_ENV}=1 does); they "
                              "stay in the store until this start's first checkpoint is written")
     args = parser.parse_args(argv)
-    if args.fresh and os.environ.get(FRESH_ENV, "").strip().lower() in ("", "0", "false", "no"):
-        os.environ[FRESH_ENV] = "1"
-    run = read_run(args.run, parser)
-    output = args.output or Path(os.environ.get("DLMCTL_OUTPUT", f"runs/{run.name}"))
+    settings = read(TrainerSettings)
+    if args.fresh and settings.fresh_token is None:
+        os.environ[FRESH_ENV] = "1"  # for this process's checkpoint store, and its children
+    run = read_run(args.run, parser, settings)
+    output = args.output or settings.output or Path(f"runs/{run.name}")
     return run, output
 
 
@@ -44,13 +45,13 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value.isdigit() else default
 
 
-def read_run(path: Path | None, parser: argparse.ArgumentParser) -> Run:
+def read_run(path: Path | None, parser: argparse.ArgumentParser, settings: TrainerSettings) -> Run:
     if path is not None:
         text = path.read_text()
-    elif os.environ.get("DLMCTL_RUN_SPEC"):
-        text = os.environ["DLMCTL_RUN_SPEC"]
+    elif settings.run_spec:
+        text = settings.run_spec
     else:
-        parser.error("give --run FILE or set DLMCTL_RUN_SPEC")
+        parser.error(f"give --run FILE or set {RUN_SPEC_ENV}")
     try:
         return Run.model_validate_json(text)
     except ValueError as err:
@@ -63,8 +64,8 @@ def prepare_data_main(argv) -> int:
     parser.add_argument("--run", type=Path, help="the resolved run (JSON); default: $DLMCTL_RUN_SPEC")
     parser.add_argument("--worker", type=int, default=_env_int("JOB_COMPLETION_INDEX", 0),
                         help="this worker's index (default: $JOB_COMPLETION_INDEX or 0)")
-    parser.add_argument("--workers", type=int, default=_env_int("DLMCTL_DATA_WORKERS", 1),
-                        help="how many workers share the shards (default: $DLMCTL_DATA_WORKERS or 1)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help=f"how many workers share the shards (default: ${DATA_WORKERS_ENV} or 1)")
     parser.add_argument("--plan-wait", type=float, default=6 * 3600,
                         help="seconds a worker other than 0 waits for the plan (default: 6 h)")
     args = parser.parse_args(argv)
@@ -73,13 +74,14 @@ def prepare_data_main(argv) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        run = read_run(args.run, parser)
-        if args.workers < 1:
-            raise SpecError(f"--workers: {args.workers} is not a positive number of workers")
+        settings = read(TrainerSettings)
+        run = read_run(args.run, parser, settings)
+        workers = settings.data_workers if args.workers is None else args.workers
+        if workers < 1:
+            raise SpecError(f"--workers: {workers} is not a positive number of workers")
         from .data import prepare_shards
 
-        cache = Path(os.environ.get("DLMCTL_CACHE", Path.home() / ".cache" / "dlmctl" / "data"))  # spec.data.cache wins
-        result = prepare_shards(run.spec.data, cache, args.worker, args.workers, args.plan_wait)
+        result = prepare_shards(run.spec.data, settings.cache, args.worker, workers, args.plan_wait)  # spec.data.cache wins
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         _termination_message(f"error: {err}")

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from dlmctl.spec import Run
 from dlmctl.spec.contracts import METRICS_FILE
 from dlmctl.spec.metrics import run_labels
+from dlmctl.spec.settings import TrainerSettings, read
 
 from .checkpoints import (
     CheckpointInfo, CheckpointStore, NoVerifiedCheckpoint, RetryPolicy, StagingSpaceError, StoreFailure,
@@ -45,9 +46,6 @@ log = logging.getLogger("dlmctl.trainer")
 DS_TAG = "ds"
 STATE = "trainer_state.json"
 DATA_FILES = ("tokenizer.json", "data.json")  # written by the trainer into its output; put into the store with run.json
-METRICS_UPLOAD_SECONDS = float(os.environ.get("DLMCTL_METRICS_UPLOAD_SECONDS", 15))
-PREFLIGHT_SECONDS = float(os.environ.get("DLMCTL_PREFLIGHT_SECONDS", 10))  # no answer by then: a wrong endpoint
-FRESH_ENV = "DLMCTL_FRESH"
 
 
 class RunFailed(Exception):
@@ -68,8 +66,7 @@ def retry_deadline(run: Run) -> float:
 def fresh_token() -> Optional[str]:
     """$DLMCTL_FRESH (or --fresh): start over at step 0. Its value names that fresh start, so a restart of
     the same process (same value) resumes the fresh start's own checkpoints instead of starting again."""
-    value = os.environ.get(FRESH_ENV, "").strip()
-    return None if value.lower() in ("", "0", "false", "no") else value
+    return read(TrainerSettings).fresh_token
 
 
 def run_store_uri(run: Run, output: Path) -> str:
@@ -104,7 +101,7 @@ def preflight(store: Optional[CheckpointStore], run: Run, world: World) -> None:
     problem = None
     if store:
         try:
-            took = store.preflight(min(PREFLIGHT_SECONDS, retry_deadline(run)))
+            took = store.preflight(min(read(TrainerSettings).preflight_seconds, retry_deadline(run)))
             log.info("checkpoint store %s: probe object written, read back and deleted in %.2fs", store.uri, took)
         except StoreFailure as exc:
             problem = f"spec.checkpoint: {exc}"
@@ -128,8 +125,7 @@ def store_failure(store: Optional[CheckpointStore], world: World) -> Optional[Ru
 
 
 def _staging_limit() -> Optional[int]:
-    value = os.environ.get("DLMCTL_MAX_STAGING_BYTES")
-    return int(value) if value else None
+    return read(TrainerSettings).max_staging_bytes
 
 
 def check_staging_is_reachable(engine, world: World) -> None:
@@ -324,7 +320,7 @@ def mirror_run(store: CheckpointStore, run: Run, output: Path) -> MetricsMirror:
     once = {"run.json": run.model_dump_json().encode()}
     once.update({name: (output / name).read_bytes() for name in DATA_FILES if (output / name).is_file()})
     return MetricsMirror(output / METRICS_FILE, store.location, retry=store.retry, name=METRICS_FILE,
-                         interval=METRICS_UPLOAD_SECONDS, once=once)
+                         interval=read(TrainerSettings).metrics_upload_seconds, once=once)
 
 
 def _read_or_none(store: CheckpointStore, name: str) -> Optional[bytes]:
@@ -339,13 +335,13 @@ def _read_or_none(store: CheckpointStore, name: str) -> Optional[bytes]:
 
 
 def _staging_root(output: Path) -> Path:
-    return Path(os.environ.get("DLMCTL_STAGING", output / ".staging"))
+    return read(TrainerSettings).staging or output / ".staging"
 
 
 def _own_disk(world: World) -> bool:
     """Several nodes without a shared staging volume: each node needs its own copy of a checkpoint."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # unset: one process per pod, no torchrun
-    return local_world < world.world_size and "DLMCTL_STAGING" not in os.environ
+    return local_world < world.world_size and read(TrainerSettings).staging is None
 
 
 def export(run: Run, model, data, store: Optional[CheckpointStore], output: Path) -> str:

@@ -5,7 +5,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -14,8 +13,9 @@ import torch
 import torch.distributed as dist
 
 from dlmctl.spec import Run
-from dlmctl.spec.sections import Arm
 from dlmctl.spec.contracts import METRICS_FILE
+from dlmctl.spec.sections import Arm
+from dlmctl.spec.settings import TrainerSettings, read
 
 from . import checkpointing
 from .checkpoints import CheckpointError, is_user_error, reason
@@ -29,8 +29,6 @@ from .phases import StepClock
 from .objectives import objective_loss
 
 log = logging.getLogger("dlmctl.trainer")
-FLUSH_AFTER_SIGNAL_SECONDS = float(os.environ.get("DLMCTL_FLUSH_AFTER_SIGNAL_SECONDS", 20))
-FLUSH_AT_END_SECONDS = float(os.environ.get("DLMCTL_FLUSH_AT_END_SECONDS", 1800))
 
 
 def build_model(run: Run, vocab_size: int) -> Transformer:
@@ -61,7 +59,7 @@ class _Held:
     mirror = None
 
     def abandon(self) -> None:
-        grace = 0.0 if self.store is None or self.store.failure is not None else FLUSH_AFTER_SIGNAL_SECONDS
+        grace = 0.0 if self.store is None or self.store.failure is not None else read(TrainerSettings).flush_after_signal_seconds
         deadline = time.monotonic() + grace
         if self.store is not None:
             self.store.close(timeout=grace)
@@ -161,8 +159,9 @@ def _train(run: Run, output: Path, world: World, held: _Held) -> int:
     # A preempted pod has a grace period; a finished run waits for its last upload as long as the store
     # may be retried. The metrics file goes last (it holds the checkpoint events) and keeps a share of the
     # time for itself.
-    budget = (FLUSH_AFTER_SIGNAL_SECONDS if stop_now
-              else max(FLUSH_AT_END_SECONDS, checkpointing.retry_deadline(run) + 60))
+    settings = read(TrainerSettings)
+    budget = (settings.flush_after_signal_seconds if stop_now
+              else max(settings.flush_at_end_seconds, checkpointing.retry_deadline(run) + 60))
     deadline = time.monotonic() + budget
     reserve = min(5.0, budget / 4)
     uploaded = store.flush(timeout=budget - reserve, until_failure=True) if store else True
@@ -269,7 +268,7 @@ class _LossMean:
 
 
 def _prepare_data_once(run: Run, output: Path, world: World):
-    cache = Path(os.environ.get("DLMCTL_CACHE", Path.home() / ".cache" / "dlmctl" / "data"))  # spec.data.cache wins
+    cache = read(TrainerSettings).cache  # spec.data.cache wins
     if not world.is_main:
         dist.barrier()  # rank 0 tokenizes and caches; the others then read the cache
     data = prepare_data(run.spec.data, run.spec.seed, cache)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import threading
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from dlmctl.spec.metrics import (
     STEP_PHASE_SECONDS, STEP_PHASES, TOKENS_PER_SECOND, TRAIN_LOSS, TRAIN_STEPS, TRAIN_TOKENS, TRAINER_METRICS, VALIDATION_LOSS,
     VALIDATION_LOSS_STDERR, VALIDATION_TOKENS, register, run_labels, sweep_labels,
 )
+from dlmctl.spec.settings import TrainerSettings, read
 
 log = logging.getLogger("dlmctl.trainer")
 URGENT_EVENTS = frozenset({"start", "eval", "checkpoint", "done"})  # uploaded at once; train events periodically
@@ -33,8 +33,9 @@ PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "H800": 989.4e12, "B200":
 
 
 def peak_flops(device) -> Optional[float]:
-    if os.environ.get("DLMCTL_PEAK_FLOPS"):
-        return float(os.environ["DLMCTL_PEAK_FLOPS"])
+    configured = read(TrainerSettings).peak_flops
+    if configured:
+        return configured
     if getattr(device, "type", None) != "cuda":
         return None
     import torch
@@ -139,7 +140,7 @@ class TrainMetrics:
         register(RUN_INFO, self.registry, tuple(sweep)).labels(**self.labels, **sweep).set(1)
         self._steps_counted, self._tokens_counted = 0, 0
         if serve and port:
-            start_http_server(port, addr=os.environ.get("DLMCTL_METRICS_ADDR", "0.0.0.0"), registry=self.registry)
+            start_http_server(port, addr=read(TrainerSettings).metrics_addr, registry=self.registry)
 
     def started(self, *, step, total_steps, tokens, planned_epochs, world_size, parameters, unigram_entropy=None):
         """The run (re)starts at `step`, having seen `tokens`; it will take `total_steps` steps in all."""
