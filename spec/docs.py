@@ -152,12 +152,15 @@ def _num(value: Any) -> str:
 
 
 def _presets() -> str:
-    lines = ["## Model presets", "", "| preset | n_layer | d_model | n_head | n_kv_head | d_ff | tied embeddings | QK-norm |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["## Model presets", "", "| preset | n_layer | d_model | n_head | n_kv_head | d_ff | tied embeddings | QK-norm "
+             "| feed-forward |", "|---|---|---|---|---|---|---|---|---|"]
     for name, shape in PRESETS.items():
+        moe = shape.get("moe")
+        ffn = (f"MoE: {moe['experts']} experts of {moe['expert_d_ff']}, top-{moe['top_k']}" if moe else "dense SwiGLU")
         lines.append(
             f"| `{name}` | {shape['n_layer']} | {shape['d_model']} | {shape['n_head']} | {shape['n_kv_head']} | "
-            f"{shape['d_ff']} | {'yes' if shape.get('tie_embeddings', True) else 'no'} | {'yes' if shape.get('qk_norm') else 'no'} |"
+            f"{shape['d_ff']} | {'yes' if shape.get('tie_embeddings', True) else 'no'} | {'yes' if shape.get('qk_norm') else 'no'} "
+            f"| {ffn} |"
         )
     return "\n".join(lines) + "\n"
 
