@@ -182,7 +182,11 @@ class ExperimentSpec(SpecModel):
 
     @property
     def grad_accumulation(self) -> int:
-        return self.global_batch_sequences // (self.batch.micro_batch_sequences * self.resources.world_size)
+        return self.accumulation(self.resources.world_size)
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro-steps per optimizer step on `world_size` processes (a resumed run may have another)."""
+        return self.global_batch_sequences // (self.batch.micro_batch_sequences * world_size)
 
     @property
     def total_steps(self) -> int:

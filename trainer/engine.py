@@ -88,8 +88,7 @@ def deepspeed_config(spec: ExperimentSpec, world: World) -> dict:
     return {
         "train_batch_size": spec.global_batch_sequences,
         "train_micro_batch_size_per_gpu": spec.batch.micro_batch_sequences,
-        "gradient_accumulation_steps": spec.global_batch_sequences
-        // (spec.batch.micro_batch_sequences * world.world_size),
+        "gradient_accumulation_steps": spec.accumulation(world.world_size),
         "gradient_clipping": o.grad_clip,
         "optimizer": {
             "type": "AdamW",

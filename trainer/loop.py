@@ -107,7 +107,7 @@ def _train(run: Run, output: Path, world: World, held: _Held) -> int:
                         world_size=world.world_size, parameters=model.num_params(),
                         unigram_entropy=data.metadata.get("unigram_entropy"))
 
-    accumulation = spec.global_batch_sequences // (spec.batch.micro_batch_sequences * world.world_size)
+    accumulation = spec.accumulation(world.world_size)
     peak = peak_flops(world.device)
     flops_per_token = model.flops_per_token(spec.data.seq_len, causal=run.arm is Arm.autoregressive)
     clock = StepClock(world.device)

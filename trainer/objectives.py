@@ -90,8 +90,8 @@ def keyed_uniforms(seed: int, step: int, sample_index, stream: str, count: int,
 
 def as_arm(arm: Arm | str) -> Arm:
     """An Arm from its value or short name ('diffusion'/'dlm', 'autoregressive'/'ar')."""
-    short = {"dlm": Arm.diffusion, "ar": Arm.autoregressive}
-    return short[arm] if arm in short else Arm(arm)
+    by_short_name = {a.short: a for a in Arm}
+    return by_short_name[arm] if arm in by_short_name else Arm(arm)
 
 
 def mask_probability(t: torch.Tensor, schedule: str) -> torch.Tensor:
