@@ -1,7 +1,7 @@
 """The backbone's shape: named presets and custom fields, and the model variant (dense, or mixture-of-experts)."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -31,20 +31,34 @@ PRESETS["8b"] = dict(n_layer=36, d_model=4096, n_head=32, n_kv_head=8, d_ff=1228
 PRESETS["8b1a"] = dict(PRESETS["1b"], variant="moe", moe=dict(experts=96, top_k=8, expert_d_ff=592))
 
 SHAPE_DEFAULTS = dict(tie_embeddings=True, qk_norm=False, rope_theta=10000.0, norm_eps=1e-5)
-VARIANTS = ("dense", "moe")
 # Switch Transformer's load-balancing coefficient and ST-MoE's router z-loss coefficient.
 MOE_DEFAULTS = dict(experts=8, top_k=2, capacity_factor=None, aux_loss_coef=0.01, z_loss_coef=0.001)
+
+
+# Each field's type and range, once: a resolved shape has every one; the spec may leave any unset.
+Layers = Annotated[int, Field(ge=1, le=512)]
+Width = Annotated[int, Field(ge=8, le=65536)]
+Heads = Annotated[int, Field(ge=1, le=1024)]
+Hidden = Annotated[int, Field(ge=8, le=262144)]
+Theta = Annotated[float, Field(gt=0)]
+Epsilon = Annotated[float, Field(gt=0, lt=1)]
+Rate = Annotated[float, Field(ge=0, lt=1)]
+Experts = Annotated[int, Field(ge=1, le=1024)]
+Capacity = Annotated[float, Field(gt=0)]
+Weight = Annotated[float, Field(ge=0)]
+Variant = Literal["dense", "moe"]
+VARIANTS: tuple[str, ...] = Variant.__args__
 
 
 class MoEShape(SpecModel):
     """A resolved mixture-of-experts feed-forward: every field set (capacity_factor None: dropless)."""
 
-    experts: int = Field(ge=1, le=1024)
-    top_k: int = Field(ge=1, le=1024)
-    expert_d_ff: int = Field(ge=8, le=262144)
-    capacity_factor: Optional[float] = Field(default=None, gt=0)
-    aux_loss_coef: float = Field(default=0.01, ge=0)
-    z_loss_coef: float = Field(default=0.001, ge=0)
+    experts: Experts
+    top_k: Experts
+    expert_d_ff: Hidden
+    capacity_factor: Optional[Capacity] = None
+    aux_loss_coef: Weight = MOE_DEFAULTS["aux_loss_coef"]
+    z_loss_coef: Weight = MOE_DEFAULTS["z_loss_coef"]
 
     @model_validator(mode="after")
     def _top_k_at_most_experts(self):
@@ -60,20 +74,20 @@ class MoEShape(SpecModel):
 class ModelShape(SpecModel):
     """A fully resolved backbone: every field set. The trainer builds its model from this."""
 
-    n_layer: int = Field(ge=1, le=512)
-    d_model: int = Field(ge=8, le=65536)
-    n_head: int = Field(ge=1, le=1024)
-    n_kv_head: int = Field(ge=1, le=1024)
-    d_ff: int = Field(ge=8, le=262144)
+    n_layer: Layers
+    d_model: Width
+    n_head: Heads
+    n_kv_head: Heads
+    d_ff: Hidden
     vocab_size: int = Field(ge=8, le=1_048_576)
     max_seq_len: int = Field(ge=2, le=1_048_576)
-    tie_embeddings: bool = True
-    qk_norm: bool = False
-    rope_theta: float = Field(default=10000.0, gt=0)
-    norm_eps: float = Field(default=1e-5, gt=0, lt=1)
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    attention_dropout: float = Field(default=0.0, ge=0, lt=1)
-    variant: Literal["dense", "moe"] = "dense"
+    tie_embeddings: bool = SHAPE_DEFAULTS["tie_embeddings"]
+    qk_norm: bool = SHAPE_DEFAULTS["qk_norm"]
+    rope_theta: Theta = SHAPE_DEFAULTS["rope_theta"]
+    norm_eps: Epsilon = SHAPE_DEFAULTS["norm_eps"]
+    dropout: Rate = 0.0
+    attention_dropout: Rate = 0.0
+    variant: Variant = "dense"
     moe: Optional[MoEShape] = None
 
     @property
@@ -97,35 +111,34 @@ class MoESpec(SpecModel):
     """`spec.model.moe`: a mixture-of-experts feed-forward in every block (top-k softmax routing). Unset fields
     come from the preset, else the defaults given."""
 
-    experts: Optional[int] = Field(default=None, ge=1, le=1024, description="experts per block; unset: 8")
-    top_k: Optional[int] = Field(default=None, ge=1, le=1024, description="experts per token; unset: 2")
-    expert_d_ff: Optional[int] = Field(default=None, ge=8, le=262144,
-                                       description="each expert's SwiGLU hidden size; unset: d_ff")
-    capacity_factor: Optional[float] = Field(
-        default=None, gt=0, description="unset: dropless, every token reaches its top_k experts. Set: each expert "
+    experts: Optional[Experts] = Field(default=None, description="experts per block; unset: 8")
+    top_k: Optional[Experts] = Field(default=None, description="experts per token; unset: 2")
+    expert_d_ff: Optional[Hidden] = Field(default=None, description="each expert's SwiGLU hidden size; unset: d_ff")
+    capacity_factor: Optional[Capacity] = Field(
+        default=None, description="unset: dropless, every token reaches its top_k experts. Set: each expert "
         "takes at most ceil(capacity_factor x tokens x top_k / experts) tokens of a forward pass, the first in token "
         "order, and a dropped token's expert adds nothing (its residual passes). A token's fate then depends on "
         "the other sequences of its micro-batch, so results depend on the batch layout")
-    aux_loss_coef: Optional[float] = Field(default=None, ge=0, description="load-balancing loss weight; unset: 0.01")
-    z_loss_coef: Optional[float] = Field(default=None, ge=0, description="router z-loss weight; unset: 0.001")
+    aux_loss_coef: Optional[Weight] = Field(default=None, description="load-balancing loss weight; unset: 0.01")
+    z_loss_coef: Optional[Weight] = Field(default=None, description="router z-loss weight; unset: 0.001")
 
 
 class ModelSpec(SpecModel):
     """`spec.model`: a preset, optionally with fields overridden, or a fully custom shape."""
 
     preset: Optional[str] = Field(default="micro", description=f"one of: {', '.join(PRESETS)}")
-    n_layer: Optional[int] = Field(default=None, ge=1, le=512)
-    d_model: Optional[int] = Field(default=None, ge=8, le=65536)
-    n_head: Optional[int] = Field(default=None, ge=1, le=1024)
-    n_kv_head: Optional[int] = Field(default=None, ge=1, le=1024, description="grouped-query attention")
-    d_ff: Optional[int] = Field(default=None, ge=8, le=262144, description="SwiGLU hidden size")
+    n_layer: Optional[Layers] = None
+    d_model: Optional[Width] = None
+    n_head: Optional[Heads] = None
+    n_kv_head: Optional[Heads] = Field(default=None, description="grouped-query attention")
+    d_ff: Optional[Hidden] = Field(default=None, description="SwiGLU hidden size")
     tie_embeddings: Optional[bool] = None
     qk_norm: Optional[bool] = None
-    rope_theta: Optional[float] = Field(default=None, gt=0)
-    norm_eps: Optional[float] = Field(default=None, gt=0, lt=1)
-    dropout: float = Field(default=0.0, ge=0, lt=1, description="hidden dropout (AR dropout ablation)")
-    attention_dropout: float = Field(default=0.0, ge=0, lt=1)
-    variant: Optional[Literal["dense", "moe"]] = Field(
+    rope_theta: Optional[Theta] = None
+    norm_eps: Optional[Epsilon] = None
+    dropout: Rate = Field(default=0.0, description="hidden dropout (AR dropout ablation)")
+    attention_dropout: Rate = 0.0
+    variant: Optional[Variant] = Field(
         default=None, description="dense: one SwiGLU per block; moe: a mixture of SwiGLU experts (see moe). Unset: "
         "the preset's (8b1a is moe, the others dense), or moe when a moe section is given")
     moe: Optional[MoESpec] = Field(default=None, description="the mixture of experts, for variant moe")
