@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from dlmctl.spec import ModelShape, ModelSpec
 from dlmctl.trainer.models import Transformer
@@ -137,16 +136,6 @@ def test_published_1_7b_shape_builds_on_the_meta_device():
     assert model.num_params() == expected_params(shape)
 
 
-def test_flops_per_token_follow_the_palm_convention():
-    model = Transformer(tiny_shape(tie_embeddings=False))
-    s, T = model.shape, 24
-    expected = 6 * (model.num_params(exclude_embeddings=True) + s.vocab_size * s.d_model) + 12 * s.n_layer * s.d_model * T
-    assert model.flops_per_token(T) == expected
-    assert Transformer(tiny_shape(tie_embeddings=True)).flops_per_token(T) == expected  # tying saves no compute
-    # causal attention (AR) computes the lower triangle: half the attention term, the matmuls unchanged
-    assert model.flops_per_token(T, causal=True) == expected - 6 * s.n_layer * s.d_model * T
-
-
 def test_initialisation_scales_residual_projections():
     torch.manual_seed(0)
     model = Transformer(tiny_shape(n_layer=8, d_model=256, d_ff=512, vocab_size=1000))
@@ -166,27 +155,41 @@ def test_dropout_is_active_in_training_only():
     assert torch.equal(model(idx, causal=True), model(idx, causal=True))
 
 
-def test_activation_checkpointing_wraps_blocks_from_outside():
+def forward_keeping_count(model, idx) -> tuple[torch.Tensor, int]:
+    """The loss, and how many tensors autograd keeps for the backward pass (a checkpointed region keeps only
+    its inputs: what it saves inside is its own, recomputed in the backward)."""
+    kept = 0
+
+    def pack(tensor):
+        nonlocal kept
+        kept += 1
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(idx, causal=False).square().mean()
+    return loss, kept
+
+
+def test_the_engines_activation_checkpointing_recomputes_blocks_with_the_same_loss_and_gradients():
+    from dlmctl.trainer.engine import apply_activation_checkpointing
+
     torch.manual_seed(0)
-    model = Transformer(tiny_shape())
+    model = Transformer(tiny_shape(n_layer=4, dropout=0.2))  # dropout: the recomputation must replay its masks
     idx = torch.randint(0, 50, (2, 8))
-    model(idx, causal=False).square().mean().backward()
+    torch.manual_seed(1)
+    loss, kept_plain = forward_keeping_count(model, idx)
+    loss.backward()
     reference = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
 
-    class Checkpointed(torch.nn.Module):
-        def __init__(self, block):
-            super().__init__()
-            self.block = block
-
-        def forward(self, *args):
-            return checkpoint(self.block, *args, use_reentrant=False)
-
-    for i, block in enumerate(model.blocks):
-        model.blocks[i] = Checkpointed(block)
-    model(idx, causal=False).square().mean().backward()
+    apply_activation_checkpointing(model)
+    torch.manual_seed(1)
+    checkpointed_loss, kept_checkpointed = forward_keeping_count(model, idx)
+    checkpointed_loss.backward()
+    assert checkpointed_loss.item() == loss.item()
     for expected, p in zip(reference, model.parameters()):
         torch.testing.assert_close(p.grad, expected)
+    assert kept_checkpointed < kept_plain / 4, (kept_checkpointed, kept_plain)
 
 
 @pytest.mark.parametrize("causal", [False, True])
