@@ -25,7 +25,8 @@ from typing import Optional
 
 import yaml
 
-from s3server import _die_with_parent, free_ports
+from s3server import _die_with_parent
+from testenv.cluster import free_ports
 
 
 def prometheus_binary() -> Optional[str]:

@@ -23,7 +23,7 @@ from dlmctl.trainer.checkpoints import (
 )
 from dlmctl.trainer.storage import open_location
 from s3_fixtures import fresh_prefix, use_s3_server
-from s3server import free_ports
+from testenv.cluster import free_ports
 
 FAST_RETRY = RetryPolicy(first_delay=0.05, max_delay=0.5, give_up_after=60.0)
 

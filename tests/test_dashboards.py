@@ -24,7 +24,8 @@ from operator_harness import (S3_SECRET, Experiments, OperatorProcess, create_na
                               install_operator_rbac, wait_until)
 from prometheus_server import ScrapeTarget
 from dlmctl.spec.metrics import STEP_PHASES
-from trainer_runs import TINY, events, free_port, launch, merge
+from testenv.cluster import free_port
+from trainer_runs import TINY, events, launch, merge
 
 EXPERIMENT = "dash"
 SWEEP = {"optimizer.lr": [0.003]}  # one point, so the runs carry a non-empty `point` label

@@ -9,7 +9,8 @@ from dlmctl.spec.contracts import CheckpointEvent, EvalEvent, TrainEvent, parse_
 from dlmctl.trainer.checkpoints import CheckpointInfo
 from dlmctl.trainer.metrics import TrainMetrics
 from exposition import Exposition
-from trainer_runs import free_port, tiny_run
+from testenv.cluster import free_port
+from trainer_runs import tiny_run
 
 
 def test_metrics_are_served_for_prometheus_and_written_to_jsonl(tmp_path, monkeypatch):

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from s3_fixtures import fresh_prefix, use_s3_server
-from s3server import SeaweedS3, free_ports, weed_binary
+from s3server import SeaweedS3, weed_binary
+from testenv.cluster import free_ports
 from trainer_runs import events, kill_tree, tiny_run
 
 pytestmark = pytest.mark.slow
