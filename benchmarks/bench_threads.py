@@ -52,7 +52,7 @@ def child(steps: int, warmup: int) -> dict:
     import torch
 
     from dlmctl.spec import load_experiment
-    from dlmctl.trainer.loop import build_model
+    from dlmctl.trainer.runs import build_model
     from dlmctl.trainer.objectives import diffusion_loss
 
     run = next(r for r in load_experiment(QUICKSTART).runs() if r.arm.value == "diffusion")

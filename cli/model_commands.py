@@ -1,9 +1,9 @@
-"""sample, export: use a trained run. The work is the trainer's (dlmctl.trainer.sample / .export),
+"""sample, export: use a trained run. The work is the trainer's (dlmctl.trainer.runs),
 imported only when the command runs, so the CLI installs and starts without torch.
 
 Contract with the trainer:
-    dlmctl.trainer.sample.sample_run(run_dir, prompt, *, max_new_tokens, steps, temperature, seed) -> str
-    dlmctl.trainer.export.export_run(run_dir, output) -> where it was written
+    dlmctl.trainer.runs.sample_run(run_dir, prompt, *, max_new_tokens, steps, temperature, seed) -> str
+    dlmctl.trainer.runs.export_run(run_dir, output) -> where it was written
 where run_dir is the run's output folder (run.json, metrics.jsonl, checkpoints).
 """
 from __future__ import annotations
@@ -22,9 +22,9 @@ app = typer.Typer()
 RunArg = Annotated[str, typer.Argument(metavar="RUN", help="a run name (dlmctl get NAME lists them) or its output folder")]
 
 
-def trainer_function(module: str, function: str) -> Any:
-    """The trainer's entry point, or one clear line saying what is missing."""
-    full = f"dlmctl.trainer.{module}"
+def trainer_function(function: str) -> Any:
+    """The trainer's run-level entry point (dlmctl.trainer.runs), or one clear line saying what is missing."""
+    full = "dlmctl.trainer.runs"
     try:
         mod = importlib.import_module(full)
     except ModuleNotFoundError as err:
@@ -33,7 +33,7 @@ def trainer_function(module: str, function: str) -> Any:
         raise UserError(f"{full} needs {err.name}, which is not installed; pip install 'dlmctl[train]'") from None
     fn = getattr(mod, function, None)
     if fn is None:
-        raise UserError(f"this dlmctl's trainer has no {full}.{function}; it cannot {module} yet")
+        raise UserError(f"this dlmctl's trainer has no {full}.{function}; it cannot {function.removesuffix('_run')} yet")
     return fn
 
 
@@ -56,7 +56,7 @@ def sample(
     seed: Annotated[int, typer.Option(min=0)] = 0,
 ) -> None:
     """Generate a continuation of PROMPT with a trained run's latest checkpoint."""
-    fn = trainer_function("sample", "sample_run")
+    fn = trainer_function("sample_run")
     text = fn(run_dir(ctx, run), prompt, max_new_tokens=max_new_tokens, steps=steps, temperature=temperature, seed=seed)
     typer.echo(text)
 
@@ -73,6 +73,6 @@ def export(
     """Export a trained run's newest verified checkpoint as a Hugging Face transformers checkpoint: AR as Llama
     (Qwen3 with QK-norm) for AutoModelForCausalLM, DLM with its bidirectional code for AutoModelForMaskedLM
     (trust_remote_code=True); safetensors, config.json and the tokenizer for AutoTokenizer."""
-    fn = trainer_function("export", "export_run")
+    fn = trainer_function("export_run")
     written = fn(run_dir(ctx, run), output)
     typer.echo(f"exported {run} to {written}")

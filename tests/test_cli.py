@@ -220,19 +220,19 @@ def test_a_backend_option_after_the_command_wins_over_the_environment(capsys, mo
 
 
 def test_sample_and_export_explain_a_missing_trainer_entry_point(capsys, monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "dlmctl.trainer.sample", types.ModuleType("dlmctl.trainer.sample"))
-    monkeypatch.setitem(sys.modules, "dlmctl.trainer.export", None)  # None: import fails with ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "dlmctl.trainer.runs", types.ModuleType("dlmctl.trainer.runs"))
     code, _, err = run(capsys, "sample", tmp_path, "-p", "def f(")
-    assert_user_error(code, err, "has no dlmctl.trainer.sample.sample_run")
+    assert_user_error(code, err, "has no dlmctl.trainer.runs.sample_run")
+    monkeypatch.setitem(sys.modules, "dlmctl.trainer.runs", None)  # None: import fails with ModuleNotFoundError
     code, _, err = run(capsys, "export", tmp_path, "-o", tmp_path / "out")
-    assert_user_error(code, err, "no dlmctl.trainer.export")
+    assert_user_error(code, err, "no dlmctl.trainer.runs")
 
 
 def test_sample_calls_the_trainer_with_the_run_folder(capsys, monkeypatch, tmp_path):
     calls = []
-    module = types.ModuleType("dlmctl.trainer.sample")
+    module = types.ModuleType("dlmctl.trainer.runs")
     module.sample_run = lambda run_dir, prompt, **options: calls.append((run_dir, prompt, options)) or prompt + "return 1"
-    monkeypatch.setitem(sys.modules, "dlmctl.trainer.sample", module)
+    monkeypatch.setitem(sys.modules, "dlmctl.trainer.runs", module)
     code, out, _ = run(capsys, "sample", tmp_path, "--prompt", "def f(): ", "--max-new-tokens", "8")
     assert (code, out) == (0, "def f(): return 1\n")
     assert calls == [(tmp_path, "def f(): ", {"max_new_tokens": 8, "steps": None, "temperature": 0.0, "seed": 0})]

@@ -14,7 +14,7 @@ from trainer_runs import tiny_run
 
 from dlmctl.spec.load import SpecError
 from dlmctl.trainer.export import ExportError, load_export, save_export
-from dlmctl.trainer.loop import build_model
+from dlmctl.trainer.runs import build_model
 from dlmctl.trainer.sample import ar_generate, dlm_generate
 from dlmctl.trainer.tokenizer import Tokenizer
 

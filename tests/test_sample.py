@@ -4,7 +4,8 @@ import torch
 
 from dlmctl.spec import ModelShape
 from dlmctl.trainer.models import Transformer
-from dlmctl.trainer.sample import ar_generate, dlm_generate, generate, num_transfer_tokens, sample_run
+from dlmctl.trainer.runs import sample_run
+from dlmctl.trainer.sample import ar_generate, dlm_generate, generate, num_transfer_tokens
 
 V, MASK, EOS = 40, 39, 38
 
@@ -145,7 +146,7 @@ def test_sample_run_continues_a_prompt_from_a_local_run_folder(tmp_path, arm):
     from trainer_runs import tiny_run
 
     from dlmctl.trainer.export import save_export
-    from dlmctl.trainer.loop import build_model
+    from dlmctl.trainer.runs import build_model
     from dlmctl.trainer.tokenizer import Tokenizer
 
     run, tokenizer = tiny_run(arm), Tokenizer.byte()

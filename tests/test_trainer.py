@@ -30,7 +30,7 @@ def test_a_run_trains_evaluates_checkpoints_and_exports(tmp_path, arm):
     assert done["epoch"] == pytest.approx(4.0)
 
     from dlmctl.trainer.export import load_export
-    from dlmctl.trainer.loop import build_model
+    from dlmctl.trainer.runs import build_model
 
     data = json.loads((out / "data.json").read_text())
     model = build_model(run, data["vocab_size"])

@@ -133,7 +133,7 @@ def test_an_evaluation_reports_bits_per_byte_the_accuracys_error_flops_and_the_t
     assert len(step_losses) == evaluation["step"] == run.spec.total_steps
     assert evaluation["train_loss"] == pytest.approx(sum(step_losses) / len(step_losses), rel=1e-12)
 
-    from dlmctl.trainer.loop import build_model
+    from dlmctl.trainer.runs import build_model
 
     per_token = build_model(run, data["vocab_size"]).flops_per_token(run.spec.data.seq_len, causal=False)
     assert evaluation["flops"] == pytest.approx(per_token * evaluation["tokens"], rel=1e-12)

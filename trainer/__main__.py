@@ -13,13 +13,21 @@ Exit codes: 0 done; 2 a user error (one `error: ...` line); 1 anything else (a r
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import sys
 from pathlib import Path
 
+import torch
+
 from dlmctl.spec import Run, SpecError
 from dlmctl.spec.contracts import RUN_SPEC_ENV
 from dlmctl.spec.settings import DATA_WORKERS_ENV, FRESH_ENV, TrainerSettings, read
+
+from .checkpointing import RunFailed
+from .data import prepare_shards
+from .loop import train
 
 
 def parse_args(argv=None) -> tuple[Run, Path]:
@@ -69,9 +77,6 @@ def prepare_data_main(argv) -> int:
     parser.add_argument("--plan-wait", type=float, default=6 * 3600,
                         help="seconds a worker other than 0 waits for the plan (default: 6 h)")
     args = parser.parse_args(argv)
-    import json
-    import logging
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         settings = read(TrainerSettings)
@@ -79,8 +84,6 @@ def prepare_data_main(argv) -> int:
         workers = settings.data_workers if args.workers is None else args.workers
         if workers < 1:
             raise SpecError(f"--workers: {workers} is not a positive number of workers")
-        from .data import prepare_shards
-
         result = prepare_shards(run.spec.data, settings.cache, args.worker, workers, args.plan_wait)  # spec.data.cache wins
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
@@ -99,9 +102,6 @@ def main(argv=None) -> int:
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from .checkpointing import RunFailed
-    from .loop import train
-
     apply_thread_count()
     try:
         return train(run, output)
@@ -115,10 +115,6 @@ def main(argv=None) -> int:
 def apply_thread_count() -> int:
     """torch's CPU threads from OMP_NUM_THREADS (set by the local supervisor and in a pod from the CPUs per
     process), should torch not have taken it already; logged once per node. Returns the count in use."""
-    import logging
-
-    import torch
-
     wanted = os.environ.get("OMP_NUM_THREADS", "").strip()
     if wanted.isdigit() and int(wanted) >= 1 and torch.get_num_threads() != int(wanted):
         torch.set_num_threads(int(wanted))

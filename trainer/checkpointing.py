@@ -21,7 +21,6 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -342,39 +341,6 @@ def _own_disk(world: World) -> bool:
     """Several nodes without a shared staging volume: each node needs its own copy of a checkpoint."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # unset: one process per pod, no torchrun
     return local_world < world.world_size and read(TrainerSettings).staging is None
-
-
-def export(run: Run, model, data, store: Optional[CheckpointStore], output: Path) -> str:
-    """Final weights to `<run dir>/export` and, for a remote checkpoint URI, to `<uri>/export/`."""
-    from .checkpoints import write_export
-    from .export import save_export
-
-    files = save_export(model, data.tokenizer, run, output / "export")
-    if store and not store.location.is_local:
-        return write_export(store.uri, files, endpoint_url=run.spec.checkpoint.endpoint_url)
-    return str(output / "export")
-
-
-def load_weights_from_latest(run: Run, output: Path):
-    """The model and tokenizer of a run's newest verified checkpoint, outside any training job."""
-    from .export import load_export
-    from .loop import build_model
-    from .tokenizer import Tokenizer
-
-    if (output / "export" / "config.json").exists():
-        model, tokenizer, _ = load_export(output / "export")
-        return model, tokenizer
-    store = CheckpointStore(run_store_uri(run, output), endpoint_url=run.spec.checkpoint.endpoint_url,
-                            keep_last=run.spec.checkpoint.keep_last, registry=None)
-    with tempfile.TemporaryDirectory() as tmp, store:
-        found = store.restore_latest(tmp)
-        if not found:
-            raise FileNotFoundError(f"{store.uri}: no verified checkpoint yet")
-        tokenizer = Tokenizer.load(output / "tokenizer.json")
-        model = build_model(run, tokenizer.vocab_size)
-        states = torch.load(next((found[1] / DS_TAG).glob("mp_rank_00_model_states.pt")), weights_only=False)
-        model.load_state_dict(states["module"])
-    return model.eval(), tokenizer
 
 
 def _broadcast(value, world: World):

@@ -61,7 +61,7 @@ from dlmctl.spec.sections import DataSpec
 
 from .corpus import DataError, Source, open_source
 from .data_plan import COPY_CHUNK, Plan, build_plan, build_shard, hash_order, tokenizer_key, tokenizer_training_texts
-from .token_cache import Entry, TokenCache
+from .token_cache import Entry, TokenCache, shard_files
 from .tokenizer import Tokenizer
 
 __all__ = [
@@ -317,8 +317,6 @@ def prepare_data(data_spec: DataSpec, seed: int, cache_root: Path) -> PreparedDa
 def _document_ends(entry: Entry, shard_ends: list[int], length: int) -> np.ndarray:
     """End of each document of the pool's first `length` tokens, from the shards' stored offsets; the
     cut last document ends at `length`."""
-    from .token_cache import shard_files
-
     parts, base = [], 0
     for j, end in enumerate(shard_ends):
         parts.append(base + np.load(entry.path(shard_files(j)["documents"])))
@@ -331,8 +329,6 @@ def _document_ends(entry: Entry, shard_ends: list[int], length: int) -> np.ndarr
 def _prefix_counts(entry: Entry, pool: np.ndarray, shard_ends: list[int], length: int, vocab_size: int) -> np.ndarray:
     """Unigram counts of the pool's first `length` tokens: the stored counts of the shards wholly inside,
     the rest (less than a shard) counted from the memory map."""
-    from .token_cache import shard_files
-
     counts, base = np.zeros(vocab_size, np.int64), 0
     for j, end in enumerate(shard_ends):
         if end > length:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -227,25 +226,6 @@ def _read_config(folder: Path) -> dict:
         raise ExportError(f"{path}: not a dlmctl export (no dlmctl section of format_version {FORMAT_VERSION}); "
                           f"`dlmctl export RUN` writes one")
     return config
-
-
-def export_run(run_dir: Path, output: Optional[str] = None) -> str:
-    """`dlmctl export RUN`: the newest verified checkpoint of a run, as an export at `output`
-    (a folder or s3:// URI; default `<checkpoint uri>/export/`)."""
-    from .checkpointing import load_weights_from_latest, run_store_uri
-    from .checkpoints import write_export
-
-    run = Run.model_validate_json((Path(run_dir) / "run.json").read_text())
-    model, tokenizer = load_weights_from_latest(run, Path(run_dir))
-    with tempfile.TemporaryDirectory() as tmp:
-        files = save_export(model, tokenizer, run, Path(tmp))
-        if output and "://" not in output:
-            Path(output).mkdir(parents=True, exist_ok=True)
-            for name, path in files.items():
-                shutil.copyfile(path, Path(output) / name)
-            return str(Path(output).resolve())
-        target = output or run_store_uri(run, Path(run_dir))
-        return write_export(target, files, endpoint_url=run.spec.checkpoint.endpoint_url)
 
 
 def _write_json(path: Path, value: dict) -> None:

@@ -8,12 +8,15 @@ AR log-likelihoods are exact; DLM ones are the Monte-Carlo bound of `scoring.dlm
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 
 from dlmctl.spec.sections import Arm
 
+from .export import load_export
 from .objectives import as_arm
 from .sample import generate
 from .scoring import loglikelihood
@@ -37,12 +40,6 @@ class DlmctlLM(LM):
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
         """`lm_eval --model dlmctl --model_args export=PATH[,mc_samples=N,...]`: a dlmctl export folder
         (`dlmctl export RUN -o PATH`)."""
-        from pathlib import Path
-
-        from lm_eval.utils import simple_parse_args_string
-
-        from .export import load_export
-
         args = simple_parse_args_string(arg_string)
         if "export" not in args:
             raise ValueError("model_args: export=PATH (a folder written by `dlmctl export`) is required")

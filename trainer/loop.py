@@ -24,17 +24,11 @@ from .engine import World, build_engine, compiles, init_distributed
 from .evaluate import Evaluator
 from .export import unexportable
 from .metrics import TrainMetrics, peak_flops
-from .models import Transformer, build
-from .phases import StepClock
 from .objectives import objective_loss
+from .phases import StepClock
+from .runs import build_model, export_final
 
 log = logging.getLogger("dlmctl.trainer")
-
-
-def build_model(run: Run, vocab_size: int) -> Transformer:
-    shape = run.spec.model.resolve(vocab_size=_round_up(vocab_size, 64), max_seq_len=run.spec.data.seq_len)
-    torch.manual_seed(run.spec.seed)  # identical initial weights on every rank and every world size
-    return build(shape)
 
 
 def train(run: Run, output: Path) -> int:
@@ -179,7 +173,7 @@ def _train(run: Run, output: Path, world: World, held: _Held) -> int:
         log.warning("no export: %s", no_export)
     with _gathered_parameters(engine):
         try:
-            exported = (checkpointing.export(run, engine.module, data, store, output)
+            exported = (export_final(run, engine.module, data, store, output)
                         if world.is_main and not no_export else None)
         except Exception as exc:
             if not isinstance(exc, (OSError, CheckpointError)):
@@ -292,10 +286,6 @@ def _mean_over_ranks(value: torch.Tensor, world: World):
         dist.all_reduce(value)
         value = value / world.world_size
     return value.tolist()
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return (n + multiple - 1) // multiple * multiple
 
 
 class _StopFlag:

@@ -23,6 +23,8 @@ from dlmctl.spec.metrics import (
 )
 from dlmctl.spec.settings import TrainerSettings, read
 
+from .checkpoints import describe, retry_call
+
 log = logging.getLogger("dlmctl.trainer")
 URGENT_EVENTS = frozenset({"start", "eval", "checkpoint", "done"})  # uploaded at once; train events periodically
 
@@ -231,9 +233,6 @@ class MetricsMirror:
 
     def __init__(self, local: Path, location, *, retry, name: str, interval: float = 15.0,
                  once: Optional[Mapping[str, bytes]] = None):
-        from .checkpoints import describe, retry_call
-
-        self._describe, self._retry_call = describe, retry_call
         self.local, self.location, self.retry, self.name, self.interval = Path(local), location, retry, name, interval
         self._cond = threading.Condition()
         self._written = 1  # changes noted so far; the file as it is now counts as one
@@ -309,7 +308,7 @@ class MetricsMirror:
                     self._put(self.name, self._complete_lines())
             except Exception as exc:  # retried already; try again after `interval`, or at the next flush
                 self.failures += 1
-                log.warning("run files not updated at %s: %s", self.location, self._describe(exc))
+                log.warning("run files not updated at %s: %s", self.location, describe(exc))
                 with self._cond:
                     self._once = {**once, **self._once}
                     self._retry_at = time.monotonic() + self.interval
@@ -329,5 +328,5 @@ class MetricsMirror:
 
     def _put(self, name: str, data: bytes) -> None:
         loc = self.location
-        self._retry_call(lambda: loc.write_bytes(loc.path(name), data), what=f"uploading {name}", policy=self.retry,
-                         abort=self._abort)
+        retry_call(lambda: loc.write_bytes(loc.path(name), data), what=f"uploading {name}", policy=self.retry,
+                   abort=self._abort)

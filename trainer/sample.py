@@ -3,7 +3,6 @@ as LLaDA's `generate`. AR: token by token with a KV cache, temperature and top-k
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -157,22 +156,3 @@ def generate(
     new = out[:, prompt.shape[1]:]
     return new[0].tolist() if single else new
 
-
-def sample_run(run_dir, prompt: str, *, max_new_tokens: int = 64, steps: int | None = None,
-               temperature: float = 0.0, seed: int = 0) -> str:
-    """`dlmctl sample RUN --prompt ...`: continue `prompt` with the newest checkpoint (or export) of a
-    local run folder. DLM: one block, `steps` denoising steps (default one per token)."""
-    from dlmctl.spec import Run
-
-    from .checkpointing import load_weights_from_latest
-
-    run = Run.model_validate_json((Path(run_dir) / "run.json").read_text())
-    model, tokenizer = load_weights_from_latest(run, Path(run_dir))
-    ids = tokenizer.encode(prompt)
-    if not ids and run.arm is Arm.autoregressive:
-        ids = [tokenizer.eos_id]
-    new = generate(model, run.arm, ids, gen_length=max_new_tokens, mask_id=tokenizer.mask_id, eos_id=tokenizer.eos_id,
-                   steps=steps, temperature=temperature, seed=seed)
-    if tokenizer.eos_id in new:
-        new = new[:new.index(tokenizer.eos_id)]
-    return tokenizer.decode(new)
