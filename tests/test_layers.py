@@ -72,7 +72,7 @@ TRAINER_LAYERS = [
     {"storage", "phases", "engine", "models", "hf_modeling_dlm"},
     {"checkpoints", "corpus"},
     {"metrics", "tokenizer", "objectives"},
-    {"checkpointing", "data_plan", "sample", "export"},
+    {"training_state", "data_plan", "sample", "export"},
     {"token_cache", "scoring"},
     {"data", "evaluate", "lm_eval_adapter"},
     {"runs"},  # run-level entry points: build_model, export_final, sample_run, export_run

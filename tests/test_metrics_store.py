@@ -10,7 +10,7 @@ import pytest
 
 from dlmctl.spec import Run
 from dlmctl.spec.contracts import METRICS_FILE, CheckpointEvent, fold_progress, parse_event
-from dlmctl.trainer.checkpointing import Resumed, restore_metrics
+from dlmctl.trainer.training_state import Resumed, restore_metrics
 from dlmctl.trainer.checkpoints import CheckpointInfo, CheckpointStore, RetryPolicy
 from dlmctl.trainer.metrics import MetricsMirror, TrainMetrics, build_event, event_line
 from trainer_runs import events, kill_tree, launch, tiny_run, wait_until

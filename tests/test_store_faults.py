@@ -335,7 +335,7 @@ def test_checkpoints_that_all_fail_verification_stop_the_run_naming_them_and_a_f
 
 def test_the_fresh_flag_sets_the_fresh_start(monkeypatch, tmp_path):
     from dlmctl.trainer.__main__ import parse_args
-    from dlmctl.trainer.checkpointing import fresh_token
+    from dlmctl.trainer.training_state import fresh_token
 
     spec = tmp_path / "run.json"
     spec.write_text(tiny_run("diffusion").model_dump_json())

@@ -25,7 +25,7 @@ from dlmctl.spec import Run, SpecError
 from dlmctl.spec.contracts import RUN_SPEC_ENV
 from dlmctl.spec.settings import DATA_WORKERS_ENV, FRESH_ENV, TrainerSettings, read
 
-from .checkpointing import RunFailed
+from .training_state import RunFailed
 from .data import prepare_shards
 from .loop import train
 

@@ -17,7 +17,7 @@ from dlmctl.spec.contracts import METRICS_FILE
 from dlmctl.spec.sections import Arm
 from dlmctl.spec.settings import TrainerSettings, read
 
-from . import checkpointing
+from . import training_state
 from .checkpoints import CheckpointError, is_user_error, reason
 from .data import prepare_data
 from .engine import World, build_engine, compiles, init_distributed
@@ -33,14 +33,14 @@ log = logging.getLogger("dlmctl.trainer")
 
 def train(run: Run, output: Path) -> int:
     """Train `run` to its end; 0 when done, 143 when stopped by SIGTERM after a checkpoint. RunFailed
-    (see checkpointing) when it cannot go on: after the store's background threads are stopped, so the
+    (see training_state) when it cannot go on: after the store's background threads are stopped, so the
     error is the run's last line."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     world = init_distributed()
     held = _Held()
     try:
         return _train(run, output, world, held)
-    except checkpointing.RunFailed:
+    except training_state.RunFailed:
         held.abandon()
         raise
 
@@ -64,24 +64,24 @@ class _Held:
 def _train(run: Run, output: Path, world: World, held: _Held) -> int:
     spec = run.spec
     if spec.global_batch_sequences % (spec.batch.micro_batch_sequences * world.world_size):
-        raise checkpointing.RunFailed(
+        raise training_state.RunFailed(
             f"spec.batch: {spec.global_batch_sequences} sequences do not divide over {world.world_size} processes "
             f"x {spec.batch.micro_batch_sequences} per micro-batch")
     output.mkdir(parents=True, exist_ok=True)
     stop = _StopFlag()
     metrics = TrainMetrics(run, output / METRICS_FILE if world.is_main else None,
                            port=spec.metrics.port if world.is_main else 0)
-    store = held.store = checkpointing.open_store(run, output, world, on_saved=metrics.checkpoint_saved,
-                                                  registry=metrics.registry)
-    checkpointing.preflight(store, run, world)  # before anything slow: a wrong credential fails in seconds
+    store = held.store = training_state.open_store(run, output, world, on_saved=metrics.checkpoint_saved,
+                                                   registry=metrics.registry)
+    training_state.preflight(store, run, world)  # before anything slow: a wrong credential fails in seconds
 
     data = _prepare_data_once(run, output, world)
     model = build_model(run, data.tokenizer.vocab_size)
     total_steps = spec.total_steps
     engine, scheduler = build_engine(model, spec, world, total_steps)
     batches = data.train_batches()
-    checkpointing.check_staging_is_reachable(engine, world)
-    resumed = checkpointing.resume(store, engine, batches, world, run, output)
+    training_state.check_staging_is_reachable(engine, world)
+    resumed = training_state.resume(store, engine, batches, world, run, output)
     start_step = resumed.step
 
     evaluator = Evaluator(run, data)
@@ -90,8 +90,8 @@ def _train(run: Run, output: Path, world: World, held: _Held) -> int:
     if world.is_main:
         (output / "data.json").write_text(json.dumps(data.metadata, indent=2))
         data.tokenizer.save(output / "tokenizer.json")
-        checkpointing.restore_metrics(store, output / METRICS_FILE, resumed)
-        mirror = held.mirror = checkpointing.mirror_run(store, run, output)
+        training_state.restore_metrics(store, output / METRICS_FILE, resumed)
+        mirror = held.mirror = training_state.mirror_run(store, run, output)
         metrics.on_event = mirror.event_written
         log.info("run %s: %s arm, %s parameters, %d steps of %d sequences x %d tokens, world size %d, resuming at %d",
                  run.name, run.arm.value, f"{model.num_params():,}", total_steps, spec.global_batch_sequences,
@@ -146,8 +146,8 @@ def _train(run: Run, output: Path, world: World, held: _Held) -> int:
                       flops=flops_per_token * step * tokens_per_step, train_loss=since_eval.take())
         if step % spec.checkpoint.interval_steps == 0 or step == total_steps or stop_now:
             began = time.perf_counter()
-            checkpointing.save(store, engine, batches, step, world, metrics if world.is_main else None,
-                               loop_state={"since_eval": (since_eval.total, since_eval.count)})
+            training_state.save(store, engine, batches, step, world, metrics if world.is_main else None,
+                                loop_state={"since_eval": (since_eval.total, since_eval.count)})
             metrics.phase({"checkpoint_stall": time.perf_counter() - began})
 
     # A preempted pod has a grace period; a finished run waits for its last upload as long as the store
@@ -155,11 +155,11 @@ def _train(run: Run, output: Path, world: World, held: _Held) -> int:
     # time for itself.
     settings = read(TrainerSettings)
     budget = (settings.flush_after_signal_seconds if stop_now
-              else max(settings.flush_at_end_seconds, checkpointing.retry_deadline(run) + 60))
+              else max(settings.flush_at_end_seconds, training_state.retry_deadline(run) + 60))
     deadline = time.monotonic() + budget
     reserve = min(5.0, budget / 4)
     uploaded = store.flush(timeout=budget - reserve, until_failure=True) if store else True
-    failure = checkpointing.store_failure(store, world)
+    failure = training_state.store_failure(store, world)
     if failure:
         raise failure
     if step < total_steps:
@@ -167,7 +167,7 @@ def _train(run: Run, output: Path, world: World, held: _Held) -> int:
         log.warning("stopped by signal at step %d; the last checkpoint resumes it", step)
         return 143
     if world.is_main and not uploaded:
-        raise checkpointing.RunFailed(f"checkpoint step {step} not uploaded to {store.uri} after {budget:.0f}s", 1)
+        raise training_state.RunFailed(f"checkpoint step {step} not uploaded to {store.uri} after {budget:.0f}s", 1)
     no_export = unexportable(model.shape)
     if no_export and world.is_main:
         log.warning("no export: %s", no_export)
@@ -178,8 +178,8 @@ def _train(run: Run, output: Path, world: World, held: _Held) -> int:
         except Exception as exc:
             if not isinstance(exc, (OSError, CheckpointError)):
                 raise
-            raise checkpointing.RunFailed(f"export to {store.uri if store else output} failed: {reason(exc)}",
-                                          2 if is_user_error(exc) else 1) from None
+            raise training_state.RunFailed(f"export to {store.uri if store else output} failed: {reason(exc)}",
+                                           2 if is_user_error(exc) else 1) from None
     if world.is_main:
         metrics.write("done", export=exported, step=step, total_steps=total_steps, tokens=step * tokens_per_step,
                       epoch=batches.epoch_at())
@@ -198,7 +198,7 @@ def _stop_or_failure(stop_requested: bool, store, world: World):
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         code = int(value.item())
     if code >= 2:
-        return True, checkpointing.store_failure(store, world)
+        return True, training_state.store_failure(store, world)
     return code == 1, None
 
 

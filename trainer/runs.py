@@ -14,7 +14,7 @@ from dlmctl.spec import Run
 from dlmctl.spec.sections import Arm
 
 from .checkpoints import CheckpointStore, write_export
-from .checkpointing import DS_TAG, run_store_uri
+from .training_state import DS_TAG, run_store_uri
 from .export import load_export, save_export
 from .models import Transformer, build
 from .sample import generate
