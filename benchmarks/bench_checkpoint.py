@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from s3server import SeaweedS3  # noqa: E402
 
-from dlmctl.trainer.checkpoints import CheckpointStore, RetryPolicy  # noqa: E402
+from dlmctl.trainer.checkpoint_store import CheckpointStore  # noqa: E402
+from dlmctl.trainer.retries import RetryPolicy  # noqa: E402
 
 ROOM_INTERVAL, SHORT_INTERVAL = 1.5, 0.5  # time between saves, in upload times
 

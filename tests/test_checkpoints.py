@@ -17,10 +17,13 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from dlmctl.trainer.checkpoints import (
-    CheckpointInvalid, CheckpointStore, CheckpointUploadError, NoVerifiedCheckpoint, RetryDeadlinePassed, RetryPolicy,
-    StagingSpaceError, StoreUnavailable, is_transient, read_export, write_export,
+from dlmctl.trainer.checkpoint_store import CheckpointStore
+from dlmctl.trainer.retries import RetryPolicy
+from dlmctl.trainer.store_errors import (
+    CheckpointInvalid, CheckpointUploadError, NoVerifiedCheckpoint, RetryDeadlinePassed, StagingSpaceError,
+    StoreUnavailable, is_transient,
 )
+from dlmctl.trainer.transfer import read_export, write_export
 from dlmctl.trainer.storage import open_location
 from s3_fixtures import fresh_prefix, use_s3_server
 from testenv.cluster import free_ports

@@ -69,12 +69,13 @@ def test_the_checker_sees_relative_and_late_imports(tmp_path):
 # The trainer's modules from the bottom up; a module imports only modules of lower layers (or its own).
 # Three strands share the lower layers: storage and checkpoints; data; model, generation and evaluation.
 TRAINER_LAYERS = [
-    {"storage", "phases", "engine", "models", "hf_modeling_dlm"},
-    {"checkpoints", "corpus"},
-    {"metrics", "tokenizer", "objectives"},
-    {"training_state", "data_plan", "sample", "export"},
-    {"token_cache", "scoring"},
-    {"data", "evaluate", "lm_eval_adapter"},
+    {"storage", "store_errors", "phases", "engine", "models", "hf_modeling_dlm"},
+    {"retries", "corpus", "objectives"},
+    {"manifest", "tokenizer", "sample"},
+    {"transfer", "data_plan", "scoring"},
+    {"checkpoint_store", "metrics", "export", "evaluate"},
+    {"training_state", "token_cache", "lm_eval_adapter"},
+    {"data"},
     {"runs"},  # run-level entry points: build_model, export_final, sample_run, export_run
     {"loop"},  # train
     {"__main__"},
@@ -148,10 +149,10 @@ def test_the_trainer_import_graph_has_no_cycle():
 
 def test_the_trainer_checker_sees_relative_absolute_and_late_imports():
     probe = TRAINER / "models" / "_layers_probe.py"
-    probe.write_text("from . import dense\nfrom .. import runs\nfrom ..checkpoints import describe\n"
+    probe.write_text("from . import dense\nfrom .. import runs\nfrom ..store_errors import describe\n"
                      "def f():\n    import dlmctl.trainer.loop\n    from dlmctl.trainer.data import prepare_data\n")
     try:
-        assert trainer_imports(probe) == {"runs", "checkpoints", "loop", "data"}
+        assert trainer_imports(probe) == {"runs", "store_errors", "loop", "data"}
     finally:
         probe.unlink()
 

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from dlmctl.spec.contracts import CheckpointEvent, EvalEvent, TrainEvent, parse_event
-from dlmctl.trainer.checkpoints import CheckpointInfo
+from dlmctl.trainer.manifest import CheckpointInfo
 from dlmctl.trainer.metrics import TrainMetrics
 from exposition import Exposition
 from testenv.cluster import free_port

@@ -10,9 +10,11 @@ import pytest
 
 from dlmctl.spec import Run
 from dlmctl.spec.contracts import METRICS_FILE, CheckpointEvent, fold_progress, parse_event
-from dlmctl.trainer.training_state import Resumed, restore_metrics
-from dlmctl.trainer.checkpoints import CheckpointInfo, CheckpointStore, RetryPolicy
+from dlmctl.trainer.checkpoint_store import CheckpointStore
+from dlmctl.trainer.manifest import CheckpointInfo
 from dlmctl.trainer.metrics import MetricsMirror, TrainMetrics, build_event, event_line
+from dlmctl.trainer.retries import RetryPolicy
+from dlmctl.trainer.training_state import Resumed, restore_metrics
 from trainer_runs import events, kill_tree, launch, tiny_run, wait_until
 
 pytestmark = pytest.mark.s3

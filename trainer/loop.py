@@ -18,7 +18,6 @@ from dlmctl.spec.sections import Arm
 from dlmctl.spec.settings import TrainerSettings, read
 
 from . import training_state
-from .checkpoints import CheckpointError, is_user_error, reason
 from .data import prepare_data
 from .engine import World, build_engine, compiles, init_distributed
 from .evaluate import Evaluator
@@ -27,6 +26,7 @@ from .metrics import TrainMetrics, peak_flops
 from .objectives import objective_loss
 from .phases import StepClock
 from .runs import build_model, export_final
+from .store_errors import CheckpointError, is_user_error, reason
 
 log = logging.getLogger("dlmctl.trainer")
 

@@ -23,7 +23,8 @@ from dlmctl.spec.metrics import (
 )
 from dlmctl.spec.settings import TrainerSettings, read
 
-from .checkpoints import describe, retry_call
+from .retries import retry_call
+from .store_errors import describe
 
 log = logging.getLogger("dlmctl.trainer")
 URGENT_EVENTS = frozenset({"start", "eval", "checkpoint", "done"})  # uploaded at once; train events periodically

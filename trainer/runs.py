@@ -13,12 +13,13 @@ import torch
 from dlmctl.spec import Run
 from dlmctl.spec.sections import Arm
 
-from .checkpoints import CheckpointStore, write_export
-from .training_state import DS_TAG, run_store_uri
+from .checkpoint_store import CheckpointStore
 from .export import load_export, save_export
 from .models import Transformer, build
 from .sample import generate
 from .tokenizer import Tokenizer
+from .training_state import DS_TAG, run_store_uri
+from .transfer import write_export
 
 
 def build_model(run: Run, vocab_size: int) -> Transformer:

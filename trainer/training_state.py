@@ -34,12 +34,15 @@ from dlmctl.spec.contracts import METRICS_FILE
 from dlmctl.spec.metrics import run_labels
 from dlmctl.spec.settings import TrainerSettings, read
 
-from .checkpoints import (
-    CheckpointInfo, CheckpointStore, NoVerifiedCheckpoint, RetryPolicy, StagingSpaceError, StoreFailure,
-    StoreUnavailable, describe, is_space_error, is_user_error, reason, retry_call,
-)
+from .checkpoint_store import CheckpointStore
 from .engine import World
+from .manifest import CheckpointInfo
 from .metrics import MetricsMirror, build_event, event_line, events_until, last_step
+from .retries import RetryPolicy, retry_call
+from .store_errors import (
+    NoVerifiedCheckpoint, StagingSpaceError, StoreFailure, StoreUnavailable, describe, is_space_error, is_user_error,
+    reason,
+)
 
 log = logging.getLogger("dlmctl.trainer")
 DS_TAG = "ds"

@@ -5,7 +5,7 @@ Layout under the run's checkpoint URI:
     step-00001200/<whatever the trainer staged>   DeepSpeed dir, sampler state, RNG states ...
     step-00001200/manifest.json                   written LAST: every file with size and sha256
     latest                                        "step-00001200", rewritten only after that manifest
-    export/                                       final weights (write_export)
+    export/                                       final weights (transfer.write_export)
 
 A checkpoint exists only once its manifest exists and every listed file matches it. Resume scans the
 step folders newest first and takes the first that verifies; `latest` is a pointer for people and
@@ -40,22 +40,18 @@ start from step 0.
 from __future__ import annotations
 
 import concurrent.futures
-import errno
 import hashlib
-import json
 import logging
 import math
 import os
 import queue
-import random
-import re
 import shutil
 import tempfile
 import threading
 import time
 import uuid
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional, TypeVar
 
@@ -65,372 +61,33 @@ from dlmctl.spec.metrics import (
     register,
 )
 
+from .manifest import (
+    FRESH, MANIFEST, STEP_DIR, CheckpointInfo, FileEntry, encode, generation_of, info_from_manifest, new_manifest,
+    parse_manifest, step_dir_name,
+)
+from .retries import RetryPolicy, retry_call
 from .storage import Location, open_location
+from .store_errors import (
+    CheckpointInvalid, CheckpointUploadError, NoVerifiedCheckpoint, RetryDeadlinePassed, StagingSpaceError,
+    StoreFailure, StoreUnavailable, UploadAbandoned, describe, is_user_error, reason,
+)
+from .transfer import in_background, local_files, run_parallel, sha256_file, sha256_remote
 
 log = logging.getLogger("dlmctl.checkpoints")
 
-FORMAT = "dlmctl-checkpoint"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 LATEST = "latest"
-EXPORT = "export"
 SUPERSEDED = "superseded"  # step folders of an earlier generation that were in the way of a fresh start's upload
 PROBE_PREFIX = ".dlmctl-probe-"
-GENERATION, FRESH = "generation", "fresh"  # manifest fields: which start of the run wrote it (see restore_latest)
-STEP_DIR = re.compile(r"^step-(\d{8,})$")
-_HASH_CHUNK = 8 << 20
 
 T = TypeVar("T")
-
-
-def step_dir_name(step: int) -> str:
-    if step < 0:
-        raise ValueError(f"step {step} < 0")
-    return f"step-{step:08d}"
-
-
-class CheckpointError(Exception):
-    """Base of the errors this module raises."""
-
-
-class CheckpointInvalid(CheckpointError):
-    """A step folder that is not a usable checkpoint (no manifest, missing, truncated or altered file)."""
-
-
-class CheckpointUploadError(CheckpointError):
-    """An upload that failed for good: a permanent error, or transient ones past the retry budget."""
-
-
-class RetryDeadlinePassed(CheckpointUploadError):
-    """Transient errors for longer than the retry policy allows (the store is unreachable)."""
-
-    def __init__(self, message: str, since: float, failing_for: float):
-        super().__init__(message)
-        self.since, self.failing_for = since, failing_for  # wall-clock time of the first failure, seconds since
-
-
-class UploadAbandoned(CheckpointUploadError):
-    """An upload stopped by close(): not a failure of the store."""
-
-
-class StoreUnavailable(CheckpointError):
-    """The store could not be read within the retry budget: resume must not silently start from scratch."""
-
-
-class StoreFailure(CheckpointError):
-    """The store cannot be used: a permanent error or an outage past the retry deadline. `exit_code` is 2
-    for what a person must fix (credentials, bucket, permissions, space), 1 otherwise."""
-
-    def __init__(self, message: str, exit_code: int = 2):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class NoVerifiedCheckpoint(CheckpointError):
-    """Checkpoints exist but none verifies: the run must not quietly start over at step 0."""
-
-    def __init__(self, uri: str, problems: list[str]):
-        self.problems = problems
-        count = f"{len(problems)} checkpoint{'s' if len(problems) != 1 else ''}"
-        super().__init__(f"{uri}: {count} and none verifies: {'; '.join(problems)}; repair or delete them, "
-                         f"or start over from step 0 with --fresh (DLMCTL_FRESH=1)")
-
-
-class StagingSpaceError(CheckpointError):
-    """The staging disk cannot hold one checkpoint even with no upload pending."""
-
-    def __init__(self, step: int, need: int, free: int, root: Path):
-        self.step, self.need, self.free, self.root = step, need, free, root
-        if need > free:
-            size = f"needs about {_size(need)} in the staging directory {root} and only {_size(free)} is free there"
-        else:  # the write ran out of space: the estimate was short
-            size = (f"needs more than the {_size(free)} free in the staging directory {root} (about {_size(need)} "
-                    f"estimated; writing it ran out of space)")
-        super().__init__(f"checkpoint step {step} {size}; give it more room or set DLMCTL_STAGING to a larger volume")
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    path: str  # posix, relative to the step folder
-    size: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    step: int
-    epoch: float
-    name: str  # step-00001200
-    uri: str  # the step folder's URI
-    created: float  # unix time the manifest was written
-    files: tuple[FileEntry, ...]
-    metadata: dict = field(default_factory=dict, compare=False)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(f.size for f in self.files)
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with jitter: the n-th retry waits between d/2 and d, d = min(max_delay,
-    first_delay * 2**n). One operation gives up after `give_up_after` seconds of failing (None: never)."""
-
-    first_delay: float = 0.5
-    max_delay: float = 30.0
-    give_up_after: Optional[float] = 3600.0
-
-    def delay(self, retry: int) -> float:
-        d = min(self.max_delay, self.first_delay * (2 ** min(retry, 30)))
-        return d / 2 + random.random() * d / 2
-
-
-_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-_USER_ERRNOS = _SPACE_ERRNOS | {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT}
-# OSErrors that the same request would meet again: no space, no permission, a read-only disk, a bad request
-# (s3fs maps S3's 4xx codes onto these errnos; 5xx and throttling become EIO, EREMOTEIO and EBUSY).
-_PERMANENT_ERRNOS = _USER_ERRNOS | {errno.EISDIR, errno.ENOTDIR, errno.EINVAL, errno.ENAMETOOLONG, errno.EMSGSIZE,
-                                    errno.ENOSYS, errno.EREMCHG}
-
-
-def _chain(exc: BaseException):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
-def is_space_error(exc: BaseException) -> bool:
-    """No space left (or quota exceeded), also as torch's stream writer reports it ("file write failed")."""
-    for e in _chain(exc):
-        if isinstance(e, OSError) and e.errno in _SPACE_ERRNOS:
-            return True
-        if "No space left" in str(e) or "file write failed" in str(e):
-            return True
-    return False
-
-
-def is_user_error(exc: BaseException) -> bool:
-    """What a person must fix: credentials, a missing bucket, permissions, a full disk."""
-    if isinstance(exc, (PermissionError, FileNotFoundError)) or is_space_error(exc):
-        return True
-    if isinstance(exc, OSError) and exc.errno in _USER_ERRNOS:
-        return True
-    try:
-        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
-        return isinstance(exc, (NoCredentialsError, PartialCredentialsError))
-    except ImportError:
-        return False
-
-
-def reason(exc: BaseException, *, local: bool = False) -> str:
-    """`describe(exc)` with what it most likely means for a checkpoint store (an S3 one unless `local`)."""
-    if is_space_error(exc):
-        return f"no space left ({describe(exc)})"
-    if local:
-        kind = {PermissionError: "permission denied", FileNotFoundError: "not found"}.get(type(exc))
-        return f"{kind} ({describe(exc)})" if kind else describe(exc)
-    if isinstance(exc, PermissionError) or type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
-        return (f"access denied ({describe(exc)}); check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                f"or spec.checkpoint.credentials_secret on a cluster) and that they may write there")
-    if isinstance(exc, FileNotFoundError):
-        return f"not found ({describe(exc)}); does the bucket exist?"
-    return describe(exc)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Connection refused/reset, timeouts, 5xx and throttling are worth retrying; bad credentials, a
-    missing bucket, no space left or a bug are not."""
-    permanent = (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError,
-                 ValueError, TypeError, AttributeError, KeyError, NotImplementedError)
-    if isinstance(exc, permanent):
-        return False
-    if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
-        return False
-    try:
-        from botocore.exceptions import BotoCoreError, NoCredentialsError, ParamValidationError, PartialCredentialsError
-        if isinstance(exc, (NoCredentialsError, PartialCredentialsError, ParamValidationError)):
-            return False
-        if isinstance(exc, BotoCoreError):
-            return True
-    except ImportError:  # no S3 support installed: only local errors can happen
-        pass
-    try:
-        import aiohttp
-        if isinstance(exc, aiohttp.ClientError):
-            return True
-    except ImportError:
-        pass
-    return isinstance(exc, (OSError, TimeoutError, ConnectionError))
-
-
-def describe(exc: BaseException) -> str:
-    """One line about an error, for logs: type and (truncated) message. Messages from botocore and s3fs
-    carry URLs and S3 error codes, never keys."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
-
-
-def retry_call(fn: Callable[[], T], *, what: str, policy: RetryPolicy, on_retry: Callable[[], None] = lambda: None,
-               abort: Optional[threading.Event] = None,
-               on_failure: Optional[Callable[[BaseException], None]] = None,
-               on_success: Optional[Callable[[], None]] = None) -> T:
-    """Call `fn` until it succeeds, a permanent error (raised as is), or the policy gives up
-    (RetryDeadlinePassed; UploadAbandoned once `abort` is set). `on_failure(exc)` is told of each
-    transient failure, `on_success()` of the success."""
-    first_failure = first_failure_wall = None
-    retry = 0
-    while True:
-        try:
-            result = fn()
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            if on_failure is not None:
-                on_failure(exc)
-            now = time.monotonic()
-            if first_failure is None:
-                first_failure, first_failure_wall = now, time.time()
-            failing_for = now - first_failure
-            if abort is not None and abort.is_set():
-                raise UploadAbandoned(f"{what}: abandoned after {retry + 1} attempts: {describe(exc)}") from exc
-            if policy.give_up_after is not None and failing_for >= policy.give_up_after:
-                raise RetryDeadlinePassed(f"{what}: gave up after {retry + 1} attempts over {failing_for:.0f}s: "
-                                          f"{describe(exc)}", first_failure_wall, failing_for) from exc
-            delay = policy.delay(retry)
-            if policy.give_up_after is not None:  # the last attempt lands on the deadline, not long after it
-                delay = max(0.0, min(delay, policy.give_up_after - failing_for))
-            retry += 1
-            on_retry()
-            level = logging.WARNING if retry & (retry - 1) == 0 else logging.DEBUG  # 1st, 2nd, 4th, 8th ... retry
-            log.log(level, "%s failed (%s); retry %d in %.1fs", what, describe(exc), retry, delay)
-            if abort is not None:
-                abort.wait(delay)
-            else:
-                time.sleep(delay)
-        else:
-            if on_success is not None:
-                on_success()
-            return result
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _sha256_remote(location: Location, path: str) -> str:
-    digest = hashlib.sha256()
-    with location.open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _local_files(folder: Path) -> list[tuple[str, Path, int]]:
-    """(relative posix path, absolute path, size) of every file below `folder`, sorted."""
-    out = []
-    for dirpath, _, filenames in os.walk(folder, followlinks=True):
-        for name in filenames:
-            full = Path(dirpath) / name
-            out.append((full.relative_to(folder).as_posix(), full, full.stat().st_size))
-    return sorted(out)
-
-
-def _run_parallel(tasks: list[Callable[[], T]], workers: int) -> list[T]:
-    """Run `tasks` on up to `workers` daemon threads (an upload never holds up interpreter exit: what it
-    leaves has no manifest); results in order. After a failure no new task starts; the error is raised."""
-    results: list = [None] * len(tasks)
-    errors: list[BaseException] = []
-    pending = iter(enumerate(tasks))
-    lock = threading.Lock()
-
-    def work() -> None:
-        while True:
-            with lock:
-                if errors:
-                    return
-                index, task = next(pending, (None, None))
-            if task is None:
-                return
-            try:
-                results[index] = task()
-            except BaseException as exc:
-                with lock:
-                    errors.append(exc)
-
-    threads = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, len(tasks)))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return results
-
-
-def _size(n: float) -> str:
-    if n < 1000:
-        return f"{n:.0f} bytes"
-    for unit in ("KB", "MB", "GB", "TB"):
-        n /= 1000
-        if n < 1000 or unit == "TB":
-            return f"{n:.2f} {unit}" if n < 10 else f"{n:.1f} {unit}" if n < 100 else f"{n:.0f} {unit}"
-    return f"{n:.0f} TB"
 
 
 def _clock(wall: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(wall))
 
 
-def _generation(manifest: dict) -> int:
-    return int(manifest.get(GENERATION, 0))
-
-
 def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
-
-
-def _in_background(fn: Callable[..., T], *args) -> "concurrent.futures.Future[T]":
-    future: concurrent.futures.Future = concurrent.futures.Future()
-
-    def run() -> None:
-        try:
-            future.set_result(fn(*args))
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    threading.Thread(target=run, daemon=True).start()
-    return future
-
-
-def _parse_manifest(raw: bytes, expected_step: Optional[int]) -> dict:
-    try:
-        manifest = json.loads(raw)
-        if manifest.get("format") != FORMAT:
-            raise CheckpointInvalid(f"not a {FORMAT} manifest")
-        if manifest.get("version") != FORMAT_VERSION:
-            raise CheckpointInvalid(f"manifest version {manifest.get('version')!r} is not {FORMAT_VERSION}")
-        if expected_step is not None and manifest["step"] != expected_step:
-            raise CheckpointInvalid(f"manifest says step {manifest['step']}, folder says {expected_step}")
-        for entry in manifest["files"]:
-            rel = entry["path"]
-            if not isinstance(rel, str) or not rel or rel.startswith("/") or ".." in rel.split("/") or rel == MANIFEST:
-                raise CheckpointInvalid(f"bad file path {rel!r} in manifest")
-            if not isinstance(entry["size"], int) or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
-                raise CheckpointInvalid(f"bad size or sha256 for {rel!r} in manifest")
-        float(manifest["epoch"])
-        if not isinstance(manifest.get(GENERATION, 0), int) or manifest.get(GENERATION, 0) < 0:
-            raise CheckpointInvalid(f"bad generation {manifest.get(GENERATION)!r} in manifest")
-        return manifest
-    except CheckpointInvalid:
-        raise
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointInvalid(f"unreadable manifest ({describe(exc)})") from exc
 
 
 # --- metrics -----------------------------------------------------------------------------------
@@ -607,7 +264,7 @@ class CheckpointStore:
         if folder is None or not folder.is_dir():
             raise FileNotFoundError(f"nothing staged for step {step}: write into staging_dir({step}) first")
         owned = folder.resolve().parent == self.staging_root.resolve()
-        size = sum(size for _, _, size in _local_files(folder))
+        size = sum(size for _, _, size in local_files(folder))
         job = _Job(step=step, epoch=float(epoch), staging=folder, owned=owned, size=size,
                    metadata=dict(metadata or {}), committed_at=time.monotonic(), future=concurrent.futures.Future())
         with self._cond:
@@ -818,8 +475,8 @@ class CheckpointStore:
         # its files are replaced; one of an earlier generation (before a fresh start) is moved aside.
         if self.generation > 0:
             old = self._read_manifest_or_none(name)
-            if old is not None and _generation(old) < self.generation:
-                aside = loc.path(SUPERSEDED, f"{name}.g{_generation(old)}")
+            if old is not None and generation_of(old) < self.generation:
+                aside = loc.path(SUPERSEDED, f"{name}.g{generation_of(old)}")
                 self._call(lambda: loc.move_tree(folder, aside), f"moving {name} of an earlier start aside")
                 log.info("%s/%s of an earlier start moved to %s/%s until this start's first checkpoint exists",
                          self.uri, name, SUPERSEDED, aside.rsplit("/", 1)[-1])
@@ -828,15 +485,15 @@ class CheckpointStore:
         job.cleared = True
 
         def upload_one(rel: str, local: Path, size: int) -> FileEntry:
-            digest = _in_background(sha256_file, local)  # hashed while it uploads
+            digest = in_background(sha256_file, local)  # hashed while it uploads
             self._call(lambda: loc.put_file(local, loc.path(name, rel)), f"uploading {name}/{rel}")
             self._upload_bytes.inc(size)
             with self._cond:
                 self._stats["uploaded_bytes"] += size
             return FileEntry(rel, size, digest.result())
 
-        files = [f for f in _local_files(job.staging) if f[0] != MANIFEST]
-        entries = _run_parallel([lambda f=f: upload_one(*f) for f in files], self.max_concurrency)
+        files = [f for f in local_files(job.staging) if f[0] != MANIFEST]
+        entries = run_parallel([lambda f=f: upload_one(*f) for f in files], self.max_concurrency)
 
         remote = self._call(lambda: loc.list_files(folder), f"listing {name}")
         for entry in entries:
@@ -845,12 +502,9 @@ class CheckpointStore:
                 raise CheckpointUploadError(f"{name}/{entry.path}: {got} bytes in the store, {entry.size} staged")
 
         created = time.time()
-        manifest = {"format": FORMAT, "version": FORMAT_VERSION, "step": job.step, "epoch": job.epoch,
-                    "created": created, "total_bytes": job.size, "metadata": job.metadata,
-                    GENERATION: self.generation, **({FRESH: self.fresh_token} if self.fresh_token else {}),
-                    "files": [{"path": e.path, "size": e.size, "sha256": e.sha256} for e in entries]}
-        self._call(lambda: loc.write_bytes(loc.path(name, MANIFEST), json.dumps(manifest, indent=1).encode()),
-                   f"writing {name}/{MANIFEST}")
+        manifest = new_manifest(job.step, job.epoch, created, job.size, job.metadata, self.generation,
+                                self.fresh_token, entries)
+        self._call(lambda: loc.write_bytes(loc.path(name, MANIFEST), encode(manifest)), f"writing {name}/{MANIFEST}")
         self._manifests[name] = manifest
         if job.step >= self._newest_uploaded:
             self._newest_uploaded = job.step
@@ -899,9 +553,9 @@ class CheckpointStore:
         for step, files in sorted(folders.items()):
             name = step_dir_name(step)
             manifest = (self._manifests.get(name) or self._read_manifest_or_none(name)) if MANIFEST in files else None
-            if manifest is not None and _generation(manifest) < self.generation:
+            if manifest is not None and generation_of(manifest) < self.generation:
                 superseded.append(step)
-            elif step > newest or (manifest is not None and _generation(manifest) > self.generation):
+            elif step > newest or (manifest is not None and generation_of(manifest) > self.generation):
                 continue
             elif manifest is not None:
                 complete[step] = float(manifest["epoch"])
@@ -949,7 +603,7 @@ class CheckpointStore:
         loc = self.location
         try:
             raw = self._call(lambda: loc.read_bytes(loc.path(name, MANIFEST)), f"reading {name}/{MANIFEST}")
-            manifest = _parse_manifest(raw, int(STEP_DIR.match(name).group(1)))
+            manifest = parse_manifest(raw, int(STEP_DIR.match(name).group(1)))
         except (FileNotFoundError, CheckpointInvalid):
             return None
         self._manifests[name] = manifest
@@ -984,7 +638,7 @@ class CheckpointStore:
         except FileNotFoundError:
             raise CheckpointInvalid(f"{name}: no {MANIFEST} (upload never finished)") from None
         try:
-            manifest = _parse_manifest(raw, step)
+            manifest = parse_manifest(raw, step)
         except CheckpointInvalid as exc:
             raise CheckpointInvalid(f"{name}: {exc}") from None
         self._manifests[name] = manifest
@@ -996,7 +650,7 @@ class CheckpointStore:
         loc = self.location
         if MANIFEST not in listing:
             raise CheckpointInvalid(f"{name}: no {MANIFEST} (upload never finished)")
-        info = _info_from_manifest(manifest or self._load_manifest(step), name, self.uri)
+        info = info_from_manifest(manifest or self._load_manifest(step), name, self.uri)
         for entry in info.files:
             if entry.path not in listing:
                 raise CheckpointInvalid(f"{name}: {entry.path} is missing")
@@ -1005,7 +659,7 @@ class CheckpointStore:
                                         f"manifest says {entry.size} (truncated?)")
         if full:
             for entry in info.files:
-                digest = self._read(lambda: _sha256_remote(loc, loc.path(name, entry.path)), f"reading {name}")
+                digest = self._read(lambda: sha256_remote(loc, loc.path(name, entry.path)), f"reading {name}")
                 if digest != entry.sha256:
                     raise CheckpointInvalid(f"{name}: {entry.path} sha256 does not match the manifest")
         return info
@@ -1025,13 +679,13 @@ class CheckpointStore:
             except CheckpointInvalid as exc:
                 log.warning("skipping checkpoint at %s: %s", self.uri, exc)
                 problems.append(str(exc))
-        current = max(map(_generation, manifests.values()), default=0)
-        ours = [step for step, m in manifests.items() if _generation(m) == current]
+        current = max(map(generation_of, manifests.values()), default=0)
+        ours = [step for step, m in manifests.items() if generation_of(m) == current]
         token = next((manifests[step][FRESH] for step in ours if manifests[step].get(FRESH)), None)
         if fresh and token != fresh:  # a new fresh start (not a restart of the one that wrote these)
             return _ResumePlan(current + 1 if manifests or problems else current, fresh, True, [], manifests,
                                problems, sorted(manifests, reverse=True))
-        superseded = [step for step, m in manifests.items() if _generation(m) < current]
+        superseded = [step for step, m in manifests.items() if generation_of(m) < current]
         return _ResumePlan(current, token, False, ours, manifests, problems, superseded)
 
     def latest_verified(self, *, full: bool = True) -> Optional[CheckpointInfo]:
@@ -1067,7 +721,7 @@ class CheckpointStore:
 
         try:
             partial.mkdir(parents=True)
-            _run_parallel([lambda e=e: fetch(e) for e in info.files], self.max_concurrency)
+            run_parallel([lambda e=e: fetch(e) for e in info.files], self.max_concurrency)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
@@ -1131,60 +785,8 @@ class _ResumePlan:
     superseded: list[int]  # steps not resumed: an earlier generation (or all of them, for a fresh start)
 
 
-def _info_from_manifest(manifest: dict, name: str, uri: str) -> CheckpointInfo:
-    files = tuple(FileEntry(f["path"], f["size"], f["sha256"]) for f in manifest["files"])
-    return CheckpointInfo(manifest["step"], float(manifest["epoch"]), name, f"{uri}/{name}",
-                          float(manifest.get("created", 0.0)), files, dict(manifest.get("metadata") or {}))
-
-
 def _mtime(info: dict) -> float:
     value = info.get("mtime") or info.get("LastModified") or info.get("created")
     if value is None:
         return 0.0
     return value.timestamp() if hasattr(value, "timestamp") else float(value)
-
-
-# --- export --------------------------------------------------------------------------------------
-
-def write_export(uri: str, files: Mapping[str, str | Path], *, endpoint_url: Optional[str] = None,
-                 retry: RetryPolicy = RetryPolicy(give_up_after=600.0)) -> str:
-    """Upload `files` ({name in the export: local path}, e.g. model.safetensors, config.json) to
-    `<uri>/export/`, then an export manifest with sizes and sha256. Returns the export URI."""
-    for name in files:
-        if not name or "/" in name or name in (".", "..", MANIFEST):
-            raise ValueError(f"{name!r}: export file names are plain names other than {MANIFEST}")
-    loc = open_location(uri, endpoint_url=endpoint_url).child(EXPORT)
-
-    def call(fn, what):
-        return retry_call(fn, what=what, policy=retry)
-
-    call(lambda: loc.remove_file(loc.path(MANIFEST)), "removing the old export manifest")
-    entries = []
-    for name, local in sorted(files.items()):
-        size = Path(local).stat().st_size
-        call(lambda: loc.put_file(local, loc.path(name)), f"uploading export/{name}")
-        entries.append({"path": name, "size": size, "sha256": sha256_file(local)})
-    manifest = {"format": FORMAT + "-export", "version": FORMAT_VERSION, "created": time.time(), "files": entries}
-    call(lambda: loc.write_bytes(loc.path(MANIFEST), json.dumps(manifest, indent=1).encode()),
-         "writing the export manifest")
-    log.info("exported %s to %s", ", ".join(sorted(files)), loc.uri)
-    return loc.uri
-
-
-def read_export(uri: str, dest_dir: str | Path, *, endpoint_url: Optional[str] = None,
-                retry: RetryPolicy = RetryPolicy(give_up_after=600.0)) -> Path:
-    """Download `<uri>/export/` into `dest_dir` and check it against its manifest; returns dest_dir."""
-    loc = open_location(uri, endpoint_url=endpoint_url).child(EXPORT)
-    try:
-        manifest = json.loads(retry_call(lambda: loc.read_bytes(loc.path(MANIFEST)), what="reading export",
-                                         policy=retry))
-    except FileNotFoundError:
-        raise CheckpointInvalid(f"{loc.uri}: no export there") from None
-    dest = Path(dest_dir)
-    for entry in manifest["files"]:
-        local = dest / entry["path"]
-        retry_call(lambda: loc.get_file(loc.path(entry["path"]), local), what=f"downloading export/{entry['path']}",
-                   policy=retry)
-        if local.stat().st_size != entry["size"] or sha256_file(local) != entry["sha256"]:
-            raise CheckpointInvalid(f"{loc.uri}/{entry['path']} does not match the export manifest")
-    return dest
