@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.optim.lr_scheduler import LambdaLR
 
 from dlmctl.spec import ExperimentSpec
 
@@ -111,8 +113,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def apply_activation_checkpointing(model: torch.nn.Module) -> None:
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
     for i, block in enumerate(model.blocks):
         model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
 
@@ -133,7 +133,6 @@ def apply_compile(model: torch.nn.Module) -> None:
 
 def build_engine(model: torch.nn.Module, spec: ExperimentSpec, world: World, total_steps: int):
     import deepspeed
-    from torch.optim.lr_scheduler import LambdaLR
 
     if spec.deepspeed.activation_checkpointing:
         apply_activation_checkpointing(model)
