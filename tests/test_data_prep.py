@@ -288,3 +288,29 @@ def test_an_s3_cache_built_by_job_workers_is_read_by_range_and_never_whole(s3_se
     remote = prepare_data(data_of(run), 0, tmp_path / "trainer")
     assert remote.metadata["cache_hit"] and np.array_equal(remote.pool, local.pool) and np.array_equal(remote.val, local.val)
     assert s3.exists(f"{prefix}/cache/{remote.metadata['cache_key']}/manifest.json")
+
+
+def test_an_s3_cache_rides_out_a_flaky_store_like_the_checkpoint_store(s3_server, s3_uri, tmp_path, mixed, monkeypatch):
+    """Every request of the token cache to S3 fails once (a connection reset: transient) and is retried."""
+    from dlmctl.trainer import storage, token_cache
+    from dlmctl.trainer.retries import RetryPolicy
+
+    monkeypatch.setattr(token_cache, "REMOTE_RETRIES", RetryPolicy(first_delay=0.01, max_delay=0.02, give_up_after=30))
+    failed = []
+    for name in ("put_file", "get_file", "write_bytes", "read_bytes"):
+        original = getattr(storage.Location, name)
+
+        def flaky(self, *args, _original=original, _name=name, **kwargs):
+            if (_name, str(args[0])) not in failed:
+                failed.append((_name, str(args[0])))
+                raise ConnectionResetError(104, "Connection reset by peer")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(storage.Location, name, flaky)
+    run = write_run(tmp_path, mixed, cache=f"{s3_uri}/flaky-cache")
+    monkeypatch.setenv("DLMCTL_CACHE", str(tmp_path / "pod"))
+    assert main(["prepare-data", "--run", run]) == 0
+    remote = prepare_data(data_of(run), 0, tmp_path / "trainer")
+    local = prepare_data(data_of(write_run(tmp_path, mixed)), 0, tmp_path / "local")
+    assert remote.metadata["cache_hit"] and np.array_equal(remote.pool, local.pool)
+    assert {name for name, _ in failed} >= {"put_file", "get_file", "write_bytes", "read_bytes"}

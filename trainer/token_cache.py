@@ -28,14 +28,17 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import numpy as np
 
 from .data_plan import COPY_CHUNK, Plan, file_sha256
+from .retries import RetryPolicy, retry_call
 from .storage import Location, open_location
 from .tokenizer import Tokenizer
 
+REMOTE_RETRIES = RetryPolicy(first_delay=1.0, max_delay=30.0, give_up_after=600.0)
+T = TypeVar("T")
 PLAN_FILES = ("plan/documents.npy", "plan/shards.npy", "plan/tokenizer.json", "plan/val.npy")
 
 
@@ -109,17 +112,29 @@ class Entry:
 
     # --- the remote mirror -------------------------------------------------------------------
 
-    def _remote_json(self, relative: str) -> Optional[bytes]:
-        if self.remote is None:
-            return None
+    def _remotely(self, what: str, request: Callable[[], T]) -> T:
+        """One request to the S3 mirror, retried as the checkpoint store retries its own (transient errors
+        with backoff until REMOTE_RETRIES gives up; a permanent one, e.g. a missing bucket, at once)."""
+        return retry_call(request, what=f"token cache {self.key}: {what}", policy=REMOTE_RETRIES)
+
+    def _remote_exists(self, relative: str) -> bool:
         path = self.remote.path(relative)
-        return self.remote.read_bytes(path) if self.remote.fs.exists(path) else None
+        return self._remotely(f"look for {relative}", lambda: self.remote.fs.exists(path))
+
+    def _remote_write(self, relative: str, data: bytes) -> None:
+        self._remotely(f"write {relative}", lambda: self.remote.write_bytes(self.remote.path(relative), data))
+
+    def _remote_json(self, relative: str) -> Optional[bytes]:
+        if self.remote is None or not self._remote_exists(relative):
+            return None
+        return self._remotely(f"read {relative}", lambda: self.remote.read_bytes(self.remote.path(relative)))
 
     def _upload(self, files: list[str], manifest: str) -> None:
         """Data objects first, the manifest last: a reader never trusts a half-uploaded set."""
         for relative in files:
-            self.remote.put_file(self.path(relative), self.remote.path(relative))
-        self.remote.write_bytes(self.remote.path(manifest), self.path(manifest).read_bytes())
+            self._remotely(f"upload {relative}",
+                           lambda relative=relative: self.remote.put_file(self.path(relative), self.remote.path(relative)))
+        self._remote_write(manifest, self.path(manifest).read_bytes())
 
     def _download(self, manifest_bytes: bytes, manifest: str, expected: dict[str, str]) -> bool:
         """Fetch the files `expected` names (relative path → sha256) and then the manifest; False (and
@@ -128,7 +143,8 @@ class Entry:
         try:
             for i, (relative, sha256) in enumerate(expected.items()):
                 local = scratch / str(i)
-                self.remote.get_file(self.remote.path(relative), local)
+                self._remotely(f"download {relative}",
+                               lambda relative=relative, local=local: self.remote.get_file(self.remote.path(relative), local))
                 if file_sha256(local) != sha256:
                     return False
             for i, relative in enumerate(expected):
@@ -144,7 +160,7 @@ class Entry:
         """The plan's manifest once the plan is here (fetched from S3 when only there), else None."""
         local = self._read_json("plan.json")
         if local is not None:
-            if self.remote is not None and not self.remote.fs.exists(self.remote.path("plan.json")):
+            if self.remote is not None and not self._remote_exists("plan.json"):
                 self.share()  # built here before the S3 cache was configured
             return local
         remote = self._remote_json("plan.json")
@@ -192,7 +208,7 @@ class Entry:
             if all(self.path(f).exists() for f in files):
                 self._upload(files, shard_manifest_name(j))
         if self.path("manifest.json").exists():
-            self.remote.write_bytes(self.remote.path("manifest.json"), self.path("manifest.json").read_bytes())
+            self._remote_write("manifest.json", self.path("manifest.json").read_bytes())
 
     # --- shards ------------------------------------------------------------------------------
 
@@ -249,7 +265,7 @@ class Entry:
         data = json_bytes(completion)
         self._write_local("manifest.json", data)
         if self.remote is not None:
-            self.remote.write_bytes(self.remote.path("manifest.json"), data)
+            self._remote_write("manifest.json", data)
         return completion
 
     # --- the local stream --------------------------------------------------------------------
