@@ -12,10 +12,8 @@ narrower) and it is always written whole, atomically, with mode 0600. Tokens are
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
@@ -111,19 +109,11 @@ def save(config: Config) -> Path:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     doc = {"current-context": config.current,
            "contexts": {name: c.to_yaml() for name, c in sorted(config.contexts.items())}}
-    fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    from dlmctl.spec.files import write_atomically
+
     try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yaml.safe_dump(doc, f, sort_keys=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(partial)
-        if isinstance(err, OSError):
-            raise UserError(f"{path}: cannot write the dlmctl config ({err.strerror or err})") from None
-        raise
+        write_atomically(path, yaml.safe_dump(doc, sort_keys=False), mode=0o600, durable=True)
+    except OSError as err:
+        raise UserError(f"{path}: cannot write the dlmctl config ({err.strerror or err})") from None
     return path
 

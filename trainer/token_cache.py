@@ -32,6 +32,8 @@ from typing import Callable, Optional, TypeVar
 
 import numpy as np
 
+from dlmctl.spec.files import write_atomically
+
 from .data_plan import COPY_CHUNK, Plan, file_sha256
 from .retries import RetryPolicy, retry_call
 from .storage import Location, open_location
@@ -91,9 +93,7 @@ class Entry:
     def _write_local(self, relative: str, data: bytes) -> None:
         target = self.path(relative)
         target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
-        temporary.write_bytes(data)
-        os.replace(temporary, target)
+        write_atomically(target, data)
 
     def _read_json(self, relative: str) -> Optional[dict]:
         path = self.path(relative)

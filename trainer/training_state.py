@@ -32,6 +32,7 @@ import torch.distributed as dist
 from dlmctl.spec import Run
 from dlmctl.spec.contracts import METRICS_FILE
 from dlmctl.spec.metrics import run_labels
+from dlmctl.spec.files import write_atomically
 from dlmctl.spec.settings import TrainerSettings, read
 
 from .checkpoint_store import CheckpointStore
@@ -312,9 +313,7 @@ def restore_metrics(store: CheckpointStore, path: Path, resumed: Resumed) -> Non
                      f"{store.uri}/{METRICS_FILE}" if chosen is stored else "the checkpoint")
     kept = events_until(chosen or b"", step)
     if kept != local and (kept or local is not None):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(kept)
-        os.replace(tmp, path)
+        write_atomically(path, kept)
 
 
 def mirror_run(store: CheckpointStore, run: Run, output: Path) -> MetricsMirror:
