@@ -14,6 +14,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from dlmctl.spec import ExperimentSpec
 
 
+PORT_ATTEMPTS = 5
+
+
 @dataclass(frozen=True)
 class World:
     rank: int
@@ -30,7 +33,7 @@ def init_distributed() -> World:
     """Join the process group set up by torchrun, a Kubeflow PyTorchJob, or nothing (one process)."""
     import deepspeed
 
-    _default_single_process_env()
+    alone = _default_single_process_env()
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
@@ -38,20 +41,33 @@ def init_distributed() -> World:
     else:
         device, backend = torch.device("cpu"), "gloo"
         _skip_shm_op_build()
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    for attempt in range(PORT_ATTEMPTS):
+        if dist.is_initialized():
+            break
+        try:
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        except dist.DistNetworkError:
+            # Alone, the rendezvous port was free when chosen but another process may have taken it since.
+            if not alone or attempt == PORT_ATTEMPTS - 1:
+                raise
+            os.environ["MASTER_PORT"] = str(_free_port())
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), device)
 
 
-def _default_single_process_env() -> None:
-    # A PyTorchJob without torchrun injects RANK/WORLD_SIZE/MASTER_*; torchrun also sets LOCAL_RANK.
+def _default_single_process_env() -> bool:
+    """True when this process is alone (no launcher said otherwise) and its rendezvous was set up here.
+    A PyTorchJob without torchrun injects RANK/WORLD_SIZE/MASTER_*; torchrun also sets LOCAL_RANK."""
     if "WORLD_SIZE" in os.environ:
         os.environ.setdefault("LOCAL_RANK", "0")
-        return
+        return False
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    return True
+
+
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        return s.getsockname()[1]
 
 
 def _skip_shm_op_build() -> None:
