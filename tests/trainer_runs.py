@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -52,6 +53,19 @@ def launch(run, output: Path, *, processes: int = 1, env: dict | None = None, wa
         code = proc.wait(timeout=timeout)
         assert code == 0, f"trainer failed ({code}):\n{(output.parent / f'{output.name}.log').read_text()[-4000:]}"
     return proc
+
+
+def trains_and_learns(run, output: Path) -> dict:
+    """Train `run` to the end: every step reports once and the loss falls by more than half a nat. Returns
+    the final evaluation event."""
+    launch(run, output)
+    curve = losses(output)
+    steps = run.spec.total_steps
+    assert sorted(curve) == list(range(1, steps + 1))
+    assert curve[steps] < curve[1] - 0.5, "the loss falls"
+    [final_eval] = events(output, "eval")
+    assert final_eval["step"] == steps and math.isfinite(final_eval["val_loss"])
+    return final_eval
 
 
 def start_pods(run, outputs: list[Path]) -> list[subprocess.Popen]:

@@ -694,16 +694,8 @@ class CheckpointStore:
         verifies; StoreUnavailable if the store cannot be read (never a silent None)."""
         folders = self._read(self._scan, f"listing {self.uri}")
         plan = self._plan(folders, None)
-        problems = list(plan.problems)
-        for step in plan.candidates:
-            try:
-                return self._verify(step, folders[step], full, plan.manifests[step])
-            except CheckpointInvalid as exc:
-                log.warning("skipping checkpoint at %s: %s", self.uri, exc)
-                problems.append(str(exc))
-        if problems:
-            raise NoVerifiedCheckpoint(self.uri, problems)
-        return None
+        return self._newest_that_verifies(plan, lambda step: self._verify(step, folders[step], full,
+                                                                          plan.manifests[step]))
 
     def download(self, info: CheckpointInfo, dest_dir: str | Path) -> Path:
         """Copy checkpoint `info` to `dest_dir/<step folder>` and check every file's sha256 on the local
@@ -754,11 +746,20 @@ class CheckpointStore:
         if plan.superseded:
             log.info("%s: not resuming %d checkpoint(s) of an earlier start, superseded by a fresh start: %s",
                      self.uri, len(plan.superseded), ", ".join(step_dir_name(s) for s in plan.superseded))
+        def verified_copy(step: int):
+            info = self._verify(step, folders[step], full=False, manifest=plan.manifests[step])
+            return info, self.download(info, dest_dir)
+
+        return self._newest_that_verifies(plan, verified_copy)
+
+    def _newest_that_verifies(self, plan: "_ResumePlan", attempt: Callable[[int], T]) -> Optional[T]:
+        """`attempt(step)` for the plan's candidates, newest first, until one does not raise CheckpointInvalid
+        (each that does is skipped with a warning). None when there were none; NoVerifiedCheckpoint when there
+        were some and none verified."""
         problems = list(plan.problems)
         for step in plan.candidates:
             try:
-                info = self._verify(step, folders[step], full=False, manifest=plan.manifests[step])
-                return info, self.download(info, dest_dir)
+                return attempt(step)
             except CheckpointInvalid as exc:
                 log.warning("skipping checkpoint at %s: %s", self.uri, exc)
                 problems.append(str(exc))
