@@ -16,17 +16,10 @@ from trainer_runs import step_tokens
 
 from dlmctl.spec.sections import DataSpec
 from dlmctl.trainer.corpus import Document, documents_from_file, open_source
-from dlmctl.trainer.data import (
-    DataError,
-    EpochSampler,
-    TrainBatches,
-    choice_examples,
-    hash_order,
-    prepare_data,
-    sample_indices,
-    unigram_entropy,
-    val_batches,
-)
+from dlmctl.trainer.data import DataError, prepare_data, unigram_entropy
+from dlmctl.trainer.data_plan import hash_order
+from dlmctl.trainer.eval_data import choice_examples, val_batches
+from dlmctl.trainer.sampler import EpochSampler, TrainBatches, sample_indices
 from dlmctl.trainer.tokenizer import Tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

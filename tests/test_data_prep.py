@@ -18,7 +18,8 @@ from trainer_runs import tiny_run
 from dlmctl.spec import Run
 from dlmctl.spec.sections import DataSpec
 from dlmctl.trainer.__main__ import main
-from dlmctl.trainer.data import RepackedBatches, prepare_data
+from dlmctl.trainer.data import prepare_data
+from dlmctl.trainer.sampler import RepackedBatches
 from dlmctl.trainer.tokenizer import Tokenizer
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()

@@ -73,7 +73,7 @@ TRAINER_LAYERS = [
     {"retries", "corpus", "objectives"},
     {"manifest", "tokenizer", "sample"},
     {"transfer", "data_plan", "scoring"},
-    {"checkpoint_store", "metrics", "export", "evaluate"},
+    {"checkpoint_store", "metrics", "export", "evaluate", "sampler", "eval_data"},
     {"training_state", "token_cache", "lm_eval_adapter"},
     {"data"},
     {"runs"},  # run-level entry points: build_model, export_final, sample_run, export_run

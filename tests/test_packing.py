@@ -9,7 +9,8 @@ import pytest
 from trainer_runs import step_tokens
 
 from dlmctl.spec.sections import DataSpec
-from dlmctl.trainer.data import DataError, RepackedBatches, TrainBatches, prepare_data
+from dlmctl.trainer.data import DataError, prepare_data
+from dlmctl.trainer.sampler import RepackedBatches, TrainBatches
 
 EOS = 0
 
