@@ -1,6 +1,7 @@
 """The fast paths compute the same function: RoPE from prebuilt tables, torch.compile per block, fused AdamW and
 no gradient all-reduce in one process. Speed itself is measured by benchmarks/bench_model.py, not here."""
 import copy
+import os
 
 import pytest
 import torch
@@ -64,13 +65,23 @@ def test_compile_is_on_by_default_only_with_cuda_and_never_under_zero3():
     assert not compiles(tiny_run(deepspeed={"zero_stage": 3}, model={"preset": "nano", "compile": True}).spec, cpu)
 
 
+DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 @pytest.fixture
-def one_process(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    world = init_distributed()
-    yield world
-    dist.destroy_process_group()
+def one_process():
+    """A process group in this process, and afterwards the environment as it was: the variables
+    init_distributed sets (a rendezvous port this process held) must not reach later tests' trainers."""
+    saved = {name: os.environ.pop(name, None) for name in DISTRIBUTED_ENV}
+    try:
+        yield init_distributed()
+    finally:
+        dist.destroy_process_group()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def test_one_process_steps_like_plain_adamw_without_an_all_reduce(one_process):
