@@ -24,7 +24,7 @@ from dlmctl.spec.contracts import RUN_SPEC_ENV, DataPhase
 from dlmctl.spec.settings import DATA_WORKERS_ENV
 
 from .jobs import LABEL_EXPERIMENT, _new, credentials_env_from, threads_env
-from .observe import USER_ERROR_EXIT
+from .observe import USER_ERROR_EXIT, job_conditions
 
 LABEL_DATA = "dlmctl.io/data"  # on a data-preparation Job and its pods: the preparation's identity
 CONTAINER = "prepare"
@@ -116,8 +116,7 @@ def data_preparation_job(run: Run, extra_labels: dict[str, str] | None = None) -
 def summarize_data_job(body: dict) -> dict:
     """The few fields of a batch/v1 Job the operator needs (kept in its in-memory index)."""
     meta, spec, status = body.get("metadata", {}), body.get("spec", {}), body.get("status", {}) or {}
-    conditions = {c.get("type"): (c.get("status"), c.get("reason"), c.get("message"))
-                  for c in status.get("conditions") or []}
+    conditions = job_conditions(status)
     return {
         "name": meta.get("name"),
         "namespace": meta.get("namespace"),

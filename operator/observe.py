@@ -90,10 +90,14 @@ def pod_disruption(pod: dict) -> Optional[tuple[str, str]]:
     return None
 
 
+def job_conditions(status: dict) -> dict[str, tuple]:
+    """A job's conditions (PyTorchJob or batch Job) by type: (status, reason, message)."""
+    return {c.get("type"): (c.get("status"), c.get("reason"), c.get("message")) for c in status.get("conditions") or []}
+
+
 def summarize_job(body: dict) -> dict:
     meta, spec, status = body.get("metadata", {}), body.get("spec", {}), body.get("status", {}) or {}
-    conditions = {c.get("type"): (c.get("status"), c.get("reason"), c.get("message"))
-                  for c in status.get("conditions") or []}
+    conditions = job_conditions(status)
     return {
         "name": meta.get("name"),
         "uid": meta.get("uid"),

@@ -22,7 +22,6 @@ from .load import SpecError
 PREFIX = "DLMCTL_"
 FRESH_ENV = f"{PREFIX}FRESH"
 DATA_WORKERS_ENV = f"{PREFIX}DATA_WORKERS"
-assert RUN_SPEC_ENV == f"{PREFIX}RUN_SPEC"
 
 
 OFF = ("", "0", "false", "no")
@@ -47,7 +46,7 @@ class TrainerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", env_ignore_empty=True)
 
-    run_spec: Optional[str] = Field(None, description="the resolved Run as JSON (set by the operator and the local "
+    run_spec: Optional[str] = Field(None, validation_alias=RUN_SPEC_ENV, description="the resolved Run as JSON (set by the operator and the local "
                                                       "backend; `--run FILE` instead)")
     output: Optional[Path] = Field(None, description="where metrics.jsonl and local checkpoints go; default "
                                                      "./runs/<run> (`--output`)")
