@@ -72,7 +72,7 @@ def _run(args) -> int:
     metrics = OperatorMetrics()
     metrics.serve(config.metrics_port, config.metrics_addr)
     registry = kopf.OperatorRegistry()
-    register(registry, config, metrics)
+    register(registry, config, metrics, kueue_served=_kueue_served())
     kopf.run(
         registry=registry,
         clusterwide=True,
@@ -81,6 +81,18 @@ def _run(args) -> int:
         liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz" if config.health_port else None,
     )
     return 0
+
+
+def _kueue_served() -> bool:
+    """Asked once: Kueue installed later needs an operator restart (its Workloads are then watched)."""
+    from . import kueue
+    from .handlers import api_client
+
+    with api_client() as api:
+        served = kueue.served(api)
+    logging.getLogger("dlmctl.operator").info("Kueue %s", "found: queued runs follow their Workloads" if served
+                                              else "not installed: runs naming spec.scheduling.queue fail")
+    return served
 
 
 def _ensure_peering(config) -> None:

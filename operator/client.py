@@ -130,6 +130,14 @@ class ExperimentClient:
         return self.call("create", self.custom.create_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL,
                          body, namespace=namespace, name=name)
 
+    def check_queues(self, experiment: "Experiment", namespace: str) -> None:
+        """SpecError naming spec.scheduling.queue when a run's Kueue LocalQueue is not there (or Kueue is not):
+        asked before anything is created or replaced."""
+        from . import kueue
+
+        self.call("get", lambda **_: kueue.check_queues(self.custom, experiment, namespace), namespace=namespace,
+                  resource=f"{kueue.LOCAL_QUEUES}.{kueue.GROUP}")
+
     def read(self, name: str, namespace: str) -> dict:
         return self.call("get", self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name,
                          namespace=namespace, name=name)

@@ -4,7 +4,9 @@
 - a timer per Experiment reconciles it every `reconcile_interval` seconds (level-triggered: it also
   creates the jobs of a new experiment on its first tick);
 - a pod event handler notes on its job when a pod is taken away (eviction, preemption, node loss),
-  because the pod itself may be gone before the next tick.
+  because the pod itself may be gone before the next tick;
+- where the cluster runs Kueue (asked once, at start-up), indexes of the Workloads of PyTorchJobs and of the
+  WorkloadPriorityClasses' names.
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ import kopf
 from dlmctl.spec import GROUP, PLURAL, VERSION
 from dlmctl.spec.settings import OperatorSettings
 
+from . import kueue
 from .data_jobs import LABEL_DATA, summarize_data_job
-from .jobs import JOB_GROUP, JOB_PLURAL, JOB_VERSION, LABEL_EXPERIMENT, LABEL_RUN
+from .jobs import JOB_API_VERSION, JOB_GROUP, JOB_KIND, JOB_PLURAL, JOB_VERSION, LABEL_EXPERIMENT, LABEL_RUN
 from .metrics import OperatorMetrics
 from .observe import pod_disruption, summarize_job, summarize_pod
 from .reconcile import JobsApi, Reconciler
@@ -39,7 +42,8 @@ def api_client():
     return client.ApiClient(configuration)
 
 
-def register(registry: kopf.OperatorRegistry, config: OperatorSettings, metrics: OperatorMetrics) -> None:
+def register(registry: kopf.OperatorRegistry, config: OperatorSettings, metrics: OperatorMetrics,
+             kueue_served: bool = False) -> None:
     # kopf authenticates like the Kubernetes client: in-cluster ServiceAccount, else the kubeconfig.
     kopf.on.login(registry=registry)(kopf.login_via_client)
 
@@ -58,7 +62,8 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings, metrics:
         settings.execution.max_workers = config.workers
         jobs = JobsApi(api_client())
         memo.jobs = jobs
-        memo.reconciler = Reconciler(config, jobs, metrics, adopt=lambda child, owner: kopf.adopt(child, owner=owner))
+        memo.reconciler = Reconciler(config, jobs, metrics, adopt=lambda child, owner: kopf.adopt(child, owner=owner),
+                                     kueue_served=kueue_served)
 
     @kopf.index(JOB_GROUP, JOB_VERSION, JOB_PLURAL, labels={LABEL_EXPERIMENT: kopf.PRESENT},
                 id="jobs_by_experiment", registry=registry)
@@ -75,14 +80,32 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings, metrics:
     def pods_by_experiment(namespace: str, labels: Any, body: Any, **_: Any):
         return {(namespace, labels[LABEL_EXPERIMENT]): {**summarize_pod(body), "run": labels[LABEL_RUN]}}
 
+    if kueue_served:  # an index of a resource the cluster does not serve would keep kopf from ever starting
+        @kopf.index(kueue.GROUP, kueue.VERSION, kueue.WORKLOADS, when=_owned_by_pytorchjob,
+                    id="workloads_by_job", registry=registry)
+        def workloads_by_job(namespace: str, body: Any, **_: Any):
+            owner = next(o for o in body["metadata"]["ownerReferences"] if o.get("controller"))
+            return {(namespace, owner["name"]): kueue.summarize_workload(_plain(body))}
+
+        @kopf.index(kueue.GROUP, kueue.VERSION, kueue.WORKLOAD_PRIORITY_CLASSES, id="workload_priority_classes",
+                    registry=registry)
+        def workload_priority_classes(name: str, **_: Any):
+            return {"names": name}
+
     @kopf.timer(GROUP, VERSION, PLURAL, interval=config.reconcile_interval, backoff=config.reconcile_interval,
                 id="reconcile", registry=registry)
     def reconcile(body: Any, namespace: str, name: str, patch: kopf.Patch, memo: kopf.Memo,
                   jobs_by_experiment: kopf.Index, pods_by_experiment: kopf.Index,
-                  data_jobs_by_experiment: kopf.Index, **_: Any) -> None:
+                  data_jobs_by_experiment: kopf.Index, **kwargs: Any) -> None:
         key = (namespace, name)
-        status = memo.reconciler.reconcile(_plain(body), jobs_by_experiment.get(key, []),
-                                           pods_by_experiment.get(key, []), data_jobs_by_experiment.get(key, []))
+        jobs = jobs_by_experiment.get(key, [])
+        workloads = []
+        if kueue_served:
+            index = kwargs["workloads_by_job"]
+            workloads = [w for job in jobs for w in index.get((namespace, job["name"]), [])]
+            memo.reconciler.workload_priority_classes = frozenset(kwargs["workload_priority_classes"].get("names", []))
+        status = memo.reconciler.reconcile(_plain(body), jobs, pods_by_experiment.get(key, []),
+                                           data_jobs_by_experiment.get(key, []), workloads)
         if status is not None:
             for field, value in status.items():
                 patch.status[field] = value
@@ -102,6 +125,11 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings, metrics:
         if pod["job_uid"]:
             memo.jobs.note_disruption(namespace, labels[JOB_NAME_LABEL], pod["job_uid"],
                                       f"{reason}: pod {name}: {message}")
+
+
+def _owned_by_pytorchjob(body: Any, **_: Any) -> bool:
+    return any(o.get("controller") and o.get("kind") == JOB_KIND and o.get("apiVersion") == JOB_API_VERSION
+               for o in body.get("metadata", {}).get("ownerReferences") or [])
 
 
 def _plain(value: Any) -> Any:

@@ -20,6 +20,7 @@ from kubeflow.training.api_client import ApiClient
 from dlmctl.spec import Experiment, Run, SpecError
 from dlmctl.spec.contracts import RUN_SPEC_ENV
 
+from .kueue import queue_labels
 from .observe import GPU_RESOURCE
 
 JOB_GROUP, JOB_VERSION, JOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
@@ -58,37 +59,35 @@ def check_cluster_ready(experiment: Experiment) -> None:
         )
 
 
-def pytorch_jobs(experiment: Experiment) -> list[k.KubeflowOrgV1PyTorchJob]:
+def pytorch_jobs(experiment: Experiment, workload_priority_classes: frozenset[str] = frozenset()
+                 ) -> list[k.KubeflowOrgV1PyTorchJob]:
     check_cluster_ready(experiment)
-    return [pytorch_job(run, experiment.metadata.labels) for run in experiment.runs()]
+    return [pytorch_job(run, experiment.metadata.labels, workload_priority_classes) for run in experiment.runs()]
 
 
-def pytorch_job(run: Run, extra_labels: dict[str, str] | None = None) -> k.KubeflowOrgV1PyTorchJob:
-    spec, res = run.spec, run.spec.resources
+def pytorch_job(run: Run, extra_labels: dict[str, str] | None = None,
+                workload_priority_classes: frozenset[str] = frozenset()) -> k.KubeflowOrgV1PyTorchJob:
+    """`workload_priority_classes`: the cluster's Kueue WorkloadPriorityClasses (the operator knows them; `render`,
+    offline, assumes none)."""
+    res = run.spec.resources
     labels = {**(extra_labels or {}), LABEL_EXPERIMENT: run.experiment, LABEL_RUN: run.name, LABEL_ARM: run.arm.value}
     template = _pod_template(run, labels)
     replicas = {"Master": _new(k.KubeflowOrgV1ReplicaSpec, replicas=1, restart_policy="Never", template=template)}
     if res.nodes > 1:
         replicas["Worker"] = _new(k.KubeflowOrgV1ReplicaSpec, replicas=res.nodes - 1, restart_policy="Never",
                                   template=template)
-    scheduling = None
-    if spec.scheduling.queue or spec.scheduling.priority_class:
-        scheduling = _new(k.KubeflowOrgV1SchedulingPolicy, queue=spec.scheduling.queue,
-                          priority_class=spec.scheduling.priority_class)
+    queued = queue_labels(run, workload_priority_classes)
     return _new(
         k.KubeflowOrgV1PyTorchJob,
         api_version=JOB_API_VERSION,
         kind=JOB_KIND,
-        metadata=_new(k.V1ObjectMeta, name=run.name, namespace=run.namespace, labels=labels),
+        metadata=_new(k.V1ObjectMeta, name=run.name, namespace=run.namespace, labels={**labels, **queued}),
         spec=_new(
             k.KubeflowOrgV1PyTorchJobSpec,
             nproc_per_node=str(res.procs_per_node),
             pytorch_replica_specs=replicas,
-            run_policy=_new(
-                k.KubeflowOrgV1RunPolicy,
-                clean_pod_policy="None",
-                scheduling_policy=scheduling,
-            ),
+            # queued: created suspended, so no pod exists before Kueue admits the whole job
+            run_policy=_new(k.KubeflowOrgV1RunPolicy, clean_pod_policy="None", suspend=True if queued else None),
         ),
     )
 

@@ -26,6 +26,7 @@ from .jobs import (
     to_dicts,
 )
 from .data_jobs import data_phase, data_preparation_job, preparations
+from . import kueue
 from .metrics import OperatorMetrics, experiment_series
 from .observe import Observation, Seen, observe
 from .progress import ProgressReader
@@ -97,6 +98,15 @@ class JobsApi:
             if err.status != 404:
                 raise
 
+    def deactivate_workload(self, namespace: str, name: str) -> None:
+        """Kueue unsuspends a suspended job whose Workload is admitted: an inactive Workload is evicted for good."""
+        try:
+            self.custom.patch_namespaced_custom_object(kueue.GROUP, kueue.VERSION, namespace, kueue.WORKLOADS, name,
+                                                       {"spec": {"active": False}})
+        except self._exception as err:
+            if err.status != 404:
+                raise
+
     def suspend_data_job(self, namespace: str, name: str) -> None:
         """A suspended batch Job's pods are deleted; it keeps its completed indexes."""
         try:
@@ -123,8 +133,12 @@ class JobsApi:
 class Reconciler:
     def __init__(self, config: OperatorSettings, jobs: JobsApi, metrics: OperatorMetrics,
                  adopt: Callable[[dict, dict], None], progress: Optional[ProgressReader] = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, kueue_served: bool = False):
+        """`kueue_served`: whether the cluster runs Kueue (queued runs fail at once without it)."""
         self.config, self.jobs, self.metrics, self.adopt, self.clock = config, jobs, metrics, adopt, clock
+        self.kueue_served = kueue_served
+        self.workload_priority_classes: frozenset[str] = frozenset()  # kept current by the operator's index
+        self._evictions_counted: dict[str, int] = {}  # job uid -> Kueue evictions already counted as preemptions
         self.progress = progress or ProgressReader()
         self._recreate_after: dict[tuple[str, str], float] = {}
         self._progress_read_at: dict[tuple[str, str], float] = {}
@@ -139,19 +153,20 @@ class Reconciler:
 
     # -- the whole experiment -------------------------------------------------------------------
     def reconcile(self, body: dict, jobs: Iterable[dict], pods: Iterable[dict],
-                  data_jobs: Iterable[dict] = ()) -> Optional[dict]:
+                  data_jobs: Iterable[dict] = (), workloads: Iterable[dict] = ()) -> Optional[dict]:
         """The experiment's new status, or None when nothing changed. `jobs` are its PyTorchJobs, `data_jobs`
-        its data-preparation Jobs (summaries)."""
+        its data-preparation Jobs, `workloads` the Kueue Workloads of its jobs (summaries)."""
         jobs, pods, data_jobs, meta = list(jobs), list(pods), list(data_jobs), body["metadata"]
+        workloads = list(workloads)
         inputs = repr((meta.get("generation"), meta.get("labels"), meta.get("annotations"), jobs, pods, data_jobs,
-                       (body.get("status") or {}).get("phase")))
+                       workloads, (body.get("status") or {}).get("phase")))
         last = self._last_look.get(meta.get("uid"))
         if last is not None and last[0] == inputs and self.clock() < last[1]:
             return None
         started = time.perf_counter()
         self._due = [self.clock() + self.config.progress_interval]
         try:
-            status = self._reconcile(body, jobs, pods, data_jobs)
+            status = self._reconcile(body, jobs, pods, data_jobs, workloads)
         except Exception:
             self.metrics.reconcile_errors.inc()
             self._last_look.pop(meta.get("uid"), None)
@@ -172,7 +187,8 @@ class Reconciler:
             self._evals.pop((namespace, name), None)
             self._progress_read_at.pop((namespace, name), None)
 
-    def _reconcile(self, body: dict, jobs: list[dict], pods: list[dict], data_jobs: list[dict]) -> dict:
+    def _reconcile(self, body: dict, jobs: list[dict], pods: list[dict], data_jobs: list[dict],
+                   workloads: list[dict]) -> dict:
         meta, old = body["metadata"], dict(body.get("status") or {})
         generation = meta.get("generation")
         namespace = meta["namespace"]
@@ -194,9 +210,10 @@ class Reconciler:
         data_of_run = {name: prep for prep in data for name in prep["runs"]}
         for run in runs:
             current = dict(previous.get(run.name) or {"name": run.name, "arm": run.arm.value, "phase": "Pending"})
-            current = self._run(body, experiment, run, current, jobs_by_run.get(run.name),
-                                pods_by_run.get(run.name, []), cancel, may_create=not spec_changed,
-                                data=data_of_run.get(run.name))
+            job = jobs_by_run.get(run.name)
+            current = self._run(body, experiment, run, current, job, pods_by_run.get(run.name, []), cancel,
+                                may_create=not spec_changed, data=data_of_run.get(run.name),
+                                workload=kueue.workload_of(job, workloads))
             statuses.append(current)
         self._runs_of[meta.get("uid")] = (namespace, [run.name for run in runs])
         evals = {run.name: self._evals.get((namespace, run.name), []) for run in runs}
@@ -238,20 +255,32 @@ class Reconciler:
 
     # -- one run --------------------------------------------------------------------------------
     def _run(self, body: dict, experiment: Experiment, run: Run, status: dict, job: Optional[dict],
-             pods: list[dict], cancel: Optional[str], may_create: bool, data: Optional[dict] = None) -> dict:
+             pods: list[dict], cancel: Optional[str], may_create: bool, data: Optional[dict] = None,
+             workload: Optional[dict] = None) -> dict:
         namespace = body["metadata"]["namespace"]
         key = (namespace, run.name)
         phase = RunPhase(status.get("phase", "Pending"))
+        # a job carries the restarts of the run before it; Kueue counts the times it took this job back
         restarts = max(int(status.get("restarts") or 0),
-                       int((job or {}).get("annotations", {}).get(ANNOTATION_RESTARTS) or 0))
+                       int((job or {}).get("annotations", {}).get(ANNOTATION_RESTARTS) or 0)
+                       + (workload["evictions"] if workload else 0))
         status["restarts"] = restarts
         if phase.terminal:
             return self._with_progress(run, status, final=True)
         if cancel:
+            if workload and workload["active"]:
+                self.jobs.deactivate_workload(namespace, workload["name"])
             if job and not job["deleting"] and not job["suspended"]:
                 self.jobs.suspend(namespace, job["name"])
             return self._finish(run, status, RunPhase.Cancelled, "Cancelled",
                                 "cancelled by `dlmctl cancel`; its checkpoints are kept")
+        if run.spec.scheduling.queue:
+            status["queue"] = run.spec.scheduling.queue
+            if not self.kueue_served and job is None:
+                self.metrics.runs_failed.inc()
+                return self._finish(run, status, RunPhase.Failed, "KueueNotInstalled",
+                                    f"spec.scheduling.queue: {run.spec.scheduling.queue!r} names a Kueue LocalQueue, "
+                                    f"but this cluster has no Kueue ({kueue.GROUP} is not served)")
         if job and job["uid"] in self._deleted:
             if not job["deleting"]:
                 return status  # our delete is on its way; the index has not seen it yet
@@ -261,6 +290,10 @@ class Reconciler:
             log.info("run %s/%s: %s %s: %s (job %s, pods %s)", namespace, run.name, obs.seen.value, obs.reason,
                      obs.message, job, pods)
         max_restarts = run.spec.scheduling.max_restarts
+        if run.spec.scheduling.queue and job and not job["deleting"]:
+            queued = self._queued(namespace, run, status, job, workload, obs)
+            if queued is not None:
+                return queued
         if obs.seen is Seen.FailedUnexplained:
             since = self._unexplained_since.setdefault(job["uid"], self.clock())
             if self.clock() - since < UNEXPLAINED_FAILURE_GRACE:
@@ -319,6 +352,47 @@ class Reconciler:
         reason = "Suspended" if obs.seen is Seen.Suspended else obs.reason
         return _set(status, RunPhase.Pending, reason, obs.message)
 
+    def _queued(self, namespace: str, run: Run, status: dict, job: dict, workload: Optional[dict],
+                obs: Observation) -> Optional[dict]:
+        """The status of a run while Kueue holds its job (waiting for quota, admitted, taken back), else None:
+        once its pods run, a queued run is followed like any other."""
+        if workload is None:
+            if not job["suspended"]:
+                return None
+            return _set(status, RunPhase.Queued, "WaitingForKueue",
+                        f"waiting for Kueue to take job {job['name']} into LocalQueue {run.spec.scheduling.queue!r}")
+        if workload["cluster_queue"]:
+            status["cluster_queue"] = workload["cluster_queue"]
+        admitted = kueue.is_true(workload, "Admitted")
+        if kueue.is_true(workload, "Evicted") or (not admitted and workload["evictions"]):
+            return self._preempted(namespace, run, status, job, workload)
+        if not admitted:
+            return _set(status, RunPhase.Queued, *kueue.waiting_words(workload))
+        if obs.seen in (Seen.Suspended, Seen.Pending):
+            waiting = "its pods are being created" if obs.seen is Seen.Suspended else obs.message
+            return _set(status, RunPhase.Admitted, "Admitted",
+                        f"admitted whole by ClusterQueue {workload['cluster_queue']}; {waiting}")
+        return None
+
+    def _preempted(self, namespace: str, run: Run, status: dict, job: dict, workload: dict) -> dict:
+        """Kueue took the admitted job back (a higher-priority workload, a stopped queue): it suspended the job, so
+        its pods are gone or going (the trainer checkpoints on SIGTERM), and requeued the Workload. Admitted again,
+        the same job's new pods resume from the newest verified checkpoint."""
+        counted = self._evictions_counted.get(job["uid"], 0)
+        if workload["evictions"] > counted:
+            self.metrics.runs_preempted.inc(workload["evictions"] - counted)
+            self._evictions_counted[job["uid"]] = workload["evictions"]
+        reason, message = kueue.eviction_words(workload)
+        restarts, max_restarts = status["restarts"], run.spec.scheduling.max_restarts
+        if restarts > max_restarts:
+            self.jobs.deactivate_workload(namespace, workload["name"])
+            self.metrics.runs_failed.inc()
+            return self._finish(run, status, RunPhase.Failed, "RestartLimitReached",
+                                f"{message}; taken back {restarts} times (spec.scheduling.max_restarts: {max_restarts})")
+        return _set(status, RunPhase.Preempted, reason,
+                    f"{message}; queued again (restart {restarts} of {max_restarts}), resumes from its last verified "
+                    "checkpoint when Kueue admits it again")
+
     # -- data preparations ---------------------------------------------------------------------
     def _data_preparations(self, body: dict, experiment: Experiment, runs: list[Run], old: dict,
                            data_jobs: list[dict], cancel: Optional[str], may_create: bool) -> list[dict]:
@@ -362,7 +436,7 @@ class Reconciler:
         return created
 
     def _create(self, body: dict, experiment: Experiment, run: Run, restarts: int) -> bool:
-        (manifest,) = to_dicts([pytorch_job(run, experiment.metadata.labels)])
+        (manifest,) = to_dicts([pytorch_job(run, experiment.metadata.labels, self.workload_priority_classes)])
         if restarts:
             manifest["metadata"].setdefault("annotations", {})[ANNOTATION_RESTARTS] = str(restarts)
         self.adopt(manifest, body)

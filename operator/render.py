@@ -8,9 +8,10 @@ from .data_jobs import data_preparation_jobs
 from .jobs import pytorch_jobs, to_dicts, to_yaml
 
 
-def job_manifests(experiment: Experiment) -> list[dict]:
-    """The objects as plain JSON-ready dicts, exactly as `dlmctl render` prints them."""
-    training = pytorch_jobs(experiment)  # checks the experiment can run on a cluster first
+def job_manifests(experiment: Experiment, workload_priority_classes: frozenset[str] = frozenset()) -> list[dict]:
+    """The objects as plain JSON-ready dicts, exactly as `dlmctl render` prints them (which knows no cluster, so
+    names no Kueue WorkloadPriorityClass: see `kueue.queue_labels`)."""
+    training = pytorch_jobs(experiment, workload_priority_classes)  # checks the experiment can run on a cluster first
     return to_dicts([*data_preparation_jobs(experiment), *training])
 
 

@@ -385,6 +385,13 @@ def parse_body(body: bytes, content_type: str, namespace: str) -> Experiment:
 
 def submit(client: experiments.ExperimentClient, experiment: Experiment, namespace: str, replace: bool) -> dict:
     name = experiment.metadata.name
+    try:
+        client.check_queues(experiment, namespace)
+    except SpecError as err:  # a queue that is not there: nothing created, nothing replaced
+        message, pairs = spec_errors(err)
+        raise ApiError(422, message, pairs) from None
+    except experiments.ClientError as err:
+        raise api_error(err) from None
     if replace:
         cluster_call(lambda: client.delete_and_wait(name, namespace))
     try:

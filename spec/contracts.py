@@ -25,6 +25,8 @@ class _Phase(str, Enum):
 
 class RunPhase(_Phase):
     Pending = "Pending"
+    Queued = "Queued"  # waiting in its Kueue LocalQueue for quota (its message says why, and where it stands)
+    Admitted = "Admitted"  # Kueue admitted the whole job; its pods are being created and placed
     Unschedulable = "Unschedulable"  # its pods cannot be placed (the scheduler says why)
     Running = "Running"
     Restarting = "Restarting"  # failed in a way worth retrying; recreated after a backoff
@@ -78,7 +80,7 @@ def experiment_phase(run_phases: Iterable[RunPhase | str]) -> ExperimentPhase:
         if RunPhase.Failed in phases:
             return ExperimentPhase.Failed
         return ExperimentPhase.Succeeded
-    if all(p in (RunPhase.Pending, RunPhase.Unschedulable) for p in phases):
+    if all(p in (RunPhase.Pending, RunPhase.Queued, RunPhase.Admitted, RunPhase.Unschedulable) for p in phases):
         return ExperimentPhase.Pending
     return ExperimentPhase.Running
 

@@ -224,7 +224,12 @@ class RunStatus(Strict):
     )
     val_loss_stderr: Optional[float] = Field(default=None, description="standard error of val_loss (DLM ELBO)")
     last_checkpoint: Optional[str] = Field(default=None, description="the newest verified checkpoint")
-    restarts: int = Field(default=0, description="times the run was recreated after a preemption or failure")
+    restarts: int = Field(default=0, description="times the run was recreated after a preemption or failure, or "
+                          "preempted by Kueue and admitted again")
+    queue: Optional[str] = Field(default=None, description="the Kueue LocalQueue its job waits in")
+    cluster_queue: Optional[str] = Field(default=None, description="the Kueue ClusterQueue that admitted it")
+    queue_position: Optional[int] = Field(default=None, description="its place among the pending workloads of "
+                                          "its LocalQueue (0 is next), when Kueue's visibility API says so")
     message: Optional[str] = None
     startTime: Optional[datetime] = None
     completionTime: Optional[datetime] = None

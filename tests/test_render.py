@@ -136,12 +136,30 @@ def test_s3_credentials_are_only_a_secret_reference():
     assert "envFrom" not in container(jobs()[0])
 
 
-def test_run_policy_leaves_restarts_to_the_dlmctl_operator_and_schedules_from_spec_scheduling():
-    assert sweep_jobs()[0]["spec"]["runPolicy"] == {
-        "cleanPodPolicy": "None",
-        "schedulingPolicy": {"priorityClass": "preemptible", "queue": "research"},
-    }
+def test_run_policy_leaves_restarts_to_the_dlmctl_operator():
     assert jobs()[0]["spec"]["runPolicy"] == {"cleanPodPolicy": "None"}
+
+
+def test_a_queued_run_is_handed_to_kueue_suspended_so_it_is_admitted_whole():
+    job = sweep_jobs()[0]  # spec.scheduling: queue research, priority_class preemptible
+    assert job["spec"]["runPolicy"] == {"cleanPodPolicy": "None", "suspend": True}
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "research"
+    # no WorkloadPriorityClass known (render knows no cluster): Kueue takes the pods' PriorityClass
+    assert "kueue.x-k8s.io/priority-class" not in job["metadata"]["labels"]
+    assert job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["priorityClassName"] == "preemptible"
+    # the queue is the job's, not its pods' (Kueue's pod integration would otherwise gate each pod alone)
+    pod_labels = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]["labels"]
+    assert not any(k.startswith("kueue.x-k8s.io/") for k in pod_labels)
+    assert "suspend" not in jobs()[0]["spec"]["runPolicy"]
+    assert not any(k.startswith("kueue.x-k8s.io/") for k in jobs()[0]["metadata"]["labels"])
+
+
+def test_a_priority_class_names_a_kueue_workload_priority_class_where_the_cluster_has_one():
+    experiment = load_experiment(SWEEP)
+    (job, *_) = [j for j in job_manifests(experiment, frozenset({"preemptible"})) if j["kind"] == "PyTorchJob"]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "preemptible"
+    (job, *_) = [j for j in job_manifests(experiment, frozenset({"other"})) if j["kind"] == "PyTorchJob"]
+    assert "kueue.x-k8s.io/priority-class" not in job["metadata"]["labels"]
 
 
 def test_prometheus_scrapes_the_metrics_port_when_it_is_enabled():
@@ -239,6 +257,7 @@ def test_the_sweeps_pods_fit_the_gpu_nodes_they_ask_for(cluster, cluster_namespa
 
     (job, *_) = sweep_jobs()
     job["metadata"]["namespace"] = cluster_namespace
+    del job["spec"]["runPolicy"]["suspend"], job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]  # placed, not queued
     with cluster.api_client() as api:
         try:
             client.SchedulingV1Api(api).create_priority_class(

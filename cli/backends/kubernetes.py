@@ -64,6 +64,7 @@ class KubernetesBackend(ClusterBackend):
     def submit(self, experiment: "Experiment", replace: bool = False, fresh: bool = False) -> list[str]:
         name, namespace = self._submittable(experiment, fresh)
         with self._one_line():
+            self.client.check_queues(experiment, namespace)
             if replace:
                 self.client.delete_and_wait(name, namespace)
             try:

@@ -1,0 +1,237 @@
+"""Queued runs on a shared cluster: Kueue admits each run's PyTorchJob whole or not at all, and the operator
+shows what Kueue decided (Queued, Admitted, Preempted) and resumes a preempted run when Kueue admits it again.
+
+The first part drives the Reconciler with Workloads shaped as Kueue v1beta2 writes them; the second runs the real
+control plane with the real Kueue (tests/testenv) and KWOK GPU nodes."""
+from __future__ import annotations
+
+import copy
+
+import kopf
+import pytest
+
+from dlmctl.operator.jobs import ANNOTATION_CANCEL
+from dlmctl.operator.kueue import LABEL_QUEUE, summarize_workload
+from dlmctl.operator.metrics import OperatorMetrics
+from dlmctl.operator.observe import summarize_job, summarize_pod
+from dlmctl.operator.reconcile import Reconciler
+from dlmctl.spec.settings import OperatorSettings
+
+SPEC = {"arms": ["diffusion"], "model": {"preset": "nano"}, "data": {"unique_tokens": 8192, "seq_len": 64},
+        "checkpoint": {"uri": "s3://bucket/exp"}, "resources": {"gpus_per_node": 8, "nodes": 2},
+        "batch": {"global_sequences": 128, "micro_batch_sequences": 8},
+        "scheduling": {"queue": "team", "max_restarts": 2}}
+RUN = "exp-dlm"
+
+
+class RecordedCalls:
+    def __init__(self):
+        self.created, self.deleted, self.suspended, self.deactivated = [], [], [], []
+
+    def create(self, namespace, manifest):
+        self.created.append(copy.deepcopy(manifest))
+        return True
+
+    def delete(self, namespace, name, uid):
+        self.deleted.append(name)
+
+    def suspend(self, namespace, name):
+        self.suspended.append(name)
+
+    def deactivate_workload(self, namespace, name):
+        self.deactivated.append(name)
+
+
+def reconciler(kueue_served=True):
+    calls = RecordedCalls()
+    config = OperatorSettings(metrics_port=0, health_port=0)
+    r = Reconciler(config, calls, OperatorMetrics(), adopt=lambda child, owner: kopf.adopt(child, owner=owner),
+                   progress=NoProgress(), kueue_served=kueue_served)
+    return r, calls
+
+
+class NoProgress:
+    def read(self, run):
+        return None
+
+
+def experiment_body(**spec) -> dict:
+    return {"apiVersion": "dlmctl.io/v1alpha1", "kind": "Experiment",
+            "metadata": {"name": "exp", "namespace": "ns", "uid": "exp-uid", "generation": 1},
+            "spec": {**copy.deepcopy(SPEC), **spec}}
+
+
+def job(manifest: dict, uid: str = "job-1", suspended: bool = True) -> dict:
+    body = copy.deepcopy(manifest)
+    body["metadata"]["uid"] = uid
+    body["spec"]["runPolicy"]["suspend"] = suspended
+    return {**summarize_job(body), "run": body["metadata"]["name"]}
+
+
+def condition(type_: str, status: str, reason: str, message: str) -> dict:
+    return {"type": type_, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": "2026-12-07T07:00:00Z", "observedGeneration": 1}
+
+
+def workload(job_uid: str = "job-1", conditions=(), evictions=(), cluster_queue=None, active=True) -> dict:
+    """A Workload as Kueue v1beta2 writes it for a PyTorchJob."""
+    status = {"conditions": list(conditions)}
+    if cluster_queue:
+        status["admission"] = {"clusterQueue": cluster_queue, "podSetAssignments": []}
+    if evictions:
+        status["schedulingStats"] = {"evictions": [
+            {"reason": reason, "underlyingCause": "", "count": count} for reason, count in evictions]}
+    return summarize_workload({
+        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload",
+        "metadata": {"name": f"pytorchjob-{RUN}-1a2b3", "namespace": "ns",
+                     "ownerReferences": [{"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "name": RUN,
+                                          "uid": job_uid, "controller": True}]},
+        "spec": {"queueName": "team", "active": active, "podSets": []},
+        "status": status,
+    })
+
+
+NO_QUOTA = condition("QuotaReserved", "False", "Pending",
+                     "couldn't assign flavors to pod set master: insufficient unused quota for nvidia.com/gpu in "
+                     "flavor gpu, 8 more needed")
+RESERVED = condition("QuotaReserved", "True", "QuotaReserved", "Quota reserved in ClusterQueue gpus")
+ADMITTED = condition("Admitted", "True", "Admitted", "The workload is admitted")
+NOT_ADMITTED = condition("Admitted", "False", "NoReservation", "The workload has no reservation")
+EVICTED = condition("Evicted", "True", "Preempted", "Preempted to accommodate a higher priority Workload")
+PREEMPTED = condition("Preempted", "True", "InClusterQueue",
+                      "Preempted to accommodate a workload (UID: u, JobUID: j) due to prioritization in the "
+                      "ClusterQueue")
+READMITTED = [RESERVED, ADMITTED, condition("Evicted", "False", "QuotaReserved", "Previously: Preempted"),
+              condition("Preempted", "False", "QuotaReserved", "Previously: InClusterQueue")]
+
+
+def running_pods(job_uid: str = "job-1") -> list[dict]:
+    return [{**summarize_pod({
+        "metadata": {"name": f"{RUN}-{kind}-0", "ownerReferences": [{"uid": job_uid, "controller": True}]},
+        "spec": {"nodeName": f"kwok-gpu-{i}"}, "status": {"phase": "Running"},
+    }), "run": RUN} for i, kind in enumerate(("master", "worker"))]
+
+
+def look(r, body, jobs=(), pods=(), workloads=()) -> dict:
+    """One reconcile, the status written back as the operator does; the run's status."""
+    status = r.reconcile(body, list(jobs), list(pods), [], list(workloads))
+    if status is not None:
+        body["status"] = status
+    (run,) = body["status"]["runs"]
+    return run
+
+
+def created_job(r, calls) -> tuple[dict, dict]:
+    body = experiment_body()
+    look(r, body)
+    (manifest,) = calls.created
+    return body, manifest
+
+
+def test_a_queued_run_is_created_suspended_and_waits_queued_with_kueues_reason():
+    r, calls = reconciler()
+    body, manifest = created_job(r, calls)
+    assert manifest["metadata"]["labels"][LABEL_QUEUE] == "team" and manifest["spec"]["runPolicy"]["suspend"] is True
+    run = look(r, body, [job(manifest)])
+    assert (run["phase"], run["reason"], run["queue"]) == ("Queued", "WaitingForKueue", "team")
+    run = look(r, body, [job(manifest)], workloads=[workload(conditions=[NO_QUOTA])])
+    assert (run["phase"], run["reason"]) == ("Queued", "Pending")
+    assert "insufficient unused quota for nvidia.com/gpu" in run["message"]
+    assert body["status"]["phase"] == "Pending" and run["restarts"] == 0
+    assert calls.deleted == calls.suspended == [] and len(calls.created) == 1
+
+
+def test_an_admitted_run_is_admitted_until_all_its_pods_run():
+    r, calls = reconciler()
+    body, manifest = created_job(r, calls)
+    admitted = workload(conditions=[RESERVED, ADMITTED], cluster_queue="gpus")
+    run = look(r, body, [job(manifest)], workloads=[admitted])  # Kueue has yet to unsuspend the job
+    assert (run["phase"], run["cluster_queue"]) == ("Admitted", "gpus")
+    run = look(r, body, [job(manifest, suspended=False)], running_pods()[:1], [admitted])
+    assert run["phase"] == "Admitted" and "1/2 pods running" in run["message"]
+    run = look(r, body, [job(manifest, suspended=False)], running_pods(), [admitted])
+    assert run["phase"] == "Running" and body["status"]["phase"] == "Running"
+
+
+def test_a_run_kueue_preempts_is_preempted_then_resumes_in_the_same_job_counting_one_restart_per_preemption():
+    r, calls = reconciler()
+    body, manifest = created_job(r, calls)
+    first = [RESERVED, ADMITTED]
+    look(r, body, [job(manifest, suspended=False)], running_pods(), [workload(conditions=first, cluster_queue="gpus")])
+    # Kueue evicts it for a higher-priority workload: the job is suspended, its pods go (the trainer checkpoints)
+    evicted = workload(conditions=[RESERVED, ADMITTED, EVICTED, PREEMPTED], evictions=[("Preempted", 1)],
+                       cluster_queue="gpus")
+    run = look(r, body, [job(manifest, suspended=True)], [], [evicted])
+    assert (run["phase"], run["reason"], run["restarts"]) == ("Preempted", "Preempted", 1)
+    assert "prioritization in the ClusterQueue" in run["message"] and "resumes from its last verified" in run["message"]
+    requeued = workload(conditions=[NO_QUOTA, NOT_ADMITTED, EVICTED, PREEMPTED], evictions=[("Preempted", 1)])
+    for _ in range(3):  # looked at again and again while it waits: still one restart
+        run = look(r, body, [job(manifest, suspended=True)], [], [requeued])
+        assert (run["phase"], run["restarts"]) == ("Preempted", 1)
+    readmitted = workload(conditions=READMITTED, evictions=[("Preempted", 1)], cluster_queue="gpus")
+    run = look(r, body, [job(manifest, suspended=False)], running_pods(), [readmitted])
+    assert (run["phase"], run["restarts"]) == ("Running", 1)
+    # the operator neither deleted nor recreated the job: Kueue suspends and resumes it
+    assert calls.deleted == [] and len(calls.created) == 1
+    again = workload(conditions=[RESERVED, ADMITTED, EVICTED, PREEMPTED], evictions=[("Preempted", 2)])
+    run = look(r, body, [job(manifest, suspended=True)], [], [again])
+    assert (run["phase"], run["restarts"]) == ("Preempted", 2)
+    assert r.metrics.runs_preempted._value.get() == 2
+
+
+def test_preempted_more_often_than_max_restarts_the_run_fails_and_its_workload_is_deactivated():
+    r, calls = reconciler()
+    body, manifest = created_job(r, calls)
+    evicted = workload(conditions=[NO_QUOTA, EVICTED, PREEMPTED], evictions=[("Preempted", 3)])  # max_restarts 2
+    run = look(r, body, [job(manifest)], [], [evicted])
+    assert (run["phase"], run["reason"]) == ("Failed", "RestartLimitReached")
+    assert calls.deactivated == [evicted["name"]]
+
+
+def test_a_failure_after_admission_is_the_operators_to_retry_in_a_new_job():
+    r, calls = reconciler()
+    body, manifest = created_job(r, calls)
+    failed = [{**summarize_pod({
+        "metadata": {"name": f"{RUN}-master-0", "ownerReferences": [{"uid": "job-1", "controller": True}]},
+        "spec": {"nodeName": "n"},
+        "status": {"phase": "Failed", "containerStatuses": [{"state": {"terminated": {"exitCode": 1}}}]},
+    }), "run": RUN}]
+    run = look(r, body, [job(manifest, suspended=False)], failed,
+               [workload(conditions=[RESERVED, ADMITTED], cluster_queue="gpus")])
+    assert (run["phase"], run["restarts"]) == ("Restarting", 1) and calls.deleted == [RUN]
+
+
+def test_the_workload_of_an_earlier_job_of_the_same_name_is_not_this_jobs():
+    r, calls = reconciler()
+    body, manifest = created_job(r, calls)
+    old = workload(job_uid="job-0", conditions=[RESERVED, ADMITTED, EVICTED], evictions=[("Preempted", 1)])
+    run = look(r, body, [job(manifest, uid="job-1")], [], [old])
+    assert (run["phase"], run["restarts"]) == ("Queued", 0)
+
+
+def test_cancel_deactivates_the_workload_so_kueue_does_not_start_the_job_again():
+    r, calls = reconciler()
+    body, manifest = created_job(r, calls)
+    admitted = workload(conditions=[RESERVED, ADMITTED], cluster_queue="gpus")
+    look(r, body, [job(manifest, suspended=False)], running_pods(), [admitted])
+    body["metadata"]["annotations"] = {ANNOTATION_CANCEL: "2026-12-07T07:00:00Z"}
+    run = look(r, body, [job(manifest, suspended=False)], running_pods(), [admitted])
+    assert run["phase"] == "Cancelled"
+    assert calls.deactivated == [admitted["name"]] and calls.suspended == [RUN]
+
+
+def test_a_queued_run_on_a_cluster_without_kueue_fails_at_once_instead_of_waiting_forever():
+    r, calls = reconciler(kueue_served=False)
+    run = look(r, experiment_body())
+    assert (run["phase"], run["reason"]) == ("Failed", "KueueNotInstalled")
+    assert run["message"].startswith("spec.scheduling.queue: 'team'") and calls.created == []
+
+
+def test_runs_without_a_queue_are_not_kueues():
+    r, calls = reconciler()
+    body = experiment_body(scheduling={"max_restarts": 1})
+    look(r, body)
+    (manifest,) = calls.created
+    assert "suspend" not in manifest["spec"]["runPolicy"] and LABEL_QUEUE not in manifest["metadata"]["labels"]
+    run = look(r, body, [job(manifest, suspended=False)], running_pods())
+    assert run["phase"] == "Running" and "queue" not in run
