@@ -1,7 +1,8 @@
 """The Helm chart (charts/dlmctl) and the image: `helm lint`; `helm template` with default and other values renders
 what the operator needs (the ClusterRole is exactly the rules the operator tests prove, the settings reach its
-environment, monitors only where prometheus-operator is served, one dashboard ConfigMap per JSON file); wrong values
-fail naming the field; the API server accepts every rendered object; `helm install` schedules the operator and, with
+environment, monitors only where prometheus-operator is served, one dashboard ConfigMap per JSON file, one Kueue
+LocalQueue per kueue.localQueues entry); wrong values fail naming the field; the API server accepts every rendered
+object and Kueue serves the rendered LocalQueues; `helm install` schedules the operator and, with
 its ServiceAccount's token, an Experiment reconciles; `helm uninstall` removes what it installed. The Dockerfile pins
 pyproject's torch and DeepSpeed, and the chart, the spec and the Dockerfile name one image at the package version
 (building it needs a docker engine and a registry, which this machine has not)."""
@@ -285,6 +286,27 @@ def test_the_monitors_select_the_operator_and_every_training_pod(helm):
         endpoint["relabelings"]
 
 
+def test_one_kueue_local_queue_per_entry_and_none_by_default(helm):
+    values = {"kueue": {"localQueues": [{"namespace": "research", "clusterQueue": "team-gpus"},
+                                        {"namespace": "team-b", "clusterQueue": "shared.gpus", "name": "batch"}]}}
+    objects = helm.template(values, release="dlmctl-queues")
+    queues = [o for o in objects if o["kind"] == "LocalQueue"]
+    assert [(q["apiVersion"], q["metadata"]["namespace"], q["metadata"]["name"], q["spec"]) for q in queues] == [
+        ("kueue.x-k8s.io/v1beta2", "research", "default", {"clusterQueue": "team-gpus"}),
+        ("kueue.x-k8s.io/v1beta2", "team-b", "batch", {"clusterQueue": "shared.gpus"})]
+    release_labels = {k: v for k, v in one(objects, "ClusterKopfPeering")["metadata"]["labels"].items()
+                      if k != "app.kubernetes.io/component"}
+    assert release_labels["app.kubernetes.io/instance"] == "dlmctl-queues"
+    assert all(q["metadata"]["labels"] == release_labels for q in queues)
+    assert not [o for o in helm.template() if o["kind"] == "LocalQueue"]
+
+    helm.run("lint", "--strict", CHART, "-f", helm.values_file(values))
+    installed = helm.run("install", "dlmctl", CHART, "--dry-run=client", "--namespace", "dlmctl-system",
+                         "-f", helm.values_file(values))
+    assert ("Kueue LocalQueues (runs name one in spec.scheduling.queue): research/default for ClusterQueue "
+            "team-gpus, team-b/batch for ClusterQueue shared.gpus") in installed.stdout.split("NOTES:", 1)[1]
+
+
 @pytest.mark.parametrize("values, field", [
     ({"operator": {"replicas": "two"}}, "at '/operator/replicas': got string, want integer"),
     ({"operator": {"replicas": -1}}, "at '/operator/replicas'"),
@@ -301,9 +323,21 @@ def test_the_monitors_select_the_operator_and_every_training_pod(helm):
     ({"imagePullSecrets": ["registry-credentials"]}, "at '/imagePullSecrets/0'"),
     ({"image": {"tag": "v1:2"}}, "at '/image/tag'"),
     ({"serviceAccount": {"create": False}}, "serviceAccount.name: required when serviceAccount.create is false"),
+    ({"kueue": {"localQueues": [{"namespace": "research"}]}},
+     "at '/kueue/localQueues/0': missing property 'clusterQueue'"),
+    ({"kueue": {"localQueues": [{"namespace": "Research", "clusterQueue": "team"}]}},
+     "at '/kueue/localQueues/0/namespace'"),
+    ({"kueue": {"localQueues": [{"namespace": "research", "clusterQueue": "team", "name": "q" * 64}]}},
+     "at '/kueue/localQueues/0/name'"),
+    ({"kueue": {"localQueues": [{"namespace": "research", "clusterQueue": "Team_GPUs"}]}},
+     "at '/kueue/localQueues/0/clusterQueue'"),
+    ({"kueue": {"localQueues": [{"namespace": "research", "cluster_queue": "team"}]}},
+     "at '/kueue/localQueues/0': additional properties 'cluster_queue' not allowed"),
 ], ids=["replicas-a-string", "replicas-negative", "unknown-key", "endpoint-without-scheme", "secret-without-keys",
         "secret-both-ways", "monitoring-mode", "interval-unit", "workers-zero", "chart-managed-setting",
-        "toleration-operator", "pull-secret-a-string", "image-tag", "service-account-unnamed"])
+        "toleration-operator", "pull-secret-a-string", "image-tag", "service-account-unnamed",
+        "queue-without-cluster-queue", "queue-namespace-uppercase", "queue-name-too-long-for-a-label",
+        "cluster-queue-not-a-name", "queue-unknown-key"])
 def test_wrong_values_fail_naming_the_field(helm, values, field):
     assert field in helm.refused(values)
 
@@ -339,6 +373,31 @@ def test_the_api_server_accepts_every_rendered_object(helm, cluster, cluster_nam
         accepted = [line for line in out.splitlines() if line.endswith("serverside-applied (server dry run)")]
         assert len(accepted) == len(documents), out
         assert {d["kind"] for d in documents} >= {"CustomResourceDefinition", "Deployment", "ClusterRole"} | MONITORS
+
+
+@pytest.mark.cluster
+def test_kueue_serves_the_rendered_local_queues(helm, cluster, cluster_namespace, kueue_queue):
+    namespace, local_queues = cluster_namespace, "localqueues.kueue.x-k8s.io"
+    team = kueue_queue()  # a ClusterQueue (and a LocalQueue of the test's own) that Kueue reports Active
+    cluster_queue = json.loads(kubectl(cluster, "get", local_queues, team, "-n", namespace, "-o", "json"))[
+        "spec"]["clusterQueue"]
+    values = {"kueue": {"localQueues": [{"namespace": namespace, "clusterQueue": cluster_queue},
+                                        {"namespace": namespace, "clusterQueue": cluster_queue, "name": "batch"}]}}
+    rendered = [o for o in helm.template(values, namespace=namespace, release="dlmctl-queues")
+                if o["kind"] == "LocalQueue"]
+    text = yaml.safe_dump_all(rendered)
+
+    def served() -> list[tuple[str, str]]:
+        items = json.loads(kubectl(cluster, "get", local_queues, "-n", namespace, "-o", "json",
+                                   "-l", "app.kubernetes.io/instance=dlmctl-queues"))["items"]
+        return sorted((q["metadata"]["name"], q["spec"]["clusterQueue"]) for q in items)
+
+    kubectl(cluster, "apply", "--server-side", "--field-manager=test-chart", "-f", "-", stdin=text)
+    kubectl(cluster, "wait", "--for=condition=Active", "--timeout=60s", "-n", namespace,
+            f"{local_queues}/default", f"{local_queues}/batch")
+    assert served() == [("batch", cluster_queue), ("default", cluster_queue)]
+    kubectl(cluster, "delete", "--wait", "-f", "-", stdin=text)
+    assert served() == []
 
 
 @pytest.mark.cluster
