@@ -93,13 +93,27 @@ def status_table(experiment: "Experiment") -> Table:
                     for d in status.data]
     table = Table(title=title, title_justify="left", caption="\n".join(preparations) or None, caption_justify="left")
     numeric = ("step", "epoch", "train loss", "val loss", "restarts")
-    for col in ("run", "arm", "phase", "reason", "step", "epoch", "train loss", "val loss", "restarts", "message"):
+    queued = any(r.queue for r in status.runs)  # the column only where Kueue queues runs
+    columns = ("run", "arm", "phase", "reason", *(("queue",) if queued else ()), "step", "epoch", "train loss",
+               "val loss", "restarts", "message")
+    for col in columns:
         table.add_column(col, justify="right" if col in numeric else "left")
     for r in status.runs:
         step = f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step)
-        table.add_row(r.name, r.arm.value, str(r.phase), r.reason or "", step, fmt(r.epoch, 2), fmt(r.train_loss),
-                      fmt(r.val_loss), str(r.restarts), r.message or "")
+        queue = (queue_words(r),) if queued else ()
+        table.add_row(r.name, r.arm.value, str(r.phase), r.reason or "", *queue, step, fmt(r.epoch, 2),
+                      fmt(r.train_loss), fmt(r.val_loss), str(r.restarts), r.message or "")
     return table
+
+
+def queue_words(r: "RunStatus") -> str:
+    """The LocalQueue, the ClusterQueue that admitted the run, and its place in line while it waits."""
+    if not r.queue:
+        return ""
+    words = r.queue + (f" ({r.cluster_queue})" if r.cluster_queue else "")
+    if r.queue_position is not None and str(r.phase) in ("Queued", "Preempted"):
+        words += f" #{r.queue_position + 1}"
+    return words
 
 
 def comparison_table(experiment: "Experiment") -> Table:
@@ -308,7 +322,7 @@ def progress_line(r: "RunStatus") -> str:
         parts.append(f"loss {r.train_loss:.4f}")
     if r.val_loss is not None:
         parts.append(f"val {r.val_loss:.4f}")
-    if r.message and r.phase in ("Failed", "Cancelled", "Unschedulable", "Restarting", "Preempted"):
+    if r.message and r.phase in ("Failed", "Cancelled", "Unschedulable", "Restarting", "Preempted", "Queued"):
         parts.append(r.message)
     return "  ".join(parts)
 

@@ -437,10 +437,19 @@ class MetricsSpec(SpecModel):
 
 
 class SchedulingSpec(SpecModel):
-    queue: Optional[str] = Field(default=None, max_length=253)
-    priority_class: Optional[str] = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN,
-                                          description="a PriorityClass of the cluster")
-    max_restarts: int = Field(default=3, ge=0, le=1000)
+    # 63 characters: the name is also the value of the job's label kueue.x-k8s.io/queue-name
+    queue: Optional[str] = Field(default=None, max_length=63, pattern=DNS_SUBDOMAIN, description=(
+        "a Kueue LocalQueue in the experiment's namespace: each run's job is admitted whole when its quota is free, "
+        "and waits Queued until then"))
+    priority_class: Optional[str] = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN, description=(
+        "a PriorityClass of the cluster for the pods; with a queue, also the Kueue WorkloadPriorityClass of that "
+        "name where the cluster has one (else Kueue uses the PriorityClass's value)"))
+    max_restarts: int = Field(default=3, ge=0, le=1000, description=(
+        "recreations after failures or preemptions (Kueue's included) before the run fails"))
+
+    _queue = field_validator("queue", mode="before")(_matching(
+        DNS_SUBDOMAIN, "{value!r} is not a valid LocalQueue name (lowercase letters, digits, '-' and '.', "
+        "starting and ending alphanumeric)"))
 
     _priority_class = field_validator("priority_class", mode="before")(_matching(
         DNS_SUBDOMAIN, "{value!r} is not a valid PriorityClass name (lowercase letters, digits, '-' and '.', "

@@ -6,6 +6,7 @@ control plane with the real Kueue (tests/testenv) and KWOK GPU nodes."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import kopf
 import pytest
@@ -235,3 +236,160 @@ def test_runs_without_a_queue_are_not_kueues():
     assert "suspend" not in manifest["spec"]["runPolicy"] and LABEL_QUEUE not in manifest["metadata"]["labels"]
     run = look(r, body, [job(manifest, suspended=False)], running_pods())
     assert run["phase"] == "Running" and "queue" not in run
+
+
+@pytest.mark.parametrize("queue", ["Team_A", "a" * 64, "-team"])
+def test_a_queue_name_no_localqueue_and_no_label_can_have_is_refused_naming_the_field(queue):
+    from dlmctl.spec import SpecError, experiment_from_dict
+
+    body = experiment_body(scheduling={"queue": queue})
+    with pytest.raises(SpecError, match=r"spec\.scheduling\.queue"):
+        experiment_from_dict({k: body[k] for k in ("apiVersion", "kind", "spec")} | {"metadata": {"name": "exp"}})
+
+
+# ---- on the real control plane, with the real Kueue ----------------------------------------------------------
+
+SWEEP = {"arms": ["diffusion", "autoregressive"], "model": {"preset": "nano"},
+         "data": {"unique_tokens": 8192, "seq_len": 64}, "metrics": {"port": 0},
+         "batch": {"global_sequences": 64, "micro_batch_sequences": 4},
+         "resources": {"nodes": 2, "gpus_per_node": 8},  # 16 GPUs a run: the 4 KWOK nodes hold two at once
+         "checkpoint": {"uri": "s3://dlmctl-test/kueue"}, "sweep": {"data.epochs": [1, 2]}}
+
+
+@pytest.fixture(scope="module")
+def operator(cluster, s3_server, tmp_path_factory):
+    from operator_harness import OperatorProcess, install_operator_rbac
+
+    if not cluster.kueue_served():
+        pytest.skip("the cluster runs no Kueue")
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    process = OperatorProcess(install_operator_rbac(cluster), log, env=s3_server.env()).start()
+    yield process
+    process.stop()
+    print(f"operator log: {log}")
+
+
+def spec_file(tmp_path, name: str, spec: dict):
+    import yaml
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"apiVersion": "dlmctl.io/v1alpha1", "kind": "Experiment",
+                                    "metadata": {"name": name}, "spec": spec}))
+    return path
+
+
+@pytest.mark.cluster
+def test_a_sweep_over_its_quota_starts_only_whole_runs_and_the_rest_wait_queued_until_quota_frees(
+        cluster, cluster_namespace, kueue_queue, kube, operator, tmp_path, capsys):
+    """Quota for one run (16 GPUs) where the nodes would hold two: Kueue, not the scheduler, decides, and no job
+    ever has some of its pods running while others wait."""
+    import time
+
+    from cli_runs import run
+    from operator_harness import Experiments
+
+    queue = kueue_queue(gpus=16)
+    spec = {**SWEEP, "scheduling": {"queue": queue}}
+    assert run(capsys, "submit", spec_file(tmp_path, "sweep", spec), "-n", cluster_namespace)[0] == 0
+    custom, core = kube
+    experiments = Experiments(custom.api_client, cluster_namespace)
+    runs = [f"sweep-{arm}-e{e}" for arm in ("dlm", "ar") for e in (1, 2)]
+    finished, saw_queued, deadline = set(), set(), time.monotonic() + 240
+    while len(finished) < 4:
+        assert time.monotonic() < deadline, f"finished {sorted(finished)}; status {experiments.status('sweep')}"
+        operator.check_alive()
+        live = [p for p in core.list_namespaced_pod(cluster_namespace).items
+                if p.status.phase in ("Pending", "Running") and not p.metadata.deletion_timestamp]
+        by_run: dict[str, list] = {}
+        for pod in live:
+            by_run.setdefault(pod.metadata.labels["dlmctl.io/run"], []).append(pod)
+        assert len(by_run) <= 1, f"two runs hold GPUs at once: {sorted(by_run)}"
+        for name, pods in by_run.items():
+            if any(p.status.phase == "Running" for p in pods):
+                assert len(pods) == 2 and all(p.spec.node_name for p in pods), f"{name} partially placed"
+        statuses = experiments.runs("sweep")
+        saw_queued |= {r for r, s in statuses.items() if s.get("phase") == "Queued"
+                       and "insufficient unused quota" in (s.get("message") or "")}
+        for name, pods in by_run.items():
+            if len(pods) == 2 and all(p.status.phase == "Running" for p in pods) \
+                    and statuses.get(name, {}).get("phase") == "Running":
+                for pod in pods:
+                    cluster.mark_pod(pod.metadata.name, cluster_namespace, "Succeeded")
+        finished = {r for r, s in statuses.items() if s.get("phase") == "Succeeded"}
+        time.sleep(0.3)
+    status = experiments.status("sweep")
+    assert status["phase"] == "Succeeded" and sorted(r["name"] for r in status["runs"]) == sorted(runs)
+    assert len(saw_queued) >= 2, f"runs seen waiting for quota: {saw_queued}"
+    cluster_queue = cluster_namespace  # kueue_queue names the ClusterQueue after the namespace
+    assert {(r["queue"], r.get("cluster_queue"), r["restarts"]) for r in status["runs"]} == {(queue, cluster_queue, 0)}
+    code, out, err = run(capsys, "get", "sweep", "-n", cluster_namespace)
+    assert code == 0, err
+    header = next(line for line in out.splitlines() if " phase " in line)
+    assert " queue " in header and f"{queue} ({cluster_queue})" in out
+
+
+@pytest.mark.cluster
+def test_a_queue_that_is_not_there_is_refused_at_submit_and_nothing_is_created_or_replaced(
+        cluster, cluster_namespace, kube, tmp_path, capsys):
+    from cli_runs import assert_user_error, run
+    from kube_objects import experiments
+
+    if not cluster.kueue_served():
+        pytest.skip("the cluster runs no Kueue")
+    custom, _ = kube
+    unqueued = spec_file(tmp_path, "held", {k: v for k, v in SWEEP.items() if k != "sweep"})
+    assert run(capsys, "submit", unqueued, "-n", cluster_namespace)[0] == 0
+    queued = spec_file(tmp_path, "held", {**SWEEP, "scheduling": {"queue": "nowhere"}})
+    code, _, err = run(capsys, "submit", queued, "-n", cluster_namespace, "--replace")
+    assert_user_error(code, err, "spec.scheduling.queue", "no LocalQueue 'nowhere'", cluster_namespace)
+    (kept,) = experiments(custom, cluster_namespace)
+    assert "scheduling" not in kept["spec"] or not kept["spec"]["scheduling"].get("queue"), "the old one is kept"
+
+
+@pytest.mark.cluster
+def test_a_queue_on_a_cluster_without_kueue_is_refused_at_submit(tmp_path, capsys, monkeypatch):
+    from cli_runs import assert_user_error, run
+    from testenv.cluster import Cluster
+
+    root = Path(__file__).resolve().parents[1]
+    with Cluster.start(kueue=False, crds=sorted((root / "charts" / "dlmctl" / "crds").glob("*.yaml")),
+                       workdir=tmp_path / "bare") as bare:
+        assert not bare.kueue_served()
+        monkeypatch.setenv("KUBECONFIG", str(bare.kubeconfig))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        monkeypatch.delenv("DLMCTL_BACKEND", raising=False)
+        code, _, err = run(capsys, "submit", spec_file(tmp_path, "q", {**SWEEP, "scheduling": {"queue": "team"}}),
+                           "--backend", "kubernetes", "-n", "default")
+        assert_user_error(code, err, "spec.scheduling.queue", "has no Kueue")
+        from kubernetes import client
+
+        with bare.api_client() as api:
+            assert client.CustomObjectsApi(api).list_namespaced_custom_object(
+                "dlmctl.io", "v1alpha1", "default", "experiments")["items"] == []
+
+
+@pytest.mark.cluster
+def test_the_readmes_queue_set_up_for_cluster_admins_is_what_kueue_accepts(cluster, cluster_namespace):
+    """Every object of the README's minimal Kueue set-up, sent to the real API server and Kueue's webhooks."""
+    import re
+
+    import yaml
+    from kubernetes import client
+
+    if not cluster.kueue_served():
+        pytest.skip("the cluster runs no Kueue")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "kind: ClusterQueue" in b]
+    documents = list(yaml.safe_load_all(block))
+    assert [d["kind"] for d in documents] == ["ResourceFlavor", "ClusterQueue", "LocalQueue", "WorkloadPriorityClass"]
+    with cluster.api_client() as api:
+        custom = client.CustomObjectsApi(api)
+        for doc in documents:
+            group, version = doc["apiVersion"].split("/")
+            plural = doc["kind"].lower() + ("es" if doc["kind"].endswith("s") else "s")
+            if doc["kind"] == "LocalQueue":
+                custom.create_namespaced_custom_object(group, version, cluster_namespace, plural,
+                                                       {**doc, "metadata": {"name": doc["metadata"]["name"]}},
+                                                       dry_run="All")
+            else:
+                custom.create_cluster_custom_object(group, version, plural, doc, dry_run="All")
