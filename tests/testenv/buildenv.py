@@ -2,7 +2,7 @@
 
 Stdlib only, so ``tests/testenv/build`` runs with any python3.
 
-Two Go modules live in this directory (their go.mod/go.sum are committed):
+Three Go modules live in this directory (their go.mod/go.sum are committed):
 
 * ``tests/testenv/go.mod`` -- k8s.io/kubernetes (kube-apiserver,
   kube-controller-manager, kube-scheduler) with every k8s.io staging module
@@ -11,6 +11,8 @@ Two Go modules live in this directory (their go.mod/go.sum are committed):
   the compiled packages.
 * ``tests/testenv/training-operator/go.mod`` -- the Kubeflow training-operator
   (k8s.io/* v0.31, controller-runtime v0.19).
+* ``tests/testenv/kueue/go.mod`` -- Kueue's ``cmd/kueue``, unmodified (k8s.io/*
+  v0.35, controller-runtime v0.23).
 
 Binaries go to ``$DLMCTL_TESTENV_CACHE`` (default ``~/.cache/dlmctl/testenv``)
 ``/<k8s-version>/bin``.  Each module group writes a stamp keyed by the hash of
@@ -44,11 +46,14 @@ except ImportError:  # pragma: no cover
 
 HERE = Path(__file__).resolve().parent
 TRAINING_OPERATOR_DIR = HERE / "training-operator"
+KUEUE_DIR = HERE / "kueue"
 
 KUBE_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
 MAIN_BINARIES = KUBE_BINARIES + ("etcd", "kwok", "helm", "kubectl")
 TRAINING_OPERATOR_BINARY = "training-operator"
-ALL_BINARIES = MAIN_BINARIES + (TRAINING_OPERATOR_BINARY,)
+KUEUE_BINARY = "kueue"
+KUEUE_PACKAGE = "sigs.k8s.io/kueue/cmd/kueue"
+ALL_BINARIES = MAIN_BINARIES + (TRAINING_OPERATOR_BINARY, KUEUE_BINARY)
 
 # Go package for each binary of the main module.
 MAIN_PACKAGES = {
@@ -65,6 +70,7 @@ MAIN_TOOLS = [p for p in MAIN_PACKAGES.values() if not p.startswith("./")]
 # Release metadata (from the module proxy's .info) used for version ldflags.
 # The proxy this was generated against serves no VCS origin, so no git commit.
 KUBE_BUILD_DATE = "2026-07-22T18:07:38Z"
+KUEUE_BUILD_DATE = "2026-03-31T10:34:08Z"
 
 
 def cache_root() -> Path:
@@ -82,6 +88,10 @@ def bin_dir() -> Path:
 
 def crd_dir() -> Path:
     return cache_root() / V.KUBERNETES / "training-operator-manifests"
+
+
+def kueue_manifest_dir() -> Path:
+    return cache_root() / V.KUBERNETES / "kueue-manifests"
 
 
 def binary(name: str) -> Path:
@@ -146,6 +156,13 @@ def training_operator_ldflags() -> str:
     return "-s -w"
 
 
+def kueue_ldflags() -> str:
+    # GitCommit emptied (upstream's default is a placeholder): the module proxy serves no VCS origin
+    return (f"-X sigs.k8s.io/kueue/pkg/version.GitVersion={V.KUEUE} "
+            "-X sigs.k8s.io/kueue/pkg/version.GitCommit= "
+            f"-X sigs.k8s.io/kueue/pkg/version.BuildDate={KUEUE_BUILD_DATE} -s -w")
+
+
 @dataclass
 class Group:
     name: str
@@ -173,6 +190,7 @@ def groups() -> list[Group]:
               main_ldflags(), sources=sorted((HERE / "etcd").glob("*.go"))),
         Group("training-operator", TRAINING_OPERATOR_DIR, (TRAINING_OPERATOR_BINARY,), ["."],
               training_operator_ldflags(), sources=sorted(TRAINING_OPERATOR_DIR.glob("*.go"))),
+        Group("kueue", KUEUE_DIR, (KUEUE_BINARY,), [KUEUE_PACKAGE], kueue_ldflags()),
     ]
 
 
@@ -266,22 +284,34 @@ def _go_version(go: str) -> str:
                           env=go_env()).stdout.strip()
 
 
-def _copy_training_operator_manifests(go: str) -> None:
-    """Copy the training-operator's CRDs and webhook manifest from the module cache."""
-    out = subprocess.run(
-        [go, "list", "-m", "-f", "{{.Dir}}", "github.com/kubeflow/training-operator"],
-        cwd=TRAINING_OPERATOR_DIR, env=go_env(), capture_output=True, text=True, check=True,
-    ).stdout.strip()
-    src = Path(out) / "manifests" / "base"
-    dst = crd_dir()
+def _copy_manifests(go: str, module: str, moddir: Path, dst: Path, files: dict[str, str]) -> None:
+    """Copy files and folders (``{source in the module: name in dst}``) of a module in the module cache
+    to ``dst``, replacing it as a whole."""
+    out = subprocess.run([go, "list", "-m", "-f", "{{.Dir}}", module], cwd=moddir, env=go_env(),
+                         capture_output=True, text=True, check=True).stdout.strip()
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=".manifests-"))
-    shutil.copytree(src / "crds", tmp / "crds")
-    shutil.copy(src / "webhook" / "manifests.yaml", tmp / "webhook.yaml")
+    for src, name in files.items():
+        (shutil.copytree if (Path(out) / src).is_dir() else shutil.copy)(Path(out) / src, tmp / name)
     for p in [tmp, *tmp.rglob("*")]:
         p.chmod(0o755 if p.is_dir() else 0o644)
     if dst.exists():
         shutil.rmtree(dst)
     tmp.rename(dst)
+
+
+def _copy_training_operator_manifests(go: str) -> None:
+    """The training-operator's CRDs and webhook manifest."""
+    _copy_manifests(go, "github.com/kubeflow/training-operator", TRAINING_OPERATOR_DIR, crd_dir(),
+                    {"manifests/base/crds": "crds", "manifests/base/webhook/manifests.yaml": "webhook.yaml"})
+
+
+def _copy_kueue_manifests(go: str) -> None:
+    """Kueue's CRDs (bases, and the kustomize patches that give five of them a conversion webhook), its webhook
+    configurations and the kustomization that patches those (namespaceSelectors)."""
+    _copy_manifests(go, "sigs.k8s.io/kueue", KUEUE_DIR, kueue_manifest_dir(),
+                    {"config/components/crd": "crd",
+                     "config/components/webhook/manifests.yaml": "webhook.yaml",
+                     "config/components/webhook/kustomization.yaml": "webhook-kustomization.yaml"})
 
 
 MONITORING_CRDS = ("servicemonitors", "podmonitors")
@@ -326,7 +356,9 @@ def up_to_date() -> bool:
             return False
         if not all(binary(b).exists() for b in g.binaries):
             return False
-    return (crd_dir() / "crds" / "kubeflow.org_pytorchjobs.yaml").exists()
+    return ((crd_dir() / "crds" / "kubeflow.org_pytorchjobs.yaml").exists()
+            and (kueue_manifest_dir() / "crd" / "bases" / "kueue.x-k8s.io_workloads.yaml").exists()
+            and (kueue_manifest_dir() / "webhook-kustomization.yaml").exists())
 
 
 def build(force: bool = False, quiet: bool = False) -> Path:
@@ -380,6 +412,7 @@ def build(force: bool = False, quiet: bool = False) -> Path:
             stamps[g.name] = fp
             stamps_path.write_text(json.dumps(stamps, indent=1))
         _copy_training_operator_manifests(go)
+        _copy_kueue_manifests(go)
     log(f"done in {time.monotonic() - t_start:.0f}s -> {bin_dir()}"
         + (f" (peak build-tree RSS {total_peak / 1024:.0f} MiB, largest single process "
            f"{total_proc / 1024:.0f} MiB)" if total_peak else ""))
@@ -433,6 +466,12 @@ def regen_gomod() -> None:
         f"require github.com/kubeflow/training-operator {V.TRAINING_OPERATOR}\n")
     (tod / "go.sum").write_text("")
     subprocess.run([go, "mod", "tidy"], cwd=tod, env=env, check=True)
+
+    (KUEUE_DIR / "go.mod").write_text(
+        "module dlmctl.local/testenv/kueue\n\ngo 1.25.0\n\n"
+        f"require sigs.k8s.io/kueue {V.KUEUE}\n\ntool {KUEUE_PACKAGE}\n")
+    (KUEUE_DIR / "go.sum").write_text("")
+    subprocess.run([go, "mod", "tidy"], cwd=KUEUE_DIR, env=env, check=True)
     log("go.mod/go.sum regenerated; review the diff and rebuild")
 
 
@@ -440,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="tests/testenv/build",
         description="Build the test control plane (kube-apiserver, kube-controller-manager, "
-                    "kube-scheduler, etcd, kwok, helm, training-operator) from Go modules.")
+                    "kube-scheduler, etcd, kwok, helm, training-operator, kueue) from Go modules.")
     ap.add_argument("--force", action="store_true", help="rebuild even if the stamps match")
     ap.add_argument("--check", action="store_true",
                     help="exit 0 if everything is built and up to date, 1 otherwise")

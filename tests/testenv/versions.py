@@ -18,6 +18,10 @@ HELM = "v4.2.4"
 # v0.31 and controller-runtime v0.19, which cannot share a build list with
 # Kubernetes 1.36).
 TRAINING_OPERATOR = "v1.9.3"
+# sigs.k8s.io/kueue (cmd/kueue, unmodified; its own module tests/testenv/kueue: it
+# needs k8s.io/* v0.35 and controller-runtime v0.23, which can share a build list
+# neither with Kubernetes 1.36 nor with the training-operator).
+KUEUE = "v0.17.0"
 # github.com/prometheus-operator/prometheus-operator: only its ServiceMonitor and PodMonitor CRDs are used
 # (buildenv.monitoring_crds), so the Helm chart's monitors can be checked by the API server.
 PROMETHEUS_OPERATOR = "v0.85.0"
