@@ -1,7 +1,7 @@
 """A real Kubernetes control plane for dlmctl's tests.
 
 etcd, kube-apiserver, kube-controller-manager, kube-scheduler, KWOK (fake GPU
-nodes) and the Kubeflow training-operator, all built from upstream Go modules
+nodes), the Kubeflow training-operator and Kueue, all built from upstream Go modules
 (``tests/testenv/build``) and run as local processes on 127.0.0.1.
 
     from testenv import Cluster

@@ -14,6 +14,9 @@ Components (all on 127.0.0.1, ports picked at start):
   annotation (or label)
 * training-operator -- Kubeflow training-operator v1 controllers (all upstream
   CRDs installed) with its validating webhooks served on 127.0.0.1
+* kueue -- Kueue's controller manager (upstream CRDs, webhook configurations and
+  conversion webhooks pointed at 127.0.0.1) queueing PyTorchJobs labelled
+  ``kueue.x-k8s.io/queue-name``; ResourceFlavor ``gpu`` for the KWOK GPU nodes
 
 Start-up needs only the standard library, PyYAML and openssl; ``api_client()``
 and ``token_for()`` use the ``kubernetes`` client package.
@@ -49,6 +52,23 @@ EXIT_CODE_KEY = "testenv.dlmctl.io/exit-code"  # annotation, exit code for "Fail
 COMPLETE_AFTER_KEY = "testenv.dlmctl.io/complete-after"  # annotation, Go duration
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 GPU_RESOURCE = "nvidia.com/gpu"
+
+KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"
+KUEUE_NAMESPACE = "kueue-system"
+QUEUE_NAME_LABEL = "kueue.x-k8s.io/queue-name"
+PRIORITY_CLASS_LABEL = "kueue.x-k8s.io/priority-class"
+GPU_FLAVOR = "gpu"  # the ResourceFlavor of the KWOK GPU nodes (they carry nvidia.com/gpu.present=true)
+# the names Kueue's certificate management looks for: its Configuration's defaults and config/default's
+# namePrefix "kueue-" (webhook configurations kueue-{mutating,validating}-webhook-configuration)
+KUEUE_WEBHOOK_SERVICE = "kueue-webhook-service"
+KUEUE_WEBHOOK_SECRET = "kueue-webhook-server-cert"
+KUEUE_NAME_PREFIX = "kueue-"
+KUEUE_FRAMEWORKS = ["kubeflow.org/pytorchjob"]
+
+
+def gpu_resource_flavor() -> dict:
+    return {"apiVersion": f"{KUEUE_GROUP}/{KUEUE_VERSION}", "kind": "ResourceFlavor",
+            "metadata": {"name": GPU_FLAVOR}, "spec": {"nodeLabels": {"nvidia.com/gpu.present": "true"}}}
 
 
 # KWOK's Logs kind (sigs.k8s.io/kwok v0.8.0 kustomize/crd/bases), schema reduced to what is used
@@ -131,8 +151,8 @@ def _wait_for(what: str, fn, timeout: float, interval: float = 0.2, proc=None):
 def _yaml_docs(path: Path) -> list[dict]:
     import yaml
 
-    with open(path) as f:
-        return [d for d in yaml.safe_load_all(f) if d]
+    with open(path) as f:  # libyaml when there is one: Kueue's CRDs are 1.6 MB
+        return [d for d in yaml.load_all(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) if d]
 
 
 # --------------------------------------------------------------------------
@@ -148,21 +168,34 @@ class PKI:
         self.openssl = shutil.which("openssl")
         if not self.openssl:
             raise ClusterError("openssl is required to generate the test cluster's certificates")
-        self.ca_crt = self.dir / "ca.crt"
-        self.ca_key = self.dir / "ca.key"
-        self._ossl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                   "-nodes", "-keyout", self.ca_key, "-out", self.ca_crt, "-days", "3650",
-                   "-subj", "/CN=dlmctl-testenv-ca",
-                   "-addext", "basicConstraints=critical,CA:TRUE",
-                   "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature")
+        self.ca_crt, self.ca_key = self.new_ca("ca", "dlmctl-testenv-ca")
 
     def _ossl(self, *args):
         r = subprocess.run([self.openssl, *map(str, args)], capture_output=True, text=True)
         if r.returncode != 0:
             raise ClusterError(f"openssl {' '.join(map(str, args[:2]))} failed: {r.stderr.strip()}")
 
+    def new_ca(self, name: str, cn: str, dns: Iterable[str] = (), rsa: bool = False) -> tuple[Path, Path]:
+        """A self-signed CA (ECDSA P-256; ``rsa``: a 2048-bit RSA key in PKCS#1 form)."""
+        crt, key = self.dir / f"{name}.crt", self.dir / f"{name}.key"
+        if rsa:
+            self._ossl("genrsa", "-out", key, "2048")
+            if not key.read_text().startswith("-----BEGIN RSA PRIVATE KEY"):  # OpenSSL 3 writes PKCS#8
+                self._ossl("rsa", "-in", key, "-out", key, "-traditional")
+            new_key = ["-key", key]
+        else:
+            new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key]
+        sans = ["-addext", "subjectAltName=" + ",".join(f"DNS:{d}" for d in dns)] if dns else []
+        self._ossl("req", "-x509", *new_key, "-out", crt, "-days", "3650", "-subj", f"/CN={cn}",
+                   "-addext", "basicConstraints=critical,CA:TRUE",
+                   "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature", *sans)
+        return crt, key
+
     def issue(self, name: str, cn: str, orgs: Iterable[str] = (), server: bool = False,
-              client: bool = False, ips: Iterable[str] = (), dns: Iterable[str] = ()) -> tuple[Path, Path]:
+              client: bool = False, ips: Iterable[str] = (), dns: Iterable[str] = (),
+              ca: tuple[Path, Path] | None = None) -> tuple[Path, Path]:
+        """A certificate signed by the CA (``ca``: another one, as (certificate, key))."""
+        ca_crt, ca_key = ca or (self.ca_crt, self.ca_key)
         crt, key, csr = self.dir / f"{name}.crt", self.dir / f"{name}.key", self.dir / f"{name}.csr"
         subj = "".join(f"/O={o}" for o in orgs) + f"/CN={cn}"
         self._ossl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
@@ -176,7 +209,7 @@ class PKI:
             ext.append("subjectAltName=" + ",".join(sans))
         extfile = self.dir / f"{name}.ext"
         extfile.write_text("\n".join(ext) + "\n")
-        self._ossl("x509", "-req", "-in", csr, "-CA", self.ca_crt, "-CAkey", self.ca_key,
+        self._ossl("x509", "-req", "-in", csr, "-CA", ca_crt, "-CAkey", ca_key,
                    "-CAcreateserial", "-out", crt, "-days", "365", "-extfile", extfile)
         csr.unlink()
         extfile.unlink()
@@ -427,6 +460,85 @@ class ClusterBase:
         path.chmod(0o600)
         return path
 
+    # -- Kueue (kueue.x-k8s.io/v1beta2) -----------------------------------------
+
+    kueue: "Component | None" = None  # the local cluster's Kueue process
+
+    def kueue_served(self) -> bool:
+        """Whether the API server serves kueue.x-k8s.io/v1beta2 (Kueue's CRDs are installed)."""
+        from kubernetes import client
+
+        with self.api_client() as api:
+            groups = client.ApisApi(api).get_api_versions().groups
+        return any(g.name == KUEUE_GROUP and any(v.version == KUEUE_VERSION for v in g.versions)
+                   for g in groups)
+
+    def create_cluster_queue(self, name: str, gpus: int, cpu: str = "1000", memory: str = "10Ti",
+                             preemption_within: str = "LowerPriority") -> None:
+        """A ClusterQueue for every namespace (namespaceSelector {}, BestEffortFIFO) with ``gpus``
+        nvidia.com/gpu, ``cpu`` and ``memory`` in the ResourceFlavor "gpu" (created when missing);
+        ``preemption_within``: its preemption.withinClusterQueue (Never, LowerPriority,
+        LowerOrNewerEqualPriority). Returns once Kueue reports it Active."""
+        self._create_kueue_object("resourceflavors", gpu_resource_flavor(), exist_ok=True)
+        flavor = {"name": GPU_FLAVOR, "resources": [
+            {"name": "cpu", "nominalQuota": cpu}, {"name": "memory", "nominalQuota": memory},
+            {"name": GPU_RESOURCE, "nominalQuota": gpus}]}
+        self._create_kueue_object("clusterqueues", {
+            "apiVersion": f"{KUEUE_GROUP}/{KUEUE_VERSION}", "kind": "ClusterQueue", "metadata": {"name": name},
+            "spec": {"namespaceSelector": {}, "queueingStrategy": "BestEffortFIFO",
+                     "preemption": {"withinClusterQueue": preemption_within},
+                     "resourceGroups": [{"coveredResources": ["cpu", "memory", GPU_RESOURCE],
+                                         "flavors": [flavor]}]}})
+        self._wait_kueue_active("clusterqueues", name)
+
+    def create_local_queue(self, namespace: str, name: str, cluster_queue: str) -> None:
+        """A LocalQueue in ``namespace`` feeding ``cluster_queue``. Returns once Kueue reports it Active."""
+        self._create_kueue_object("localqueues", {
+            "apiVersion": f"{KUEUE_GROUP}/{KUEUE_VERSION}", "kind": "LocalQueue",
+            "metadata": {"name": name, "namespace": namespace}, "spec": {"clusterQueue": cluster_queue}},
+            namespace=namespace)
+        self._wait_kueue_active("localqueues", name, namespace)
+
+    def create_workload_priority_class(self, name: str, value: int) -> None:
+        """A WorkloadPriorityClass; a job names it in its label kueue.x-k8s.io/priority-class."""
+        self._create_kueue_object("workloadpriorityclasses", {
+            "apiVersion": f"{KUEUE_GROUP}/{KUEUE_VERSION}", "kind": "WorkloadPriorityClass",
+            "metadata": {"name": name}, "value": value})
+
+    def _create_kueue_object(self, plural: str, body: dict, namespace: str | None = None,
+                             exist_ok: bool = False) -> None:
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        with self.api_client() as api:
+            co = client.CustomObjectsApi(api)
+            try:
+                if namespace:
+                    co.create_namespaced_custom_object(KUEUE_GROUP, KUEUE_VERSION, namespace, plural, body)
+                else:
+                    co.create_cluster_custom_object(KUEUE_GROUP, KUEUE_VERSION, plural, body)
+            except ApiException as e:
+                if not (exist_ok and e.status == 409):
+                    raise
+
+    def _wait_kueue_active(self, plural: str, name: str, namespace: str | None = None,
+                           timeout: float = 60) -> None:
+        from kubernetes import client
+
+        with self.api_client() as api:
+            co = client.CustomObjectsApi(api)
+
+            def conditions() -> dict:
+                obj = (co.get_namespaced_custom_object(KUEUE_GROUP, KUEUE_VERSION, namespace, plural, name)
+                       if namespace else co.get_cluster_custom_object(KUEUE_GROUP, KUEUE_VERSION, plural, name))
+                return {c["type"]: c for c in obj.get("status", {}).get("conditions", [])}
+
+            try:
+                _wait_for(f"{plural} {name} Active", lambda: conditions().get("Active", {}).get("status") == "True",
+                          timeout)
+            except ClusterError as e:
+                raise ClusterError(f"{e}; conditions: {list(conditions().values())}") from None
+
     def logs_dir(self) -> Path | None:
         return None
 
@@ -459,13 +571,14 @@ class Cluster(ClusterBase):
 
     def __init__(self, *, node_pools: list[NodePool] | None = None, workdir: Path | str | None = None,
                  bin_dir: Path | str | None = None, webhooks: bool = True,
-                 crds: Iterable[Path | str] = (),
+                 crds: Iterable[Path | str] = (), kueue: bool = True,
                  verbosity: int = 1, startup_timeout: float = 180.0):
         env_pools = os.environ.get("DLMCTL_TESTENV_NODES")
         self.node_pools = node_pools or (parse_node_pools(env_pools) if env_pools else [NodePool()])
         self.bin_dir = Path(bin_dir) if bin_dir else None
         self.extra_crds = [Path(p) for p in crds]
         self.webhooks = webhooks
+        self.kueue_enabled = kueue
         self.verbosity = verbosity
         self.startup_timeout = startup_timeout
         base = os.environ.get("DLMCTL_TESTENV_WORKDIR")
@@ -563,12 +676,18 @@ class Cluster(ClusterBase):
 
         t = time.monotonic()
         # CRDs before kube-controller-manager: its garbage collector then watches
-        # PyTorchJobs from the start instead of after its next 30 s discovery resync
-        self._install_training_operator_manifests()
+        # PyTorchJobs (and Kueue's Workloads, which they own) from the start instead
+        # of after its next 30 s discovery resync
+        self._install_crds()
+        if self.kueue_enabled:
+            self._prepare_kueue()
+        self.timings["crds"] = time.monotonic() - t
         self._start_controller_manager()
         self._start_scheduler()
         self._start_kwok()
         self._start_training_operator()
+        if self.kueue_enabled:
+            self._start_kueue()
         self._create_nodes()
         self._wait_ready()
         self.timings["controllers+nodes"] = time.monotonic() - t
@@ -577,7 +696,8 @@ class Cluster(ClusterBase):
             "kubeconfig": str(self.kubeconfig), "server": self.server,
             "pids": self.pids(), "timings": self.timings,
             "versions": {"kubernetes": versions.KUBERNETES, "etcd": versions.ETCD,
-                         "kwok": versions.KWOK, "training-operator": versions.TRAINING_OPERATOR},
+                         "kwok": versions.KWOK, "training-operator": versions.TRAINING_OPERATOR,
+                         **({"kueue": versions.KUEUE} if self.kueue_enabled else {})},
         }, indent=2))
 
     def _add(self, name: str, argv: list, env: dict | None = None) -> Component:
@@ -612,6 +732,8 @@ class Cluster(ClusterBase):
         self.sa_key, self.sa_pub = pki.service_account_keys()
         # aggregation layer / request-header authentication (like kubeadm's front proxy)
         self.front_proxy_cert = pki.issue("front-proxy-client", "front-proxy-client", client=True)
+        if self.kueue_enabled:
+            self._kueue_pki()
 
     def _start_etcd(self):
         self.etcd_port, peer = free_port(), free_port()
@@ -714,19 +836,21 @@ class Cluster(ClusterBase):
             f"--v={self.verbosity}",
         ])
 
-    def _install_training_operator_manifests(self):
+    def _install_crds(self):
+        """The training-operator's, Kueue's, KWOK's Logs and the extra CRDs."""
         mdir = buildenv.crd_dir()
-        names = []
+        docs = [KWOK_LOGS_CRD] + (self._kueue_crds() if self.kueue_enabled else [])
         files = sorted((mdir / "crds").glob("kubeflow.org_*.yaml")) + self.extra_crds
         for crd_file in files:
             for doc in _yaml_docs(crd_file):
                 if doc.get("kind") != "CustomResourceDefinition":
                     raise ClusterError(f"{crd_file}: only CustomResourceDefinitions can be "
                                        f"pre-installed, found {doc.get('kind')}")
-                self.api.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", doc)
-                names.append(doc["metadata"]["name"])
-        self.api.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", KWOK_LOGS_CRD)
-        names.append(KWOK_LOGS_CRD["metadata"]["name"])
+                docs.append(doc)
+        names = []
+        for doc in docs:
+            self.api.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", doc)
+            names.append(doc["metadata"]["name"])
 
         def established():
             for n in names:
@@ -793,6 +917,108 @@ class Cluster(ClusterBase):
         self.api.create("/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations",
                         doc, exist_ok=False)
 
+    # -- Kueue ---------------------------------------------------------------
+
+    def _kueue_pki(self):
+        """Kueue's certificate management (see _start_kueue) finds in its Secret a CA and a serving certificate
+        it accepts, so it keeps them: the CA must be RSA in PKCS#1 form, valid for the DNS name "kueue-ca"; the
+        serving certificate for <webhook service>.<namespace>.svc, and 127.0.0.1 where the API server calls."""
+        self.kueue_ca = self.pki.new_ca("kueue-ca", "kueue-ca", dns=["kueue-ca"], rsa=True)
+        self.kueue_serving_cert = self.pki.issue(
+            "kueue-webhook", KUEUE_WEBHOOK_SERVICE, server=True, ips=["127.0.0.1"],
+            dns=[f"{KUEUE_WEBHOOK_SERVICE}.{KUEUE_NAMESPACE}.svc", "localhost"], ca=self.kueue_ca)
+        self.kueue_cert_dir = self.workdir / "kueue-webhook-certs"
+        self.kueue_cert_dir.mkdir()
+        shutil.copy(self.kueue_serving_cert[0], self.kueue_cert_dir / "tls.crt")
+        shutil.copy(self.kueue_serving_cert[1], self.kueue_cert_dir / "tls.key")
+        self.kueue_client_cert = self.pki.issue("kueue", "kueue", orgs=["system:masters"], client=True)
+        self.kueue_webhook_port = free_port()  # in the CRDs' conversion webhooks, before Kueue starts
+
+    def _kueue_client_config(self, path: str) -> dict:
+        return {"url": f"https://127.0.0.1:{self.kueue_webhook_port}{path}",
+                "caBundle": base64.b64encode(self.kueue_ca[0].read_bytes()).decode()}
+
+    def _kueue_crds(self) -> list[dict]:
+        """Kueue's CRDs as its kustomization makes them: bases plus patches that give five of them (the ones its
+        certificate management injects a CA into) conversion through Kueue's webhook, here at 127.0.0.1."""
+        cdir = buildenv.kueue_manifest_dir() / "crd"
+        (kustomization,) = _yaml_docs(cdir / "kustomization.yaml")
+        crds = {}
+        for resource in kustomization["resources"]:
+            for doc in _yaml_docs(cdir / resource):
+                crds[doc["metadata"]["name"]] = doc
+        for patch in kustomization.get("patches", []):
+            (doc,) = _yaml_docs(cdir / patch["path"])
+            conversion = doc["spec"]["conversion"]  # the only kind of patch there
+            conversion["webhook"]["clientConfig"] = self._kueue_client_config(
+                conversion["webhook"]["clientConfig"]["service"]["path"])
+            crds[doc["metadata"]["name"]]["spec"]["conversion"] = conversion
+        return list(crds.values())
+
+    def _kueue_webhook_configurations(self) -> list[dict]:
+        """Kueue's Mutating- and ValidatingWebhookConfiguration as its kustomizations make them (the names with
+        config/default's prefix, the webhooks on pods, deployments and statefulsets skipping kube-system and
+        kueue-system), every webhook pointed at 127.0.0.1."""
+        import yaml
+
+        mdir = buildenv.kueue_manifest_dir()
+        (kustomization,) = _yaml_docs(mdir / "webhook-kustomization.yaml")
+        patched = {}
+        for patch in kustomization.get("patches", []):
+            doc = yaml.safe_load(patch["patch"])
+            for wh in doc["webhooks"]:
+                patched[(doc["kind"], wh["name"])] = wh
+        docs = _yaml_docs(mdir / "webhook.yaml")
+        for doc in docs:
+            doc["metadata"] = {"name": KUEUE_NAME_PREFIX + doc["metadata"]["name"]}
+            for wh in doc["webhooks"]:
+                wh.update(patched.get((doc["kind"], wh["name"]), {}))
+                wh["clientConfig"] = self._kueue_client_config(wh["clientConfig"]["service"]["path"])
+        return docs
+
+    def _prepare_kueue(self):
+        """What Kueue's deployment would have ready before it starts: its namespace, the Secret its certificate
+        management keeps the CA and serving certificate in, and its webhook configurations."""
+        b64 = lambda p: base64.b64encode(Path(p).read_bytes()).decode()  # noqa: E731
+        self.api.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                               "metadata": {"name": KUEUE_NAMESPACE}})
+        self.api.create(f"/api/v1/namespaces/{KUEUE_NAMESPACE}/secrets", {
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": KUEUE_WEBHOOK_SECRET, "namespace": KUEUE_NAMESPACE},
+            "data": {"ca.crt": b64(self.kueue_ca[0]), "ca.key": b64(self.kueue_ca[1]),
+                     "tls.crt": b64(self.kueue_serving_cert[0]), "tls.key": b64(self.kueue_serving_cert[1])}},
+            exist_ok=False)
+        for doc in self._kueue_webhook_configurations():
+            self.api.create(f"/apis/admissionregistration.k8s.io/v1/{doc['kind'].lower()}s", doc,
+                            exist_ok=False)
+
+    def _start_kueue(self):
+        """Upstream cmd/kueue with its Configuration file. Its internal certificate management is on because
+        with it off cmd/kueue reads a metrics certificate from the fixed path /etc/kueue/metrics/certs; it
+        keeps the certificates the harness put in its Secret and in certDir, where a kubelet would mount
+        the Secret (see _kueue_pki), and injects that CA into the webhook configurations and CRDs.
+        The visibility API server is off: it keeps its certificate in the fixed directory /visibility."""
+        kc = self._component_kubeconfig("kueue", self.kueue_client_cert)
+        self.kueue_probe_port = free_port()
+        config = {
+            "apiVersion": "config.kueue.x-k8s.io/v1beta2", "kind": "Configuration",
+            "namespace": KUEUE_NAMESPACE,
+            "health": {"healthProbeBindAddress": f"127.0.0.1:{self.kueue_probe_port}"},
+            "metrics": {"bindAddress": f"127.0.0.1:{free_port()}"},
+            "webhook": {"host": "127.0.0.1", "port": self.kueue_webhook_port,
+                        "certDir": str(self.kueue_cert_dir)},
+            "leaderElection": {"leaderElect": False},
+            "internalCertManagement": {"enable": True, "webhookServiceName": KUEUE_WEBHOOK_SERVICE,
+                                       "webhookSecretName": KUEUE_WEBHOOK_SECRET},
+            "manageJobsWithoutQueueName": False,
+            "integrations": {"frameworks": KUEUE_FRAMEWORKS},
+            "featureGates": {"VisibilityOnDemand": False},
+        }
+        path = self.workdir / "kueue-config.yaml"
+        path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+        self.kueue = self._add("kueue", [self.binary("kueue"), f"--config={path}", f"--kubeconfig={kc}"])
+        self._kueue_started = time.monotonic()
+
     def _create_nodes(self):
         self.nodes = []
         for pool in self.node_pools:
@@ -839,9 +1065,11 @@ class Cluster(ClusterBase):
                     return False
         return True
 
-    def _webhook_serving(self) -> bool:
-        """The PyTorchJob validating handler answers (it is registered after start-up)."""
-        ctx = ssl.create_default_context(cafile=str(self.ca))
+    def _webhook_serving(self, port: int | None = None,
+                         path: str = "/validate-kubeflow-org-v1-pytorchjob", ca: Path | None = None) -> bool:
+        """The PyTorchJob admission handler answers (it is registered after start-up): the
+        training-operator's validating one, or the one at ``port``/``path`` (``ca`` signed its certificate)."""
+        ctx = ssl.create_default_context(cafile=str(ca or self.ca))
         review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
                   "request": {"uid": "probe", "operation": "CREATE",
                               "kind": {"group": "kubeflow.org", "version": "v1", "kind": "PyTorchJob"},
@@ -850,7 +1078,7 @@ class Cluster(ClusterBase):
                               "object": {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob",
                                          "metadata": {"name": "probe"}}}}
         req = urllib.request.Request(
-            f"https://127.0.0.1:{self.webhook_port}/validate-kubeflow-org-v1-pytorchjob",
+            f"https://127.0.0.1:{port or self.webhook_port}{path}",
             data=json.dumps(review).encode(), method="POST",
             headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, context=ctx, timeout=2) as r:
@@ -877,6 +1105,18 @@ class Cluster(ClusterBase):
         if self.webhooks:
             _wait_for("training-operator webhook handlers", self._webhook_serving, deadline,
                       proc=self.training_operator)
+        if self.kueue_enabled:
+            _wait_for("kueue /readyz", lambda: probe(self.kueue_probe_port, "/readyz", "http"), deadline,
+                      proc=self.kueue)
+            _wait_for("kueue PyTorchJob webhook", lambda: self._webhook_serving(
+                self.kueue_webhook_port, "/mutate-kubeflow-org-v1-pytorchjob", self.kueue_ca[0]), deadline,
+                      proc=self.kueue)
+            # through the API server and Kueue's ResourceFlavor webhooks
+            _wait_for("ResourceFlavor gpu", lambda: self.api.create(
+                f"/apis/{KUEUE_GROUP}/{KUEUE_VERSION}/resourceflavors", gpu_resource_flavor()) or True,
+                      deadline, proc=self.kueue)
+            # from its start; its certificate set-up polls in backoff steps of 1-2 s, 2-4 s, ...
+            self.timings["kueue"] = time.monotonic() - self._kueue_started
         _wait_for("KWOK nodes Ready and untainted", self._nodes_schedulable, deadline,
                   proc=self.kwok)
         # ServiceAccount admission needs the "default" SA before pods can be created.
@@ -904,12 +1144,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", help="directory for certs, etcd data, logs (default: a new tmp dir)")
     ap.add_argument("--no-webhooks", action="store_true",
                     help="run the training-operator without its validating webhooks")
+    ap.add_argument("--no-kueue", action="store_true", help="without Kueue (its CRDs, webhooks, controller)")
     ap.add_argument("--keep", action="store_true", help="keep the working directory on exit")
     args = ap.parse_args(argv)
 
     t0 = time.monotonic()
     c = Cluster.start(node_pools=parse_node_pools(args.nodes), workdir=args.workdir,
-                      webhooks=not args.no_webhooks)
+                      webhooks=not args.no_webhooks, kueue=not args.no_kueue)
     print(f"cluster up in {time.monotonic() - t0:.1f}s ({versions.KUBERNETES})", file=sys.stderr)
     print(f"  logs: {c.logs_dir()}", file=sys.stderr)
     print(f"  pids: {c.pids()}", file=sys.stderr)
