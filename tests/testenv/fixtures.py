@@ -12,6 +12,13 @@ Fixtures
 ``cluster_namespace`` (function)
     A fresh namespace, deleted afterwards; on the local cluster its pods are
     removed at once so the next test finds every GPU free.
+``kueue_queue`` (function)
+    A factory: ``kueue_queue(gpus=16, name="team") -> str`` creates a ClusterQueue
+    (named after the test's namespace; ``gpus`` nvidia.com/gpu in flavor "gpu",
+    preemption within it of lower priorities) and the LocalQueue ``name`` in
+    ``cluster_namespace`` feeding it, and returns the LocalQueue's name: label a job
+    ``kueue.x-k8s.io/queue-name=<it>``. At teardown the namespace goes first, then the
+    ClusterQueue. Skips the test where Kueue is not served (``DLMCTL_TEST_KUBECONFIG``).
 ``pod_executor`` (function)
     A started ``testenv.executor.PodExecutor`` for ``cluster_namespace``: pods
     bound to KWOK nodes there really run, as local processes, and finish with
@@ -108,7 +115,6 @@ def cluster(request):
 @pytest.fixture
 def cluster_namespace(cluster, request):
     from kubernetes import client
-    from kubernetes.client.rest import ApiException
 
     base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
     name = f"{base or 't'}-{uuid.uuid4().hex[:6]}"
@@ -118,17 +124,63 @@ def cluster_namespace(cluster, request):
         try:
             yield name
         finally:
+            _delete_namespace(cluster, core, name)
+
+
+def _delete_namespace(cluster, core, name: str) -> None:
+    from kubernetes.client.rest import ApiException
+
+    try:
+        core.delete_namespace(name)
+        if getattr(cluster, "local", False):
+            # The namespace controller waits a fixed 5 s before it empties a
+            # namespace. Once it is Terminating nothing new can be created in
+            # it, so remove the (KWOK) pods now: the next test finds every GPU
+            # free and nobody waits for the namespace itself.
+            core.delete_collection_namespaced_pod(name, grace_period_seconds=0)
+            deadline = time.monotonic() + 30
+            while core.list_namespaced_pod(name).items and time.monotonic() < deadline:
+                time.sleep(0.2)
+    except ApiException as e:
+        if e.status != 404:
+            raise
+
+
+@pytest.fixture
+def kueue_queue(cluster, cluster_namespace):
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    if not cluster.kueue_served():
+        pytest.skip(f"Kueue ({_cluster.KUEUE_GROUP}/{_cluster.KUEUE_VERSION}) is not served by {cluster!r}")
+    cluster_queues: list[str] = []
+
+    def make(gpus: int = 16, name: str = "team") -> str:
+        cluster_queue = cluster_namespace + (f"-{len(cluster_queues)}" if cluster_queues else "")
+        cluster.create_cluster_queue(cluster_queue, gpus)
+        cluster_queues.append(cluster_queue)
+        cluster.create_local_queue(cluster_namespace, name, cluster_queue)
+        return name
+
+    yield make
+    if not cluster_queues:
+        return
+    with cluster.api_client() as api:
+        # the namespace (its jobs, Workloads, LocalQueues) and its pods first, so nothing holds the
+        # ClusterQueue's quota; cluster_namespace's own teardown then finds it deleted already
+        _delete_namespace(cluster, client.CoreV1Api(api), cluster_namespace)
+        co = client.CustomObjectsApi(api)
+        group, version = _cluster.KUEUE_GROUP, _cluster.KUEUE_VERSION
+        for cq in cluster_queues:
             try:
-                core.delete_namespace(name)
-                if getattr(cluster, "local", False):
-                    # The namespace controller waits a fixed 5 s before it empties a
-                    # namespace. Once it is Terminating nothing new can be created in
-                    # it, so remove the (KWOK) pods now: the next test finds every GPU
-                    # free and nobody waits for the namespace itself.
-                    core.delete_collection_namespaced_pod(name, grace_period_seconds=0)
-                    deadline = time.monotonic() + 30
-                    while core.list_namespaced_pod(name).items and time.monotonic() < deadline:
-                        time.sleep(0.2)
+                co.delete_cluster_custom_object(group, version, "clusterqueues", cq)
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:  # until the get answers 404
+                    co.get_cluster_custom_object(group, version, "clusterqueues", cq)
+                    time.sleep(0.2)
+                # Kueue keeps its finalizer while a Workload still reserves quota there: not worth a hang
+                co.patch_cluster_custom_object(group, version, "clusterqueues", cq,
+                                               {"metadata": {"finalizers": None}})
             except ApiException as e:
                 if e.status != 404:
                     raise
