@@ -107,13 +107,10 @@ def status_table(experiment: "Experiment") -> Table:
 
 
 def queue_words(r: "RunStatus") -> str:
-    """The LocalQueue, the ClusterQueue that admitted the run, and its place in line while it waits."""
+    """The LocalQueue, and the ClusterQueue that admitted the run."""
     if not r.queue:
         return ""
-    words = r.queue + (f" ({r.cluster_queue})" if r.cluster_queue else "")
-    if r.queue_position is not None and str(r.phase) in ("Queued", "Preempted"):
-        words += f" #{r.queue_position + 1}"
-    return words
+    return r.queue + (f" ({r.cluster_queue})" if r.cluster_queue else "")
 
 
 def comparison_table(experiment: "Experiment") -> Table:

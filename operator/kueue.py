@@ -12,11 +12,11 @@ from typing import Optional
 
 from dlmctl.spec import Experiment, Run, SpecError
 
-from .observe import job_conditions
+from .observe import QUEUE_LABEL, job_conditions
 
 GROUP, VERSION = "kueue.x-k8s.io", "v1beta2"
 WORKLOADS, LOCAL_QUEUES, WORKLOAD_PRIORITY_CLASSES = "workloads", "localqueues", "workloadpriorityclasses"
-LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+LABEL_QUEUE = QUEUE_LABEL
 LABEL_PRIORITY_CLASS = "kueue.x-k8s.io/priority-class"
 DEACTIVATED = "Deactivated"  # the eviction reason of a Workload whose spec.active we set to false (cancel)
 

@@ -16,6 +16,7 @@ USER_ERROR_EXIT = 2  # the trainer's exit code for a mistake in the spec (see dl
 # Pod conditions and reasons a kubelet, the scheduler, the taint manager or the eviction API leave on a
 # pod they take away: the run did nothing wrong and resumes from its checkpoint.
 GPU_RESOURCE = "nvidia.com/gpu"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 DISRUPTION_REASONS = {"Evicted", "Preempting", "Terminated", "NodeLost", "Shutdown", "NodeShutdown"}
 
 
@@ -102,6 +103,7 @@ def summarize_job(body: dict) -> dict:
         "name": meta.get("name"),
         "uid": meta.get("uid"),
         "annotations": dict(meta.get("annotations") or {}),
+        "queue": (meta.get("labels") or {}).get(QUEUE_LABEL),  # Kueue's: ours, or its default LocalQueue's
         "deleting": bool(meta.get("deletionTimestamp")),
         "suspended": bool((spec.get("runPolicy") or {}).get("suspend")),
         "conditions": conditions,

@@ -274,9 +274,12 @@ class Reconciler:
                 self.jobs.suspend(namespace, job["name"])
             return self._finish(run, status, RunPhase.Cancelled, "Cancelled",
                                 "cancelled by `dlmctl cancel`; its checkpoints are kept")
-        if run.spec.scheduling.queue:
-            status["queue"] = run.spec.scheduling.queue
-            if not self.kueue_served and job is None:
+        # the spec's queue, or the one Kueue gave the job (a namespace's LocalQueue named "default" takes the
+        # jobs that name none)
+        queue = run.spec.scheduling.queue or (job or {}).get("queue")
+        if queue:
+            status["queue"] = queue
+            if run.spec.scheduling.queue and not self.kueue_served and job is None:
                 self.metrics.runs_failed.inc()
                 return self._finish(run, status, RunPhase.Failed, "KueueNotInstalled",
                                     f"spec.scheduling.queue: {run.spec.scheduling.queue!r} names a Kueue LocalQueue, "
@@ -290,8 +293,8 @@ class Reconciler:
             log.info("run %s/%s: %s %s: %s (job %s, pods %s)", namespace, run.name, obs.seen.value, obs.reason,
                      obs.message, job, pods)
         max_restarts = run.spec.scheduling.max_restarts
-        if run.spec.scheduling.queue and job and not job["deleting"]:
-            queued = self._queued(namespace, run, status, job, workload, obs)
+        if queue and job and not job["deleting"]:
+            queued = self._queued(namespace, queue, run, status, job, workload, obs)
             if queued is not None:
                 return queued
         if obs.seen is Seen.FailedUnexplained:
@@ -352,7 +355,7 @@ class Reconciler:
         reason = "Suspended" if obs.seen is Seen.Suspended else obs.reason
         return _set(status, RunPhase.Pending, reason, obs.message)
 
-    def _queued(self, namespace: str, run: Run, status: dict, job: dict, workload: Optional[dict],
+    def _queued(self, namespace: str, queue: str, run: Run, status: dict, job: dict, workload: Optional[dict],
                 obs: Observation) -> Optional[dict]:
         """The status of a run while Kueue holds its job (waiting for quota, admitted, taken back), else None:
         once its pods run, a queued run is followed like any other."""
@@ -360,7 +363,7 @@ class Reconciler:
             if not job["suspended"]:
                 return None
             return _set(status, RunPhase.Queued, "WaitingForKueue",
-                        f"waiting for Kueue to take job {job['name']} into LocalQueue {run.spec.scheduling.queue!r}")
+                        f"waiting for Kueue to take job {job['name']} into LocalQueue {queue!r}")
         if workload["cluster_queue"]:
             status["cluster_queue"] = workload["cluster_queue"]
         admitted = kueue.is_true(workload, "Admitted")

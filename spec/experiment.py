@@ -228,8 +228,6 @@ class RunStatus(Strict):
                           "preempted by Kueue and admitted again")
     queue: Optional[str] = Field(default=None, description="the Kueue LocalQueue its job waits in")
     cluster_queue: Optional[str] = Field(default=None, description="the Kueue ClusterQueue that admitted it")
-    queue_position: Optional[int] = Field(default=None, description="its place among the pending workloads of "
-                                          "its LocalQueue (0 is next), when Kueue's visibility API says so")
     message: Optional[str] = None
     startTime: Optional[datetime] = None
     completionTime: Optional[datetime] = None

@@ -173,21 +173,23 @@ def test_job_whose_gpus_exceed_the_cluster_total_leaves_a_replica_unschedulable(
     assert f"Insufficient {GPU_RESOURCE}" in event.message, event.message
 
 
-@pytest.mark.parametrize("mutate, field, detail", [
+# Kueue's mutating webhook decodes every PyTorchJob before the schema is checked: a value of the wrong type is
+# refused there (400, naming the Go field), as on a real cluster running Kueue.
+@pytest.mark.parametrize("mutate, status, words", [
     (lambda j: j["spec"]["pytorchReplicaSpecs"]["Master"].update(replicas="three"),
-     "spec.pytorchReplicaSpecs.Master.replicas", "must be of type integer"),
+     400, ("pytorchReplicaSpecs.replicas", "cannot unmarshal string")),
     (lambda j: j["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0].pop("name"),
-     "spec.pytorchReplicaSpecs.Master.template.spec.containers[0].name", "Required value"),
+     422, ("spec.pytorchReplicaSpecs.Master.template.spec.containers[0].name", "Required value")),
 ], ids=["replicas-not-an-integer", "container-without-name"])
 def test_api_server_rejects_pytorchjob_that_violates_the_crd_schema(cluster, cluster_namespace, apis,
-                                                                    mutate, field, detail):
+                                                                    mutate, status, words):
     core, co = apis
     job = pytorchjob("invalid", workers=1)
     mutate(job)
     with pytest.raises(ApiException) as err:
         co.create_namespaced_custom_object(GROUP, VERSION, cluster_namespace, PLURAL, job)
-    assert err.value.status == 422, err.value.body
-    assert field in err.value.body and detail in err.value.body, err.value.body
+    assert err.value.status == status, err.value.body
+    assert all(w in err.value.body for w in words), err.value.body
     assert not co.list_namespaced_custom_object(GROUP, VERSION, cluster_namespace, PLURAL)["items"]
 
 

@@ -238,6 +238,18 @@ def test_runs_without_a_queue_are_not_kueues():
     assert run["phase"] == "Running" and "queue" not in run
 
 
+def test_a_job_kueue_gave_its_namespaces_default_queue_is_followed_as_queued():
+    r, calls = reconciler()
+    body = experiment_body(scheduling={"max_restarts": 1})
+    look(r, body)
+    (manifest,) = calls.created
+    defaulted = copy.deepcopy(manifest)
+    defaulted["metadata"]["labels"][LABEL_QUEUE] = "default"  # what Kueue's webhook does where a "default" exists
+    defaulted["spec"]["runPolicy"]["suspend"] = True
+    run = look(r, body, [job(defaulted)], workloads=[workload(conditions=[NO_QUOTA])])
+    assert (run["phase"], run["queue"]) == ("Queued", "default")
+
+
 @pytest.mark.parametrize("queue", ["Team_A", "a" * 64, "-team"])
 def test_a_queue_name_no_localqueue_and_no_label_can_have_is_refused_naming_the_field(queue):
     from dlmctl.spec import SpecError, experiment_from_dict
@@ -382,6 +394,11 @@ def test_the_readmes_queue_set_up_for_cluster_admins_is_what_kueue_accepts(clust
     (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "kind: ClusterQueue" in b]
     documents = list(yaml.safe_load_all(block))
     assert [d["kind"] for d in documents] == ["ResourceFlavor", "ClusterQueue", "LocalQueue", "WorkloadPriorityClass"]
+    flavor, cluster_queue, local, priority = documents
+    # the cluster's own objects may bear these names: the same objects, named for this test
+    flavor["metadata"]["name"] = cluster_queue["spec"]["resourceGroups"][0]["flavors"][0]["name"] = f"{cluster_namespace}-f"
+    cluster_queue["metadata"]["name"] = local["spec"]["clusterQueue"] = f"{cluster_namespace}-cq"
+    priority["metadata"]["name"] = f"{cluster_namespace}-p"
     with cluster.api_client() as api:
         custom = client.CustomObjectsApi(api)
         for doc in documents:
