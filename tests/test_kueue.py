@@ -341,6 +341,40 @@ def test_a_sweep_over_its_quota_starts_only_whole_runs_and_the_rest_wait_queued_
 
 
 @pytest.mark.cluster
+def test_cancel_stops_a_queued_run_for_good_kueue_does_not_start_it_again(
+        cluster, cluster_namespace, kueue_queue, kube, operator, tmp_path, capsys):
+    import time
+
+    from cli_runs import run
+    from operator_harness import Experiments, wait_until
+
+    queue = kueue_queue(gpus=16)
+    spec = {**{k: v for k, v in SWEEP.items() if k != "sweep"}, "arms": ["diffusion"], "scheduling": {"queue": queue}}
+    assert run(capsys, "submit", spec_file(tmp_path, "stop", spec), "-n", cluster_namespace)[0] == 0
+    custom, core = kube
+    experiments = Experiments(custom.api_client, cluster_namespace)
+    experiments.wait_run("stop", "stop-dlm", "Running", check=operator.check_alive)
+    assert run(capsys, "cancel", "stop", "-n", cluster_namespace)[0] == 0
+    experiments.wait_run("stop", "stop-dlm", "Cancelled", check=operator.check_alive)
+
+    def workload():
+        (found,) = custom.list_namespaced_custom_object("kueue.x-k8s.io", "v1beta2", cluster_namespace,
+                                                        "workloads")["items"]
+        return found
+
+    wait_until("the Workload deactivated", lambda: workload()["spec"].get("active") is False)
+    live = lambda: [p.metadata.name for p in core.list_namespaced_pod(cluster_namespace).items
+                    if p.status.phase in ("Pending", "Running") and not p.metadata.deletion_timestamp]
+    wait_until("its pods gone", lambda: not live())
+    until = time.monotonic() + 5  # Kueue reconciles a changed Workload at once: it had its chance to restart it
+    while time.monotonic() < until:
+        assert experiments.job("stop-dlm")["spec"]["runPolicy"]["suspend"] is True and not live()
+        time.sleep(0.5)
+    evicted = {c["type"]: c for c in workload()["status"]["conditions"]}["Evicted"]
+    assert (evicted["status"], evicted["reason"]) == ("True", "Deactivated")
+
+
+@pytest.mark.cluster
 def test_a_queue_that_is_not_there_is_refused_at_submit_and_nothing_is_created_or_replaced(
         cluster, cluster_namespace, kube, tmp_path, capsys):
     from cli_runs import assert_user_error, run

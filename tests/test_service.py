@@ -127,6 +127,25 @@ def test_alice_reads_cancels_compares_and_deletes_in_her_namespace(world):
     assert_error(http.delete(f"/v1/namespaces/{a}/experiments/reader", headers=headers), 404)
 
 
+def test_a_queue_that_is_not_a_localqueue_of_the_namespace_is_refused_and_nothing_is_created(world, cluster):
+    """Asked as the caller: one who may read LocalQueues learns at once (422, the field named); one who may not is
+    let through, and the runs wait Queued with Kueue's reason."""
+    if not cluster.kueue_served():
+        pytest.skip("the cluster runs no Kueue")
+    http, a = world["http"], world["a"]
+    reader_rules = [*ALICE_RULES, {"apiGroups": ["kueue.x-k8s.io"], "resources": ["localqueues"], "verbs": ["get"]}]
+    bob = grant_experiments(cluster, a, "bob", rules=reader_rules)
+    queued = document("queued", scheduling={"queue": "nowhere"})
+    refused = http.post(f"/v1/namespaces/{a}/experiments", json=queued, headers=bearer(bob))
+    body = assert_error(refused, 422, "no LocalQueue 'nowhere'", f"namespace {a!r}")
+    assert body["errors"][0]["field"] == "spec.scheduling.queue"
+    assert "queued" not in {e["metadata"]["name"] for e in world["experiments"].custom.list_namespaced_custom_object(
+        "dlmctl.io", "v1alpha1", a, "experiments")["items"]}
+    accepted = http.post(f"/v1/namespaces/{a}/experiments", json=queued, headers=bearer(world["alice"]))
+    assert accepted.status_code == 201, accepted.text
+    http.delete(f"/v1/namespaces/{a}/experiments/queued", headers=bearer(world["alice"]))
+
+
 def test_who_may_not_is_told_so(world):
     http, a, b = world["http"], world["a"], world["b"]
     refused = http.post(f"/v1/namespaces/{b}/experiments", json=document("elsewhere"), headers=bearer(world["alice"]))

@@ -63,7 +63,9 @@ GPU_FLAVOR = "gpu"  # the ResourceFlavor of the KWOK GPU nodes (they carry nvidi
 KUEUE_WEBHOOK_SERVICE = "kueue-webhook-service"
 KUEUE_WEBHOOK_SECRET = "kueue-webhook-server-cert"
 KUEUE_NAME_PREFIX = "kueue-"
-KUEUE_FRAMEWORKS = ["kubeflow.org/pytorchjob"]
+# as Kueue's own chart: batch/job too (its Job webhook answers every batch Job and fails without it); jobs that
+# name no queue are left alone (manageJobsWithoutQueueName false)
+KUEUE_FRAMEWORKS = ["batch/job", "kubeflow.org/pytorchjob"]
 
 
 def gpu_resource_flavor() -> dict:
