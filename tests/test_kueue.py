@@ -412,6 +412,20 @@ def test_a_queue_on_a_cluster_without_kueue_is_refused_at_submit(tmp_path, capsy
         with bare.api_client() as api:
             assert client.CustomObjectsApi(api).list_namespaced_custom_object(
                 "dlmctl.io", "v1alpha1", "default", "experiments")["items"] == []
+            # past the check (kubectl apply): the operator, which found no Kueue, fails the run rather than
+            # leaving a suspended job nobody will ever admit
+            from operator_harness import Experiments, OperatorProcess, install_operator_rbac
+
+            experiments = Experiments(api, "default")
+            experiments.create("q", {**{k: v for k, v in SWEEP.items() if k != "sweep"}, "arms": ["diffusion"],
+                                     "scheduling": {"queue": "team"}})
+            operator = OperatorProcess(install_operator_rbac(bare), tmp_path / "operator.log").start()
+            try:
+                run_status = experiments.wait_run("q", "q-dlm", "Failed", check=operator.check_alive)
+            finally:
+                operator.stop()
+            assert run_status["reason"] == "KueueNotInstalled" and experiments.jobs("q") == []
+            assert "Kueue not installed" in operator.log()
 
 
 @pytest.mark.cluster
