@@ -157,6 +157,57 @@ def test_an_evicted_run_is_preempted_recreated_and_ends_exactly_like_an_uninterr
     assert curve(events) == curve(reference), "the resumed run's losses equal the uninterrupted run's, bitwise"
 
 
+def test_a_run_kueue_preempts_for_a_higher_priority_one_resumes_and_ends_exactly_like_an_uninterrupted_one(
+        uninterrupted, site, cluster, s3_server):
+    """A queue with quota for one run; a low-priority run is training when a high-priority experiment arrives:
+    Kueue takes the low run's job back (Preempted, its trainer checkpoints on SIGTERM), runs the high one, then
+    admits the low one again, whose same job resumes from its checkpoint and ends bit for bit as if never stopped."""
+    if not cluster.kueue_served():
+        pytest.skip("the cluster runs no Kueue")
+    namespace, check = site["namespace"], site["operator"].check_alive
+    cluster.create_cluster_queue(namespace, gpus=0, cpu="2", memory="4Gi")  # one run: 2 pods of 1 CPU and 2Gi
+    cluster.create_local_queue(namespace, "team", namespace)
+    with cluster.api_client() as api:
+        for name, value in ((f"{namespace}-low", 100), (f"{namespace}-high", 1000)):
+            client.SchedulingV1Api(api).create_priority_class(
+                client.V1PriorityClass(metadata=client.V1ObjectMeta(name=name), value=value))
+            cluster.create_workload_priority_class(name, value)
+    low_uri = f"s3://{s3_server.bucket}/e2e-kueue-low-{uuid.uuid4().hex[:8]}"
+    high_uri = f"s3://{s3_server.bucket}/e2e-kueue-high-{uuid.uuid4().hex[:8]}"
+    queued = {"queue": "team", "max_restarts": 2}
+    with cluster.api_client() as api:
+        experiments = Experiments(api, namespace)
+        experiments.create("low", {"arms": ["diffusion"], **cluster_spec(
+            low_uri, s3_server.endpoint_url, scheduling={**queued, "priority_class": f"{namespace}-low"})})
+        run = wait_until("a verified checkpoint", lambda: (
+            r if (r := experiments.runs("low").get("low-dlm")) and r.get("last_checkpoint") else None),
+            timeout=TRAINING_TIMEOUT, interval=0.5, check=check)
+        assert run["phase"] == "Running" and run["step"] < run["total_steps"], "preempted mid-training"
+        (job,) = experiments.jobs("low")
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == f"{namespace}-low"
+        experiments.create("high", {"arms": ["autoregressive"], **cluster_spec(
+            high_uri, s3_server.endpoint_url, data={"epochs": 1},
+            scheduling={**queued, "priority_class": f"{namespace}-high"})})
+        preempted = experiments.wait_run("low", "low-dlm", "Preempted", timeout=60, check=check)
+        assert preempted["restarts"] == 1 and "resumes from its last verified checkpoint" in preempted["message"]
+        high = wait_until("high finished", lambda: (
+            s if (s := experiments.status("high")).get("phase") in ("Succeeded", "Failed") else None),
+            timeout=TRAINING_TIMEOUT, interval=1, check=check)
+        assert high["phase"] == "Succeeded", json.dumps(high, indent=1) + _pod_logs(site)
+        status = wait_until("low finished", lambda: (
+            s if (s := experiments.status("low")).get("phase") in ("Succeeded", "Failed") else None),
+            timeout=TRAINING_TIMEOUT, interval=1, check=check)
+        (job_after,) = experiments.jobs("low")
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1) + _pod_logs(site)
+    (run,) = status["runs"]
+    assert run["restarts"] == 1, "one preemption, one restart"
+    assert job_after["metadata"]["uid"] == job["metadata"]["uid"], "Kueue resumed the same job"
+    events = metrics_events(s3_server, low_uri, "low-dlm")
+    assert sum(e["event"] == "start" for e in events) == 2, "trained, stopped, resumed"
+    reference = metrics_events(s3_server, uninterrupted["s3_uri"], "tiny-dlm")
+    assert curve(events) == curve(reference), "the resumed run's losses equal the uninterrupted run's, bitwise"
+
+
 def stdlib_corpus(folder, limit_bytes: int = 1_200_000):
     """A small JSONL corpus (one document per standard-library module, and one naming this test's own run,
     so no cache has it yet) as a local source the pods can read."""
