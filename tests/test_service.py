@@ -122,7 +122,8 @@ def test_alice_reads_cancels_compares_and_deletes_in_her_namespace(world):
     assert http.delete(f"/v1/namespaces/{a}/experiments/reader", headers=headers).json() == {"deleted": "reader"}
     # Foreground deletion: the object goes once its PyTorchJobs have
     wait_until("the experiment gone", lambda: http.get(f"/v1/namespaces/{a}/experiments/reader",
-                                                      headers=headers).status_code == 404)
+                                                      headers=headers).status_code == 404, timeout=180,
+               describe=lambda: _leftovers(world["experiments"], "reader"))
     assert_error(http.get(f"/v1/namespaces/{a}/experiments/reader", headers=headers), 404, "no experiment named")
     assert_error(http.delete(f"/v1/namespaces/{a}/experiments/reader", headers=headers), 404)
 
@@ -144,6 +145,17 @@ def test_a_queue_that_is_not_a_localqueue_of_the_namespace_is_refused_and_nothin
     accepted = http.post(f"/v1/namespaces/{a}/experiments", json=queued, headers=bearer(world["alice"]))
     assert accepted.status_code == 201, accepted.text
     http.delete(f"/v1/namespaces/{a}/experiments/queued", headers=bearer(world["alice"]))
+
+
+def _leftovers(experiments: Experiments, name: str) -> str:
+    """What still holds a deleted experiment: its finalizers and jobs (one CI run saw it outlive 60 s)."""
+    try:
+        meta = experiments.get(name)["metadata"]
+    except ApiException as err:
+        return f"experiment: {err.status}"
+    jobs = [(j["metadata"]["name"], j["metadata"].get("finalizers"), j["metadata"].get("deletionTimestamp"))
+            for j in experiments.jobs(name)]
+    return f"finalizers {meta.get('finalizers')}, deletionTimestamp {meta.get('deletionTimestamp')}, jobs {jobs}"
 
 
 def test_who_may_not_is_told_so(world):
