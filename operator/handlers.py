@@ -60,6 +60,9 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings, metrics:
             prefix="dlmctl.io", key="last-handled-configuration")
         settings.posting.level = logging.WARNING
         settings.execution.max_workers = config.workers
+        # A timer whose run is in progress when its experiment is deleted holds kopf's finalizer until kopf looks
+        # again: every cancellation_polling seconds (60 by default), so a deletion could wait a minute.
+        settings.background.cancellation_polling = min(1.0, config.reconcile_interval)
         jobs = JobsApi(api_client())
         memo.jobs = jobs
         memo.reconciler = Reconciler(config, jobs, metrics, adopt=lambda child, owner: kopf.adopt(child, owner=owner),

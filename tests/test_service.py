@@ -122,7 +122,7 @@ def test_alice_reads_cancels_compares_and_deletes_in_her_namespace(world):
     assert http.delete(f"/v1/namespaces/{a}/experiments/reader", headers=headers).json() == {"deleted": "reader"}
     # Foreground deletion: the object goes once its PyTorchJobs have
     wait_until("the experiment gone", lambda: http.get(f"/v1/namespaces/{a}/experiments/reader",
-                                                      headers=headers).status_code == 404, timeout=180,
+                                                      headers=headers).status_code == 404, timeout=60,
                describe=lambda: _leftovers(world["experiments"], "reader"))
     assert_error(http.get(f"/v1/namespaces/{a}/experiments/reader", headers=headers), 404, "no experiment named")
     assert_error(http.delete(f"/v1/namespaces/{a}/experiments/reader", headers=headers), 404)
@@ -148,7 +148,7 @@ def test_a_queue_that_is_not_a_localqueue_of_the_namespace_is_refused_and_nothin
 
 
 def _leftovers(experiments: Experiments, name: str) -> str:
-    """What still holds a deleted experiment: its finalizers and jobs (one CI run saw it outlive 60 s)."""
+    """What still holds a deleted experiment: its finalizers and jobs."""
     try:
         meta = experiments.get(name)["metadata"]
     except ApiException as err:
