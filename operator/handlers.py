@@ -83,7 +83,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings, metrics:
     def pods_by_experiment(namespace: str, labels: Any, body: Any, **_: Any):
         return {(namespace, labels[LABEL_EXPERIMENT]): {**summarize_pod(body), "run": labels[LABEL_RUN]}}
 
-    if kueue_served:  # an index of a resource the cluster does not serve would keep kopf from ever starting
+    if kueue_served:  # kopf cannot index a resource the cluster does not serve
         @kopf.index(kueue.GROUP, kueue.VERSION, kueue.WORKLOADS, when=_owned_by_pytorchjob,
                     id="workloads_by_job", registry=registry)
         def workloads_by_job(namespace: str, body: Any, **_: Any):
