@@ -8,6 +8,7 @@ newest verified checkpoint. The operator only reads Workloads, and deactivates o
 """
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 from dlmctl.spec import Experiment, Run, SpecError
@@ -108,8 +109,6 @@ def check_queues(custom_objects, experiment: Experiment, namespace: str) -> None
 
 def _names_object(err, name: str) -> bool:
     """A 404 for a missing object names it; one for an unknown kind does not."""
-    import json
-
     try:
         return (json.loads(err.body or "{}").get("details") or {}).get("name") == name
     except ValueError:

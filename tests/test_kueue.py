@@ -17,6 +17,7 @@ from dlmctl.operator.metrics import OperatorMetrics
 from dlmctl.operator.observe import summarize_job, summarize_pod
 from dlmctl.operator.reconcile import Reconciler
 from dlmctl.spec.settings import OperatorSettings
+from test_reconcile import NoProgress, RecordedJobs
 
 SPEC = {"arms": ["diffusion"], "model": {"preset": "nano"}, "data": {"unique_tokens": 8192, "seq_len": 64},
         "checkpoint": {"uri": "s3://bucket/exp"}, "resources": {"gpus_per_node": 8, "nodes": 2},
@@ -25,19 +26,10 @@ SPEC = {"arms": ["diffusion"], "model": {"preset": "nano"}, "data": {"unique_tok
 RUN = "exp-dlm"
 
 
-class RecordedCalls:
+class RecordedCalls(RecordedJobs):
     def __init__(self):
-        self.created, self.deleted, self.suspended, self.deactivated = [], [], [], []
-
-    def create(self, namespace, manifest):
-        self.created.append(copy.deepcopy(manifest))
-        return True
-
-    def delete(self, namespace, name, uid):
-        self.deleted.append(name)
-
-    def suspend(self, namespace, name):
-        self.suspended.append(name)
+        super().__init__()
+        self.deactivated = []
 
     def deactivate_workload(self, namespace, name):
         self.deactivated.append(name)
@@ -49,11 +41,6 @@ def reconciler(kueue_served=True):
     r = Reconciler(config, calls, OperatorMetrics(), adopt=lambda child, owner: kopf.adopt(child, owner=owner),
                    progress=NoProgress(), kueue_served=kueue_served)
     return r, calls
-
-
-class NoProgress:
-    def read(self, run):
-        return None
 
 
 def experiment_body(**spec) -> dict:

@@ -5,11 +5,11 @@ queue."""
 
 from __future__ import annotations
 
-import time
 
 import pytest
 from kubernetes import client
 
+from operator_harness import wait_until as wait_for
 from testenv.cluster import (GPU_FLAVOR, GPU_RESOURCE, KUEUE_GROUP, KUEUE_VERSION, OUTCOME_KEY,
                              PRIORITY_CLASS_LABEL, QUEUE_NAME_LABEL)
 
@@ -37,15 +37,8 @@ def pytorchjob(name: str, *, queue: str | None = None, priority_class: str | Non
                     "resources": {"requests": resources, "limits": resources}}]}}}}}}
 
 
-def wait_until(what: str, fn, timeout: float = 90, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+def wait_until(what: str, fn):
+    return wait_for(what, fn, timeout=90, interval=0.5)
 
 
 def conditions(obj: dict | None) -> dict[str, dict]:
