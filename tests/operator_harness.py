@@ -110,7 +110,8 @@ class OperatorProcess(ChildProcess):
             return None
 
     def metric(self, name: str) -> float:
-        text = self.scrape() or ""
+        """A metric's value; 0 when the operator has not exported it yet, never when the scrape failed."""
+        text = wait_until("a scrape of the operator's metrics", self.scrape, timeout=20, check=self.check_alive)
         found = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
         return float(found.group(1)) if found else 0.0
 

@@ -15,8 +15,6 @@ from test_operator import spec
 pytestmark = pytest.mark.cluster
 
 
-
-
 def test_an_operator_killed_mid_reconcile_and_restarted_creates_no_duplicates(cluster, cluster_namespace,
                                                                               s3_server, tmp_path):
     kubeconfig = install_operator_rbac(cluster)
@@ -62,6 +60,10 @@ def test_two_replicas_elect_one_active_and_the_other_takes_over(cluster, cluster
             experiments.create("ha2", spec(arms=["diffusion"]))
             wait_until("the standby creates the new job", lambda: experiments.jobs("ha2"), timeout=60,
                        check=standby.check_alive)
+            # the counter goes up when the create call returns, a moment after the job is visible
+            wait_until("the standby to count the job it created",
+                       lambda: standby.metric("dlm_operator_jobs_created_total") == 1, timeout=10)
+            time.sleep(1)
             assert standby.metric("dlm_operator_jobs_created_total") == 1
     finally:
         for r in replicas:

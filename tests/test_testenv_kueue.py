@@ -5,7 +5,6 @@ queue."""
 
 from __future__ import annotations
 
-
 import pytest
 from kubernetes import client
 
