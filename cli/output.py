@@ -107,10 +107,11 @@ def status_table(experiment: "Experiment") -> Table:
 
 
 def queue_words(r: "RunStatus") -> str:
-    """The LocalQueue, and the ClusterQueue that admitted the run."""
+    """The LocalQueue, the run's place in line while it waits, and the ClusterQueue that admitted it."""
     if not r.queue:
         return ""
-    return r.queue + (f" ({r.cluster_queue})" if r.cluster_queue else "")
+    return (r.queue + (f" #{r.queue_position}" if r.queue_position else "")
+            + (f" ({r.cluster_queue})" if r.cluster_queue else ""))
 
 
 def comparison_table(experiment: "Experiment") -> Table:

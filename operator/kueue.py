@@ -4,7 +4,8 @@ A run whose spec names `scheduling.queue` gets a PyTorchJob labelled with that L
 Kueue makes a Workload of it and unsuspends the job only when the quota for *all* its pods is free, so a run starts
 whole or waits. When Kueue preempts it for a higher-priority workload it suspends the job again (the pods go, the
 trainer checkpoints on SIGTERM) and requeues the Workload; re-admitted, the same job's new pods resume from the
-newest verified checkpoint. The operator only reads Workloads, and deactivates one when a run is cancelled.
+newest verified checkpoint. The operator only reads Workloads, and deactivates one when a run is cancelled; a
+waiting run's place in line comes from Kueue's visibility API where the cluster serves it.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ WORKLOADS, LOCAL_QUEUES, WORKLOAD_PRIORITY_CLASSES = "workloads", "localqueues",
 LABEL_QUEUE = QUEUE_LABEL
 LABEL_PRIORITY_CLASS = "kueue.x-k8s.io/priority-class"
 DEACTIVATED = "Deactivated"  # the eviction reason of a Workload whose spec.active we set to false (cancel)
+# Kueue's visibility API (an aggregated API server inside Kueue): the Workloads waiting in a queue, in order
+VISIBILITY_GROUP, VISIBILITY_VERSION = "visibility.kueue.x-k8s.io", "v1beta2"
 
 
 def queue_labels(run: Run, workload_priority_classes: frozenset[str] = frozenset()) -> dict[str, str]:
@@ -69,6 +72,19 @@ def waiting_words(workload: dict) -> tuple[str, str]:
     """(reason, message) of a Workload that has no quota yet, as Kueue words them."""
     _, reason, message = workload["conditions"].get("QuotaReserved", (None, None, None))
     return reason or "Pending", message or "waiting for quota"
+
+
+def positions(pending_workloads_summary: dict) -> dict[str, tuple[int, int]]:
+    """Workload name -> (place in its ClusterQueue, place in its LocalQueue), 1 = admitted next, from a
+    PendingWorkloadsSummary of the visibility API (which counts from 0)."""
+    return {w["metadata"]["name"]: (int(w.get("positionInClusterQueue", 0)) + 1,
+                                    int(w.get("positionInLocalQueue", 0)) + 1)
+            for w in pending_workloads_summary.get("items") or []}
+
+
+def position_words(queue: str, place: tuple[int, int]) -> str:
+    in_cluster_queue, in_local_queue = place
+    return f"number {in_cluster_queue} in line in its ClusterQueue ({in_local_queue} in LocalQueue {queue!r})"
 
 
 def eviction_words(workload: dict) -> tuple[str, str]:

@@ -9,7 +9,7 @@ from dlmctl.spec import GROUP, PLURAL
 from dlmctl.spec.sections import ResourcesSpec
 
 from .jobs import JOB_GROUP, JOB_PLURAL
-from .kueue import GROUP as KUEUE_GROUP, WORKLOAD_PRIORITY_CLASSES, WORKLOADS
+from .kueue import GROUP as KUEUE_GROUP, LOCAL_QUEUES, VISIBILITY_GROUP, WORKLOAD_PRIORITY_CLASSES, WORKLOADS
 
 NAME = "dlmctl-operator"
 PEERING_GROUP, PEERING_VERSION = "kopf.dev", "v1"
@@ -23,6 +23,7 @@ CLUSTER_ROLE_RULES: list[dict[str, Any]] = [
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "watch", "create", "patch"]},
     {"apiGroups": [KUEUE_GROUP], "resources": [WORKLOADS], "verbs": ["list", "watch", "patch"]},
     {"apiGroups": [KUEUE_GROUP], "resources": [WORKLOAD_PRIORITY_CLASSES], "verbs": ["list", "watch"]},
+    {"apiGroups": [VISIBILITY_GROUP], "resources": [f"{LOCAL_QUEUES}/pendingworkloads"], "verbs": ["get"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     {"apiGroups": [PEERING_GROUP], "resources": ["clusterkopfpeerings"], "verbs": ["get", "list", "watch", "patch", "create"]},

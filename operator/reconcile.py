@@ -107,6 +107,22 @@ class JobsApi:
             if err.status != 404:
                 raise
 
+    def queue_positions(self, namespace: str, queue: str) -> dict[str, tuple[int, int]]:
+        """Workload name -> its place in line, for the Workloads waiting in a LocalQueue, as Kueue's visibility API
+        reports them; empty where that API is not served, not reachable or not ours to read."""
+        from urllib3.exceptions import HTTPError
+
+        path = (f"/apis/{kueue.VISIBILITY_GROUP}/{kueue.VISIBILITY_VERSION}/namespaces/{{namespace}}/"
+                f"{kueue.LOCAL_QUEUES}/{{name}}/pendingworkloads")
+        try:
+            summary = self.custom.api_client.call_api(
+                path, "GET", path_params={"namespace": namespace, "name": queue}, response_type="object",
+                auth_settings=["BearerToken"], _return_http_data_only=True, _request_timeout=5)
+        except (self._exception, HTTPError) as err:
+            log.debug("no queue positions for %s/%s: %s", namespace, queue, err)
+            return {}
+        return kueue.positions(summary or {})
+
     def suspend_data_job(self, namespace: str, name: str) -> None:
         """A suspended batch Job's pods are deleted; it keeps its completed indexes."""
         try:
@@ -150,6 +166,7 @@ class Reconciler:
         # experiment uid -> (inputs, when the next look must happen anyway). Keeps 1000 idle experiments cheap.
         self._last_look: dict[str, tuple[str, float]] = {}
         self._due: list[float] = []
+        self._positions: dict[tuple[str, str], dict[str, tuple[int, int]]] = {}  # this look's places in line
 
     # -- the whole experiment -------------------------------------------------------------------
     def reconcile(self, body: dict, jobs: Iterable[dict], pods: Iterable[dict],
@@ -165,6 +182,7 @@ class Reconciler:
             return None
         started = time.perf_counter()
         self._due = [self.clock() + self.config.progress_interval]
+        self._positions = {}
         try:
             status = self._reconcile(body, jobs, pods, data_jobs, workloads)
         except Exception:
@@ -265,6 +283,7 @@ class Reconciler:
                        int((job or {}).get("annotations", {}).get(ANNOTATION_RESTARTS) or 0)
                        + (workload["evictions"] if workload else 0))
         status["restarts"] = restarts
+        status.pop("queue_position", None)  # only while it waits, set anew at each look
         if phase.terminal:
             return self._with_progress(run, status, final=True)
         if cancel:
@@ -370,12 +389,24 @@ class Reconciler:
         if kueue.is_true(workload, "Evicted") or (not admitted and workload["evictions"]):
             return self._preempted(namespace, run, status, job, workload)
         if not admitted:
-            return _set(status, RunPhase.Queued, *kueue.waiting_words(workload))
+            reason, message = kueue.waiting_words(workload)
+            place = self._queue_positions(namespace, queue).get(workload["name"])
+            if place:
+                status["queue_position"] = place[0]
+                message = f"{kueue.position_words(queue, place)}: {message}"
+            return _set(status, RunPhase.Queued, reason, message)
         if obs.seen in (Seen.Suspended, Seen.Pending):
             waiting = "its pods are being created" if obs.seen is Seen.Suspended else obs.message
             return _set(status, RunPhase.Admitted, "Admitted",
                         f"admitted whole by ClusterQueue {workload['cluster_queue']}; {waiting}")
         return None
+
+    def _queue_positions(self, namespace: str, queue: str) -> dict[str, tuple[int, int]]:
+        """Asked once per queue per look; a waiting run's place is refreshed at every look (each progress
+        interval at the latest), as the runs ahead of it are admitted."""
+        if (namespace, queue) not in self._positions:
+            self._positions[(namespace, queue)] = self.jobs.queue_positions(namespace, queue)
+        return self._positions[(namespace, queue)]
 
     def _preempted(self, namespace: str, run: Run, status: dict, job: dict, workload: dict) -> dict:
         """Kueue took the admitted job back (a higher-priority workload, a stopped queue): it suspended the job, so

@@ -228,6 +228,9 @@ class RunStatus(Strict):
                           "preempted by Kueue and admitted again")
     queue: Optional[str] = Field(default=None, description="the Kueue LocalQueue its job waits in")
     cluster_queue: Optional[str] = Field(default=None, description="the Kueue ClusterQueue that admitted it")
+    queue_position: Optional[int] = Field(
+        default=None, ge=1, description="while Queued: its place in line in its ClusterQueue (1 is admitted next), "
+        "as Kueue's visibility API reports it")
     message: Optional[str] = None
     startTime: Optional[datetime] = None
     completionTime: Optional[datetime] = None

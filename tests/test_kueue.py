@@ -12,7 +12,7 @@ import kopf
 import pytest
 
 from dlmctl.operator.jobs import ANNOTATION_CANCEL
-from dlmctl.operator.kueue import LABEL_QUEUE, summarize_workload
+from dlmctl.operator.kueue import LABEL_QUEUE, positions, summarize_workload
 from dlmctl.operator.metrics import OperatorMetrics
 from dlmctl.operator.observe import summarize_job, summarize_pod
 from dlmctl.operator.reconcile import Reconciler
@@ -29,10 +29,15 @@ RUN = "exp-dlm"
 class RecordedCalls(RecordedJobs):
     def __init__(self):
         super().__init__()
-        self.deactivated = []
+        self.deactivated, self.asked_positions = [], []
+        self.pending = {}  # what Kueue's visibility API answers for a LocalQueue: a PendingWorkloadsSummary
 
     def deactivate_workload(self, namespace, name):
         self.deactivated.append(name)
+
+    def queue_positions(self, namespace, queue):
+        self.asked_positions.append((namespace, queue))
+        return positions(self.pending.get(queue, {}))
 
 
 def reconciler(kueue_served=True):
@@ -127,6 +132,40 @@ def test_a_queued_run_is_created_suspended_and_waits_queued_with_kueues_reason()
     assert "insufficient unused quota for nvidia.com/gpu" in run["message"]
     assert body["status"]["phase"] == "Pending" and run["restarts"] == 0
     assert calls.deleted == calls.suspended == [] and len(calls.created) == 1
+
+
+def pending_workloads(*names_in_line: str) -> dict:
+    """A PendingWorkloadsSummary as Kueue's visibility API answers it for LocalQueue "team" of ClusterQueue "gpus",
+    where another namespace's Workload is first in line (positions count from 0)."""
+    return {"kind": "PendingWorkloadsSummary", "apiVersion": "visibility.kueue.x-k8s.io/v1beta2", "metadata": {},
+            "items": [{"metadata": {"name": name, "namespace": "ns", "creationTimestamp": "2026-12-07T07:00:00Z"},
+                       "priority": 0, "localQueueName": "team", "positionInClusterQueue": i + 1,
+                       "positionInLocalQueue": i} for i, name in enumerate(names_in_line)]}
+
+
+def test_a_waiting_run_shows_its_place_in_line_as_kueues_visibility_api_reports_it():
+    r, calls = reconciler()
+    body, manifest = created_job(r, calls)
+    waiting = workload(conditions=[NO_QUOTA])
+    calls.pending["team"] = pending_workloads("pytorchjob-other-00000", waiting["name"])
+    run = look(r, body, [job(manifest)], workloads=[waiting])
+    assert (run["phase"], run["queue_position"]) == ("Queued", 3)  # behind 2: one of another namespace, one here
+    assert run["message"].startswith("number 3 in line in its ClusterQueue (2 in LocalQueue 'team'): couldn't assign")
+    calls.pending["team"] = pending_workloads(waiting["name"])
+    r.clock = lambda: 1e12  # the next progress interval: its place is asked again though no input changed
+    run = look(r, body, [job(manifest)], workloads=[waiting])
+    assert run["queue_position"] == 2 and calls.asked_positions == [("ns", "team")] * 2
+    admitted = workload(conditions=[RESERVED, ADMITTED], cluster_queue="gpus")
+    run = look(r, body, [job(manifest)], workloads=[admitted])
+    assert run["phase"] == "Admitted" and "queue_position" not in run
+
+
+def test_without_kueues_visibility_api_a_waiting_run_has_no_place_but_kueues_reason():
+    r, calls = reconciler()  # queue_positions answers nothing: the API is not served, or not ours to read
+    body, manifest = created_job(r, calls)
+    run = look(r, body, [job(manifest)], workloads=[workload(conditions=[NO_QUOTA])])
+    assert run["phase"] == "Queued" and "queue_position" not in run
+    assert run["message"] == NO_QUOTA["message"]
 
 
 def test_an_admitted_run_is_admitted_until_all_its_pods_run():
@@ -294,6 +333,7 @@ def test_a_sweep_over_its_quota_starts_only_whole_runs_and_the_rest_wait_queued_
     experiments = Experiments(custom.api_client, cluster_namespace)
     runs = [f"sweep-{arm}-e{e}" for arm in ("dlm", "ar") for e in (1, 2)]
     finished, saw_queued, deadline = set(), set(), time.monotonic() + 240
+    places_in_line = None  # the first look that saw three runs waiting, each with its place
     while len(finished) < 4:
         assert time.monotonic() < deadline, f"finished {sorted(finished)}; status {experiments.status('sweep')}"
         operator.check_alive()
@@ -309,6 +349,13 @@ def test_a_sweep_over_its_quota_starts_only_whole_runs_and_the_rest_wait_queued_
         statuses = experiments.runs("sweep")
         saw_queued |= {r for r, s in statuses.items() if s.get("phase") == "Queued"
                        and "insufficient unused quota" in (s.get("message") or "")}
+        placed = {r: s["queue_position"] for r, s in statuses.items() if s.get("queue_position")}
+        for name, place in placed.items():
+            assert f"number {place} in line" in statuses[name]["message"], statuses[name]
+        if places_in_line is None and len(placed) == 3:
+            places_in_line = placed
+            code, out, _ = run(capsys, "get", "sweep", "-n", cluster_namespace)
+            assert code == 0 and f"{queue} #" in out, out
         for name, pods in by_run.items():
             if len(pods) == 2 and all(p.status.phase == "Running" for p in pods) \
                     and statuses.get(name, {}).get("phase") == "Running":
@@ -319,6 +366,8 @@ def test_a_sweep_over_its_quota_starts_only_whole_runs_and_the_rest_wait_queued_
     status = experiments.status("sweep")
     assert status["phase"] == "Succeeded" and sorted(r["name"] for r in status["runs"]) == sorted(runs)
     assert len(saw_queued) >= 2, f"runs seen waiting for quota: {saw_queued}"
+    # one run holds the quota, the other three wait in line behind nothing else: places 1, 2 and 3
+    assert places_in_line and sorted(places_in_line.values()) == [1, 2, 3], places_in_line
     cluster_queue = cluster_namespace  # kueue_queue names the ClusterQueue after the namespace
     assert {(r["queue"], r.get("cluster_queue"), r["restarts"]) for r in status["runs"]} == {(queue, cluster_queue, 0)}
     code, out, err = run(capsys, "get", "sweep", "-n", cluster_namespace)

@@ -1,7 +1,7 @@
 """Kueue in the test control plane queues PyTorchJobs: a job labelled with a LocalQueue waits, suspended, until
 its Workload gets quota in the ClusterQueue; then Kueue unsuspends it and the training-operator's pods run on the
 KWOK GPU nodes. A job that names no queue is not Kueue's. A higher-priority job evicts a lower one from a full
-queue."""
+queue. Kueue's visibility API, aggregated into the API server, tells the waiting jobs' places in line."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 from kubernetes import client
 
 from operator_harness import wait_until as wait_for
-from testenv.cluster import (GPU_FLAVOR, GPU_RESOURCE, KUEUE_GROUP, KUEUE_VERSION, OUTCOME_KEY,
-                             PRIORITY_CLASS_LABEL, QUEUE_NAME_LABEL)
+from testenv.cluster import (GPU_FLAVOR, GPU_RESOURCE, KUEUE_GROUP, KUEUE_VERSION, KUEUE_VISIBILITY_DIR,
+                             KUEUE_VISIBILITY_GROUP, KUEUE_VISIBILITY_VERSION, OUTCOME_KEY, PRIORITY_CLASS_LABEL,
+                             QUEUE_NAME_LABEL)
 
 pytestmark = pytest.mark.cluster
 
@@ -187,6 +188,42 @@ def test_higher_priority_job_preempts_a_lower_one_in_a_full_queue(cluster, clust
     wait_until("low suspended", lambda: suspended(co, ns, "low"))
     runs(core, co, ns, "high")
     assert condition(workload_of(co, ns, "low"), "QuotaReserved") == "False"
+
+
+def test_the_visibility_api_lists_the_waiting_jobs_in_the_order_kueue_admits_them(
+        cluster, cluster_namespace, kueue_queue, apis, priority_classes):
+    """Waiting jobs are in line by priority, not by when they came: created low, high, mid, they wait high, mid,
+    low; and the first in line is the one admitted when quota frees."""
+    if not cluster.kueue_visibility:
+        pytest.skip(f"Kueue's visibility server needs to write {KUEUE_VISIBILITY_DIR}")
+    core, co = apis
+    ns, queue = cluster_namespace, kueue_queue(gpus=8)
+    top = priority_classes("top", 10_000)  # the running job: nothing waiting may preempt it
+    co.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, pytorchjob("running", queue=queue,
+                                                                              priority_class=top))
+    pod = runs(core, co, ns, "running")
+    for name, value in (("low", 10), ("high", 1000), ("mid", 100)):
+        co.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, pytorchjob(
+            name, queue=queue, priority_class=priority_classes(name, value)))
+    workload_job = lambda: {w["metadata"]["name"]: w["metadata"]["ownerReferences"][0]["name"]
+                            for w in workloads(co, ns)}
+
+    def in_line(path: str) -> list[tuple[str, int, int]] | None:
+        summary = co.api_client.call_api(
+            f"/apis/{KUEUE_VISIBILITY_GROUP}/{KUEUE_VISIBILITY_VERSION}/{path}/pendingworkloads", "GET",
+            response_type="object", auth_settings=["BearerToken"], _return_http_data_only=True)
+        jobs = workload_job()
+        places = sorted((w["positionInClusterQueue"], jobs.get(w["metadata"]["name"]), w["positionInLocalQueue"])
+                        for w in summary["items"])
+        return places if len(places) == 3 else None
+
+    expected = [(0, "high", 0), (1, "mid", 1), (2, "low", 2)]
+    assert wait_until("three jobs in line", lambda: in_line(f"namespaces/{ns}/localqueues/{queue}")) \
+        == expected
+    assert in_line(f"clusterqueues/{ns}") == expected  # kueue_queue names the ClusterQueue after ns
+    core.patch_namespaced_pod(pod.metadata.name, ns, {"metadata": {"annotations": {OUTCOME_KEY: "Succeeded"}}})
+    runs(core, co, ns, "high")
+    assert not admitted(co, ns, "mid") and not admitted(co, ns, "low")
 
 
 def test_kueue_objects_convert_between_api_versions(cluster, cluster_namespace, kueue_queue, apis):

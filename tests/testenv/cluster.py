@@ -16,7 +16,9 @@ Components (all on 127.0.0.1, ports picked at start):
   CRDs installed) with its validating webhooks served on 127.0.0.1
 * kueue -- Kueue's controller manager (upstream CRDs, webhook configurations and
   conversion webhooks pointed at 127.0.0.1) queueing PyTorchJobs labelled
-  ``kueue.x-k8s.io/queue-name``; ResourceFlavor ``gpu`` for the KWOK GPU nodes
+  ``kueue.x-k8s.io/queue-name``; ResourceFlavor ``gpu`` for the KWOK GPU nodes; its
+  visibility API (pending workloads and their positions) aggregated into the API server
+  where the fixed directory /visibility it keeps its certificate in can be written
 
 Start-up needs only the standard library, PyYAML and openssl; ``api_client()``
 and ``token_for()`` use the ``kubernetes`` client package.
@@ -63,6 +65,9 @@ GPU_FLAVOR = "gpu"  # the ResourceFlavor of the KWOK GPU nodes (they carry nvidi
 KUEUE_WEBHOOK_SERVICE = "kueue-webhook-service"
 KUEUE_WEBHOOK_SECRET = "kueue-webhook-server-cert"
 KUEUE_NAME_PREFIX = "kueue-"
+KUEUE_VISIBILITY_GROUP, KUEUE_VISIBILITY_VERSION = "visibility.kueue.x-k8s.io", "v1beta2"
+KUEUE_VISIBILITY_SERVICE = "visibility-server"  # config/components/visibility/service.yaml
+KUEUE_VISIBILITY_DIR = Path("/visibility")  # pkg/visibility/server.go: certDir, not configurable
 # as Kueue's own chart: batch/job too (its Job webhook answers every batch Job and fails without it); jobs that
 # name no queue are left alone (manageJobsWithoutQueueName false)
 KUEUE_FRAMEWORKS = ["batch/job", "kubeflow.org/pytorchjob"]
@@ -120,6 +125,14 @@ def free_ports(count: int) -> list[int]:
 
 def free_port() -> int:
     return free_ports(1)[0]
+
+
+def _writable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK)
 
 
 def _pdeathsig():  # runs in the child before exec
@@ -581,6 +594,7 @@ class Cluster(ClusterBase):
         self.extra_crds = [Path(p) for p in crds]
         self.webhooks = webhooks
         self.kueue_enabled = kueue
+        self.kueue_visibility = kueue and _writable_dir(KUEUE_VISIBILITY_DIR)
         self.verbosity = verbosity
         self.startup_timeout = startup_timeout
         base = os.environ.get("DLMCTL_TESTENV_WORKDIR")
@@ -993,13 +1007,38 @@ class Cluster(ClusterBase):
         for doc in self._kueue_webhook_configurations():
             self.api.create(f"/apis/admissionregistration.k8s.io/v1/{doc['kind'].lower()}s", doc,
                             exist_ok=False)
+        if self.kueue_visibility:
+            self._register_kueue_visibility()
+
+    def _register_kueue_visibility(self):
+        """Kueue's APIService as upstream's (config/components/visibility), its Service an ExternalName for
+        localhost: the aggregator dials an ExternalName directly, where a ClusterIP would need kube-proxy.
+        Upstream's APIService skips TLS verification too: the server signs its own certificate."""
+        self.kueue_visibility_port = free_port()
+        self.api.create(f"/api/v1/namespaces/{KUEUE_NAMESPACE}/services", {
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": KUEUE_VISIBILITY_SERVICE, "namespace": KUEUE_NAMESPACE},
+            "spec": {"type": "ExternalName", "externalName": "localhost"}}, exist_ok=False)
+        self.api.create("/apis/apiregistration.k8s.io/v1/apiservices", {
+            "apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService",
+            "metadata": {"name": f"{KUEUE_VISIBILITY_VERSION}.{KUEUE_VISIBILITY_GROUP}"},
+            "spec": {"group": KUEUE_VISIBILITY_GROUP, "version": KUEUE_VISIBILITY_VERSION,
+                     "groupPriorityMinimum": 100, "versionPriority": 100, "insecureSkipTLSVerify": True,
+                     "service": {"name": KUEUE_VISIBILITY_SERVICE, "namespace": KUEUE_NAMESPACE,
+                                 "port": self.kueue_visibility_port}}}, exist_ok=False)
+
+    def _kueue_visibility_available(self) -> bool:
+        service = self.api.get(f"/apis/apiregistration.k8s.io/v1/apiservices/"
+                               f"{KUEUE_VISIBILITY_VERSION}.{KUEUE_VISIBILITY_GROUP}")
+        return any(c["type"] == "Available" and c["status"] == "True"
+                   for c in service.get("status", {}).get("conditions", []))
 
     def _start_kueue(self):
         """Upstream cmd/kueue with its Configuration file. Its internal certificate management is on because
         with it off cmd/kueue reads a metrics certificate from the fixed path /etc/kueue/metrics/certs; it
         keeps the certificates the harness put in its Secret and in certDir, where a kubelet would mount
         the Secret (see _kueue_pki), and injects that CA into the webhook configurations and CRDs.
-        The visibility API server is off: it keeps its certificate in the fixed directory /visibility."""
+        Its visibility API server runs where it can keep its self-signed certificate in /visibility."""
         kc = self._component_kubeconfig("kueue", self.kueue_client_cert)
         self.kueue_probe_port = free_port()
         config = {
@@ -1014,7 +1053,9 @@ class Cluster(ClusterBase):
                                        "webhookSecretName": KUEUE_WEBHOOK_SECRET},
             "manageJobsWithoutQueueName": False,
             "integrations": {"frameworks": KUEUE_FRAMEWORKS},
-            "featureGates": {"VisibilityOnDemand": False},
+            "featureGates": {"VisibilityOnDemand": self.kueue_visibility},
+            **({"visibilityServer": {"bindAddress": "127.0.0.1", "bindPort": self.kueue_visibility_port}}
+               if self.kueue_visibility else {}),
         }
         path = self.workdir / "kueue-config.yaml"
         path.write_text(json.dumps(config, indent=2))  # JSON is YAML
@@ -1117,6 +1158,9 @@ class Cluster(ClusterBase):
             _wait_for("ResourceFlavor gpu", lambda: self.api.create(
                 f"/apis/{KUEUE_GROUP}/{KUEUE_VERSION}/resourceflavors", gpu_resource_flavor()) or True,
                       deadline, proc=self.kueue)
+            if self.kueue_visibility:
+                _wait_for("Kueue's visibility API available", self._kueue_visibility_available, deadline,
+                          proc=self.kueue)
             # from its start; its certificate set-up polls in backoff steps of 1-2 s, 2-4 s, ...
             self.timings["kueue"] = time.monotonic() - self._kueue_started
         _wait_for("KWOK nodes Ready and untainted", self._nodes_schedulable, deadline,
