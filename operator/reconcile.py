@@ -154,7 +154,8 @@ class Reconciler:
         self.config, self.jobs, self.metrics, self.adopt, self.clock = config, jobs, metrics, adopt, clock
         self.kueue_served = kueue_served
         self.workload_priority_classes: frozenset[str] = frozenset()  # kept current by the operator's index
-        self._evictions_counted: dict[str, int] = {}  # job uid -> Kueue evictions already counted as preemptions
+        # (namespace, run) -> (its job's uid, the Kueue evictions of that job already counted as preemptions)
+        self._evictions_counted: dict[tuple[str, str], tuple[str, int]] = {}
         self.progress = progress or ProgressReader()
         self._recreate_after: dict[tuple[str, str], float] = {}
         self._progress_read_at: dict[tuple[str, str], float] = {}
@@ -204,6 +205,7 @@ class Reconciler:
         for name in runs:
             self._evals.pop((namespace, name), None)
             self._progress_read_at.pop((namespace, name), None)
+            self._evictions_counted.pop((namespace, name), None)
 
     def _reconcile(self, body: dict, jobs: list[dict], pods: list[dict], data_jobs: list[dict],
                    workloads: list[dict]) -> dict:
@@ -412,10 +414,11 @@ class Reconciler:
         """Kueue took the admitted job back (a higher-priority workload, a stopped queue): it suspended the job, so
         its pods are gone or going (the trainer checkpoints on SIGTERM), and requeued the Workload. Admitted again,
         the same job's new pods resume from the newest verified checkpoint."""
-        counted = self._evictions_counted.get(job["uid"], 0)
+        uid, counted = self._evictions_counted.get((namespace, run.name), (job["uid"], 0))
+        counted = counted if uid == job["uid"] else 0
         if workload["evictions"] > counted:
             self.metrics.runs_preempted.inc(workload["evictions"] - counted)
-            self._evictions_counted[job["uid"]] = workload["evictions"]
+            self._evictions_counted[(namespace, run.name)] = (job["uid"], workload["evictions"])
         reason, message = kueue.eviction_words(workload)
         restarts, max_restarts = status["restarts"], run.spec.scheduling.max_restarts
         if restarts > max_restarts:
