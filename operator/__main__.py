@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import threading
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,19 +74,28 @@ def _run(args) -> int:
     metrics = OperatorMetrics()
     metrics.serve(config.metrics_port, config.metrics_addr)
     registry = kopf.OperatorRegistry()
-    register(registry, config, metrics, kueue_served=_kueue_served())
+    kueue_served = _kueue_served()
+    register(registry, config, metrics, kueue_served=kueue_served)
+    stop, kueue_arrived = threading.Event(), threading.Event()
+    if not kueue_served:
+        threading.Thread(target=_stop_when_kueue_arrives, args=(config, stop, kueue_arrived), daemon=True,
+                         name="kueue-check").start()
     kopf.run(
         registry=registry,
         clusterwide=True,
         peering_name=config.peering,
         standalone=False,
         liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz" if config.health_port else None,
+        stop_flag=stop,
     )
+    if kueue_arrived.is_set():  # the same process, started afresh: it now watches Kueue's Workloads
+        os.execv(sys.executable, [sys.executable, "-m", "dlmctl.operator", *sys.argv[1:]])
     return 0
 
 
 def _kueue_served() -> bool:
-    """Asked once: Kueue installed later needs an operator restart (its Workloads are then watched)."""
+    """Asked at start: the operator watches Kueue's Workloads only where they are served (kopf waits for every
+    index to fill before it handles anything, and cannot fill one for a resource the cluster does not serve)."""
     from . import kueue
     from .handlers import api_client
 
@@ -93,6 +104,18 @@ def _kueue_served() -> bool:
     logging.getLogger("dlmctl.operator").info("Kueue %s", "found: queued runs follow their Workloads" if served
                                               else "not installed: runs naming spec.scheduling.queue fail")
     return served
+
+
+def _stop_when_kueue_arrives(config, stop: threading.Event, kueue_arrived: threading.Event) -> None:
+    """Kueue installed after the operator started: stop kopf (it leaves the peering) so that the operator starts
+    again, this time following Workloads."""
+    from . import kueue
+    from .handlers import api_client
+
+    if kueue.wait_until_served(api_client, config.kueue_check_interval, stop):
+        logging.getLogger("dlmctl.operator").info("Kueue installed: restarting to follow queued runs' Workloads")
+        kueue_arrived.set()
+        stop.set()
 
 
 def _ensure_peering(config) -> None:

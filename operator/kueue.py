@@ -131,6 +131,21 @@ def _names_object(err, name: str) -> bool:
         return False
 
 
+def wait_until_served(api_client_factory, interval: float, stop) -> bool:
+    """Asks every `interval` seconds whether Kueue is served: True once it is, False when `stop` (an Event) is set
+    first. A failed ask is asked again."""
+    import logging
+
+    while not stop.wait(interval):
+        try:
+            with api_client_factory() as api:
+                if served(api):
+                    return True
+        except Exception as err:  # noqa: BLE001 -- the API server may be away for a while; ask again
+            logging.getLogger("dlmctl.operator").debug("asking whether Kueue is served: %s", err)
+    return False
+
+
 def served(api_client) -> bool:
     """Whether the cluster serves Kueue's Workloads (asked once, when the operator starts)."""
     from kubernetes import client

@@ -123,6 +123,9 @@ class JobsApi:
             return {}
         return kueue.positions(summary or {})
 
+    def kueue_served(self) -> bool:
+        return kueue.served(self.custom.api_client)
+
     def suspend_data_job(self, namespace: str, name: str) -> None:
         """A suspended batch Job's pods are deleted; it keeps its completed indexes."""
         try:
@@ -301,6 +304,9 @@ class Reconciler:
         if queue:
             status["queue"] = queue
             if run.spec.scheduling.queue and not self.kueue_served and job is None:
+                if self.jobs.kueue_served():
+                    return _set(status, RunPhase.Queued, "WaitingForKueue",
+                                "Kueue was installed after the operator started; the operator restarts to follow it")
                 self.metrics.runs_failed.inc()
                 return self._finish(run, status, RunPhase.Failed, "KueueNotInstalled",
                                     f"spec.scheduling.queue: {run.spec.scheduling.queue!r} names a Kueue LocalQueue, "

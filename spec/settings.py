@@ -123,6 +123,9 @@ class OperatorSettings(BaseSettings):
     peering: str = Field(default="dlmctl", description="the ClusterKopfPeering (or KopfPeering) shared by the replicas")
     peering_lifetime: int = Field(default=15, ge=2, description="seconds after which a silent replica counts as dead")
     workers: int = Field(default=16, ge=1, description="threads running reconciles")
+    kueue_check_interval: float = Field(
+        default=30.0, gt=0, description="seconds between two asks whether Kueue has been installed, while it is not; "
+        "once it is, the operator restarts itself to follow queued runs' Workloads")
 
     def backoff(self, restarts: int) -> float:
         """Before the (restarts+1)-th recreation."""

@@ -28,6 +28,7 @@ FAST = {  # tests do not wait for production intervals
     "DLMCTL_OPERATOR_PROGRESS_INTERVAL": "1",
     "DLMCTL_OPERATOR_RESTART_BACKOFF": "1",
     "DLMCTL_OPERATOR_PEERING_LIFETIME": "6",
+    "DLMCTL_OPERATOR_KUEUE_CHECK_INTERVAL": "1",
 }
 
 

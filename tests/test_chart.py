@@ -244,7 +244,8 @@ def test_the_operator_settings_are_operator_configs_and_reach_it_as_environment(
         assert rule == {k: v for k, v in config[name].items() if k not in ("title", "default", "description")}, name
 
     values = {"operator": {"settings": {"reconcile_interval": 0.5, "progress_interval": 0, "restart_backoff": 1,
-                                        "restart_backoff_max": 60, "peering_lifetime": 6, "workers": 3},
+                                        "restart_backoff_max": 60, "peering_lifetime": 6, "workers": 3,
+                                        "kueue_check_interval": 7.5},
                            "metricsPort": 9100, "healthPort": 9101, "peering": "team-a"}}
     for name, value in plain_env(container(helm.template(values))).items():
         monkeypatch.setenv(name, value)

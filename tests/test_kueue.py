@@ -31,9 +31,13 @@ class RecordedCalls(RecordedJobs):
         super().__init__()
         self.deactivated, self.asked_positions = [], []
         self.pending = {}  # what Kueue's visibility API answers for a LocalQueue: a PendingWorkloadsSummary
+        self.kueue_now_served = False  # whether the cluster serves Kueue when asked again
 
     def deactivate_workload(self, namespace, name):
         self.deactivated.append(name)
+
+    def kueue_served(self):
+        return self.kueue_now_served
 
     def queue_positions(self, namespace, queue):
         self.asked_positions.append((namespace, queue))
@@ -254,6 +258,13 @@ def test_a_queued_run_on_a_cluster_without_kueue_fails_at_once_instead_of_waitin
     assert run["message"].startswith("spec.scheduling.queue: 'team'") and calls.created == []
 
 
+def test_a_queued_run_waits_instead_of_failing_when_kueue_arrived_after_the_operator_started():
+    r, calls = reconciler(kueue_served=False)
+    calls.kueue_now_served = True  # the operator restarts itself to follow Workloads (operator/__main__.py)
+    run = look(r, experiment_body())
+    assert (run["phase"], run["reason"]) == ("Queued", "WaitingForKueue") and calls.created == []
+
+
 def test_runs_without_a_queue_are_not_kueues():
     r, calls = reconciler()
     body = experiment_body(scheduling={"max_restarts": 1})
@@ -450,7 +461,7 @@ def test_a_queue_on_a_cluster_without_kueue_is_refused_at_submit(tmp_path, capsy
                 "dlmctl.io", "v1alpha1", "default", "experiments")["items"] == []
             # past the check (kubectl apply): the operator, which found no Kueue, fails the run rather than
             # leaving a suspended job nobody will ever admit
-            from operator_harness import Experiments, OperatorProcess, install_operator_rbac
+            from operator_harness import Experiments, OperatorProcess, install_operator_rbac, wait_until
 
             experiments = Experiments(api, "default")
             experiments.create("q", {**{k: v for k, v in SWEEP.items() if k != "sweep"}, "arms": ["diffusion"],
@@ -458,10 +469,43 @@ def test_a_queue_on_a_cluster_without_kueue_is_refused_at_submit(tmp_path, capsy
             operator = OperatorProcess(install_operator_rbac(bare), tmp_path / "operator.log").start()
             try:
                 run_status = experiments.wait_run("q", "q-dlm", "Failed", check=operator.check_alive)
+                assert run_status["reason"] == "KueueNotInstalled" and experiments.jobs("q") == []
+                assert "Kueue not installed" in operator.log()
+
+                # Kueue installed later (its Workload CRDs are what the operator looks for): the operator notices
+                # and starts afresh in the same process, and from then on follows queued runs
+                install_kueue_workload_crds(api)
+                wait_until("the operator restarted, following Workloads",
+                           lambda: "Kueue found" in operator.log(), timeout=60, check=operator.check_alive)
+                assert "Kueue installed: restarting" in operator.log()
+                experiments.create("q2", {**{k: v for k, v in SWEEP.items() if k != "sweep"},
+                                          "arms": ["diffusion"], "scheduling": {"queue": "team"}})
+                queued = experiments.wait_run("q2", "q2-dlm", "Queued", check=operator.check_alive)
+                (job,) = experiments.jobs("q2")  # suspended, waiting for a Kueue controller to admit it
+                assert job["spec"]["runPolicy"]["suspend"] is True and job["metadata"]["labels"][LABEL_QUEUE] == "team"
+                assert queued["reason"] == "WaitingForKueue"
+                assert experiments.runs("q")["q-dlm"]["phase"] == "Failed"  # a finished run stays finished
             finally:
                 operator.stop()
-            assert run_status["reason"] == "KueueNotInstalled" and experiments.jobs("q") == []
-            assert "Kueue not installed" in operator.log()
+
+
+def install_kueue_workload_crds(api) -> None:
+    """Kueue's Workload and WorkloadPriorityClass CRDs as upstream ships them, without the conversion webhook of
+    a Kueue that is not running (objects stored in v1beta2 are read in v1beta2 without it)."""
+    from kubernetes import client
+
+    from testenv import buildenv
+    from testenv.cluster import _yaml_docs
+    from operator_harness import wait_until
+
+    extensions = client.ApiextensionsV1Api(api)
+    for plural in ("workloads", "workloadpriorityclasses"):
+        (crd,) = _yaml_docs(buildenv.kueue_manifest_dir() / "crd" / "bases" / f"kueue.x-k8s.io_{plural}.yaml")
+        crd["spec"].pop("conversion", None)
+        extensions.create_custom_resource_definition(crd)
+        wait_until(f"{plural} established", lambda: any(
+            c.type == "Established" and c.status == "True"
+            for c in extensions.read_custom_resource_definition(crd["metadata"]["name"]).status.conditions or []))
 
 
 @pytest.mark.cluster
