@@ -89,23 +89,23 @@ class JobsApi:
             if err.status not in (404, 409):
                 raise
 
-    def suspend(self, namespace: str, name: str) -> None:
-        """Suspended, the training-operator deletes the job's pods: their GPUs are free, the job stays."""
+    def _unless_gone(self, call: Callable[[], object]) -> None:
+        """A change to an object that may have been deleted meanwhile: then there is nothing to change."""
         try:
-            self.custom.patch_namespaced_custom_object(JOB_GROUP, JOB_VERSION, namespace, JOB_PLURAL, name,
-                                                       {"spec": {"runPolicy": {"suspend": True}}})
+            call()
         except self._exception as err:
             if err.status != 404:
                 raise
 
+    def suspend(self, namespace: str, name: str) -> None:
+        """Suspended, the training-operator deletes the job's pods: their GPUs are free, the job stays."""
+        self._unless_gone(lambda: self.custom.patch_namespaced_custom_object(
+            JOB_GROUP, JOB_VERSION, namespace, JOB_PLURAL, name, {"spec": {"runPolicy": {"suspend": True}}}))
+
     def deactivate_workload(self, namespace: str, name: str) -> None:
         """Kueue unsuspends a suspended job whose Workload is admitted: an inactive Workload is evicted for good."""
-        try:
-            self.custom.patch_namespaced_custom_object(kueue.GROUP, kueue.VERSION, namespace, kueue.WORKLOADS, name,
-                                                       {"spec": {"active": False}})
-        except self._exception as err:
-            if err.status != 404:
-                raise
+        self._unless_gone(lambda: self.custom.patch_namespaced_custom_object(
+            kueue.GROUP, kueue.VERSION, namespace, kueue.WORKLOADS, name, {"spec": {"active": False}}))
 
     def queue_positions(self, namespace: str, queue: str) -> dict[str, tuple[int, int]]:
         """Workload name -> its place in line, for the Workloads waiting in a LocalQueue, as Kueue's visibility API
@@ -128,11 +128,7 @@ class JobsApi:
 
     def suspend_data_job(self, namespace: str, name: str) -> None:
         """A suspended batch Job's pods are deleted; it keeps its completed indexes."""
-        try:
-            self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": True}})
-        except self._exception as err:
-            if err.status != 404:
-                raise
+        self._unless_gone(lambda: self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": True}}))
 
     def note_disruption(self, namespace: str, name: str, job_uid: str, note: str) -> None:
         """Remember on the job itself that one of its pods was taken away (the pod may vanish at once)."""
