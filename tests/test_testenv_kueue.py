@@ -194,7 +194,7 @@ def test_the_visibility_api_lists_the_waiting_jobs_in_the_order_kueue_admits_the
         cluster, cluster_namespace, kueue_queue, apis, priority_classes):
     """Waiting jobs are in line by priority, not by when they came: created low, high, mid, they wait high, mid,
     low; and the first in line is the one admitted when quota frees."""
-    if not cluster.kueue_visibility:
+    if not cluster.kueue_visibility_served():
         pytest.skip(f"Kueue's visibility server needs to write {KUEUE_VISIBILITY_DIR}")
     core, co = apis
     ns, queue = cluster_namespace, kueue_queue(gpus=8)

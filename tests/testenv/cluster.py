@@ -488,6 +488,15 @@ class ClusterBase:
         return any(g.name == KUEUE_GROUP and any(v.version == KUEUE_VERSION for v in g.versions)
                    for g in groups)
 
+    def kueue_visibility_served(self) -> bool:
+        """Whether the API server serves Kueue's visibility API (pending workloads and their places in line)."""
+        from kubernetes import client
+
+        with self.api_client() as api:
+            groups = client.ApisApi(api).get_api_versions().groups
+        return any(g.name == KUEUE_VISIBILITY_GROUP and any(v.version == KUEUE_VISIBILITY_VERSION for v in g.versions)
+                   for g in groups)
+
     def create_cluster_queue(self, name: str, gpus: int, cpu: str = "1000", memory: str = "10Ti",
                              preemption_within: str = "LowerPriority") -> None:
         """A ClusterQueue for every namespace (namespaceSelector {}, BestEffortFIFO) with ``gpus``
