@@ -481,21 +481,18 @@ class ClusterBase:
 
     def kueue_served(self) -> bool:
         """Whether the API server serves kueue.x-k8s.io/v1beta2 (Kueue's CRDs are installed)."""
-        from kubernetes import client
-
-        with self.api_client() as api:
-            groups = client.ApisApi(api).get_api_versions().groups
-        return any(g.name == KUEUE_GROUP and any(v.version == KUEUE_VERSION for v in g.versions)
-                   for g in groups)
+        return self._serves(KUEUE_GROUP, KUEUE_VERSION)
 
     def kueue_visibility_served(self) -> bool:
         """Whether the API server serves Kueue's visibility API (pending workloads and their places in line)."""
+        return self._serves(KUEUE_VISIBILITY_GROUP, KUEUE_VISIBILITY_VERSION)
+
+    def _serves(self, group: str, version: str) -> bool:
         from kubernetes import client
 
         with self.api_client() as api:
             groups = client.ApisApi(api).get_api_versions().groups
-        return any(g.name == KUEUE_VISIBILITY_GROUP and any(v.version == KUEUE_VISIBILITY_VERSION for v in g.versions)
-                   for g in groups)
+        return any(g.name == group and any(v.version == version for v in g.versions) for g in groups)
 
     def create_cluster_queue(self, name: str, gpus: int, cpu: str = "1000", memory: str = "10Ti",
                              preemption_within: str = "LowerPriority") -> None:
