@@ -41,10 +41,11 @@ def write_status(custom, ns, status: dict, name=NAME) -> None:
     custom.patch_namespaced_custom_object_status(GROUP, VERSION, ns, PLURAL, name, {"status": status})
 
 
-def master_pod(core, ns, run: str, arm: str, program: str, name: str | None = None) -> str:
-    """The pod a PyTorchJob of the run would have, running `program` (the pod executor runs it)."""
-    name = name or f"{run}-master-0"
-    labels = {LABEL_EXPERIMENT: NAME, LABEL_RUN: run, LABEL_ARM: arm, "training.kubeflow.org/replica-type": "master"}
+def master_pod(core, ns, run: str, arm: str, program: str, replica_type: str = "master") -> str:
+    """The pod a PyTorchJob of the run would have (its master, or another replica), running `program` (the pod
+    executor runs it)."""
+    name = f"{run}-{replica_type}-0"
+    labels = {LABEL_EXPERIMENT: NAME, LABEL_RUN: run, LABEL_ARM: arm, "training.kubeflow.org/replica-type": replica_type}
     core.create_namespaced_pod(ns, client.V1Pod(
         metadata=client.V1ObjectMeta(name=name, labels=labels),
         spec=client.V1PodSpec(restart_policy="Never", containers=[

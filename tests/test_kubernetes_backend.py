@@ -177,7 +177,7 @@ def test_logs_show_the_master_pod_of_each_run(capsys, kube, cluster_namespace, s
     _, core = kube
     assert run(capsys, "submit", spec, "-n", cluster_namespace)[0] == 0
     pod = master_pod(core, cluster_namespace, "scarce-dlm", "diffusion", "print('step 1'); print('step 2')")
-    master_pod(core, cluster_namespace, "scarce-dlm", "diffusion", "print('a worker')", name="scarce-dlm-worker-0")
+    master_pod(core, cluster_namespace, "scarce-dlm", "diffusion", "print('a worker')", replica_type="worker")
     pod_executor.wait_exited(cluster_namespace, pod)
 
     code, out, err = run(capsys, "logs", NAME, "--run", "scarce-dlm", "-n", cluster_namespace)
