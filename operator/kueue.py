@@ -10,11 +10,14 @@ waiting run's place in line comes from Kueue's visibility API where the cluster 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Optional
 
 from dlmctl.spec import Experiment, Run, SpecError
 
 from .observe import QUEUE_LABEL, job_conditions
+
+log = logging.getLogger("dlmctl.operator")
 
 GROUP, VERSION = "kueue.x-k8s.io", "v1beta2"
 WORKLOADS, LOCAL_QUEUES, WORKLOAD_PRIORITY_CLASSES = "workloads", "localqueues", "workloadpriorityclasses"
@@ -134,20 +137,19 @@ def _names_object(err, name: str) -> bool:
 def wait_until_served(api_client_factory, interval: float, stop) -> bool:
     """Asks every `interval` seconds whether Kueue is served: True once it is, False when `stop` (an Event) is set
     first. A failed ask is asked again."""
-    import logging
-
     while not stop.wait(interval):
         try:
             with api_client_factory() as api:
                 if served(api):
                     return True
         except Exception as err:  # noqa: BLE001 -- the API server may be away for a while; ask again
-            logging.getLogger("dlmctl.operator").debug("asking whether Kueue is served: %s", err)
+            log.debug("asking whether Kueue is served: %s", err)
     return False
 
 
 def served(api_client) -> bool:
-    """Whether the cluster serves Kueue's Workloads (asked once, when the operator starts)."""
+    """Whether the cluster serves Kueue's Workloads: asked when the operator starts and, while it is not, every
+    kueue_check_interval (wait_until_served) and before a queued run is failed for want of Kueue."""
     from kubernetes import client
 
     try:

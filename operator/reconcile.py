@@ -153,8 +153,6 @@ class Reconciler:
         self.config, self.jobs, self.metrics, self.adopt, self.clock = config, jobs, metrics, adopt, clock
         self.kueue_served = kueue_served
         self.workload_priority_classes: frozenset[str] = frozenset()  # kept current by the operator's index
-        # (namespace, run) -> (its job's uid, the Kueue evictions of that job already counted as preemptions)
-        self._evictions_counted: dict[tuple[str, str], tuple[str, int]] = {}
         self.progress = progress or ProgressReader()
         self._recreate_after: dict[tuple[str, str], float] = {}
         self._progress_read_at: dict[tuple[str, str], float] = {}
@@ -204,7 +202,6 @@ class Reconciler:
         for name in runs:
             self._evals.pop((namespace, name), None)
             self._progress_read_at.pop((namespace, name), None)
-            self._evictions_counted.pop((namespace, name), None)
 
     def _reconcile(self, body: dict, jobs: list[dict], pods: list[dict], data_jobs: list[dict],
                    workloads: list[dict]) -> dict:
@@ -280,13 +277,19 @@ class Reconciler:
         key = (namespace, run.name)
         phase = RunPhase(status.get("phase", "Pending"))
         # a job carries the restarts of the run before it; Kueue counts the times it took this job back
-        restarts = max(int(status.get("restarts") or 0),
-                       int((job or {}).get("annotations", {}).get(ANNOTATION_RESTARTS) or 0)
-                       + (workload["evictions"] if workload else 0))
+        counted = int(status.get("restarts") or 0)
+        carried = int((job or {}).get("annotations", {}).get(ANNOTATION_RESTARTS) or 0)
+        evictions = workload["evictions"] if workload else 0
+        restarts = max(counted, carried + evictions)
         status["restarts"] = restarts
         status.pop("queue_position", None)  # only while it waits, set anew at each look
         if phase.terminal:
             return self._with_progress(run, status, final=True)
+        # the evictions the status has not counted yet are new preemptions (an operator restarted in between
+        # reads them from the status, so none is counted twice)
+        new_preemptions = evictions - max(counted - carried, 0)
+        if new_preemptions > 0:
+            self.metrics.runs_preempted.inc(new_preemptions)
         if cancel:
             if workload and workload["active"]:
                 self.jobs.deactivate_workload(namespace, workload["name"])
@@ -391,7 +394,7 @@ class Reconciler:
             status["cluster_queue"] = workload["cluster_queue"]
         admitted = kueue.is_true(workload, "Admitted")
         if kueue.is_true(workload, "Evicted") or (not admitted and workload["evictions"]):
-            return self._preempted(namespace, run, status, job, workload)
+            return self._preempted(namespace, run, status, workload)
         if not admitted:
             reason, message = kueue.waiting_words(workload)
             place = self._queue_positions(namespace, queue).get(workload["name"])
@@ -412,15 +415,10 @@ class Reconciler:
             self._positions[(namespace, queue)] = self.jobs.queue_positions(namespace, queue)
         return self._positions[(namespace, queue)]
 
-    def _preempted(self, namespace: str, run: Run, status: dict, job: dict, workload: dict) -> dict:
+    def _preempted(self, namespace: str, run: Run, status: dict, workload: dict) -> dict:
         """Kueue took the admitted job back (a higher-priority workload, a stopped queue): it suspended the job, so
         its pods are gone or going (the trainer checkpoints on SIGTERM), and requeued the Workload. Admitted again,
         the same job's new pods resume from the newest verified checkpoint."""
-        uid, counted = self._evictions_counted.get((namespace, run.name), (job["uid"], 0))
-        counted = counted if uid == job["uid"] else 0
-        if workload["evictions"] > counted:
-            self.metrics.runs_preempted.inc(workload["evictions"] - counted)
-            self._evictions_counted[(namespace, run.name)] = (job["uid"], workload["evictions"])
         reason, message = kueue.eviction_words(workload)
         restarts, max_restarts = status["restarts"], run.spec.scheduling.max_restarts
         if restarts > max_restarts:

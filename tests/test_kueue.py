@@ -210,6 +210,22 @@ def test_a_run_kueue_preempts_is_preempted_then_resumes_in_the_same_job_counting
     assert r.metrics.runs_preempted._value.get() == 2
 
 
+def test_each_preemption_is_counted_once_even_across_an_operator_restart_or_between_two_looks():
+    r, calls = reconciler()
+    body, manifest = created_job(r, calls)
+    evicted = workload(conditions=[RESERVED, ADMITTED, EVICTED, PREEMPTED], evictions=[("Preempted", 1)])
+    look(r, body, [job(manifest, suspended=True)], [], [evicted])
+    restarted, _ = reconciler()  # a new operator process: it knows only what the experiment's status says
+    run = look(restarted, body, [job(manifest, suspended=True)], [], [evicted])
+    assert (run["phase"], run["restarts"]) == ("Preempted", 1)
+    assert restarted.metrics.runs_preempted._value.get() == 0
+    # taken back and admitted again between two looks: never seen Preempted, still one restart and one preemption
+    readmitted = workload(conditions=READMITTED, evictions=[("Preempted", 2)], cluster_queue="gpus")
+    run = look(restarted, body, [job(manifest, suspended=False)], running_pods(), [readmitted])
+    assert (run["phase"], run["restarts"]) == ("Running", 2)
+    assert restarted.metrics.runs_preempted._value.get() == 1
+
+
 def test_preempted_more_often_than_max_restarts_the_run_fails_and_its_workload_is_deactivated():
     r, calls = reconciler()
     body, manifest = created_job(r, calls)
@@ -477,7 +493,7 @@ def test_a_queue_on_a_cluster_without_kueue_is_refused_at_submit(tmp_path, capsy
 
                 # Kueue installed later (its Workload CRDs are what the operator looks for): the operator notices
                 # and starts afresh in the same process, and from then on follows queued runs
-                install_kueue_workload_crds(api)
+                install_kueue_workload_crds(bare)
                 wait_until("the operator restarted, following Workloads",
                            lambda: "Kueue found" in operator.log(), timeout=60, check=operator.check_alive)
                 assert "Kueue installed: restarting" in operator.log()
@@ -492,23 +508,17 @@ def test_a_queue_on_a_cluster_without_kueue_is_refused_at_submit(tmp_path, capsy
                 operator.stop()
 
 
-def install_kueue_workload_crds(api) -> None:
+def install_kueue_workload_crds(cluster) -> None:
     """Kueue's Workload and WorkloadPriorityClass CRDs as upstream ships them, without the conversion webhook of
     a Kueue that is not running (objects stored in v1beta2 are read in v1beta2 without it)."""
-    from kubernetes import client
-
     from testenv import buildenv
     from testenv.cluster import _yaml_docs
-    from operator_harness import wait_until
 
-    extensions = client.ApiextensionsV1Api(api)
-    for plural in ("workloads", "workloadpriorityclasses"):
-        (crd,) = _yaml_docs(buildenv.kueue_manifest_dir() / "crd" / "bases" / f"kueue.x-k8s.io_{plural}.yaml")
+    crds = [crd for plural in ("workloads", "workloadpriorityclasses")
+            for crd in _yaml_docs(buildenv.kueue_manifest_dir() / "crd" / "bases" / f"kueue.x-k8s.io_{plural}.yaml")]
+    for crd in crds:
         crd["spec"].pop("conversion", None)
-        extensions.create_custom_resource_definition(crd)
-        wait_until(f"{plural} established", lambda: any(
-            c.type == "Established" and c.status == "True"
-            for c in extensions.read_custom_resource_definition(crd["metadata"]["name"]).status.conditions or []))
+    cluster.install_crds(crds)
 
 
 @pytest.mark.cluster

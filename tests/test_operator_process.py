@@ -63,7 +63,7 @@ def test_two_replicas_elect_one_active_and_the_other_takes_over(cluster, cluster
             # the counter goes up when the create call returns, a moment after the job is visible
             wait_until("the standby to count the job it created",
                        lambda: standby.metric("dlm_operator_jobs_created_total") == 1, timeout=10)
-            time.sleep(1)
+            time.sleep(1)  # and it stays 1: the standby created the job once
             assert standby.metric("dlm_operator_jobs_created_total") == 1
     finally:
         for r in replicas:

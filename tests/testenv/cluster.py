@@ -869,6 +869,10 @@ class Cluster(ClusterBase):
                     raise ClusterError(f"{crd_file}: only CustomResourceDefinitions can be "
                                        f"pre-installed, found {doc.get('kind')}")
                 docs.append(doc)
+        self.crds = self.install_crds(docs)
+
+    def install_crds(self, docs: list[dict]) -> list[str]:
+        """Creates these CustomResourceDefinitions and waits until each is Established; returns their names."""
         names = []
         for doc in docs:
             self.api.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", doc)
@@ -882,7 +886,7 @@ class Cluster(ClusterBase):
                     return False
             return True
         _wait_for("CRDs Established", established, 60)
-        self.crds = names
+        return names
 
     def _start_kwok(self):
         kc = self._component_kubeconfig("kwok", self.kwok_cert)
